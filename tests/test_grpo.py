@@ -1,0 +1,238 @@
+"""Tests for grpo.py: every function against a plain computation written here.
+
+Run: .venv/bin/python -m pytest -q tests/test_grpo.py
+"""
+
+import statistics
+
+import pytest
+import torch
+
+from grpo import group_advantages, grpo_loss, loss_counts, loss_mask
+
+LOSS_TYPES = ("sequence", "token", "dr_grpo")
+MAX_NEW = 9  # max_new_tokens for dr_grpo; larger than T below, as a real cap would be
+
+
+# ---------------------------------------------------------------- plain references
+
+
+def slow_advantages(rewards, group_size, eps, scale):
+    """eq. (1) with a python loop and statistics.pstdev."""
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        mean, std = statistics.fmean(group), statistics.pstdev(group)
+        for r in group:
+            out.append((r - mean) / (std + eps) if scale else r - mean)
+    return out
+
+
+def slow_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, loss_type, max_new_tokens=None):
+    """Loss and metrics by hand, one token at a time, with if-statements for the clip and the min."""
+    per_seq, all_terms, kls, ratios, lengths = [], [], [], [], []
+    n_low = n_high = 0
+    for i in range(logp.shape[0]):
+        a = float(adv[i])
+        terms = []
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            ratio = torch.exp(logp[i, t] - old[i, t])
+            if ratio < 1 - clip_low:
+                clipped = torch.tensor(1 - clip_low, dtype=logp.dtype)
+            elif ratio > 1 + clip_high:
+                clipped = torch.tensor(1 + clip_high, dtype=logp.dtype)
+            else:
+                clipped = ratio
+            surrogate = ratio * a if ratio * a <= clipped * a else clipped * a
+            n_low += bool(ratio < 1 - clip_low and a < 0)
+            n_high += bool(ratio > 1 + clip_high and a > 0)
+            d = ref[i, t] - logp[i, t]
+            kl = torch.exp(d) - d - 1
+            terms.append(-(surrogate - beta * kl))
+            kls.append(float(kl.detach()))
+            ratios.append(float(ratio.detach()))
+        if terms:
+            per_seq.append(sum(terms) / len(terms))
+            all_terms += terms
+            lengths.append(len(terms))
+    if loss_type == "sequence":
+        loss = sum(per_seq) / len(per_seq)
+    elif loss_type == "token":
+        loss = sum(all_terms) / len(all_terms)
+    else:
+        loss = sum(all_terms) / (len(per_seq) * max_new_tokens)
+    n = len(all_terms)
+    metrics = {"kl": sum(kls) / n, "clip_low": n_low / n, "clip_high": n_high / n,
+               "ratio": sum(ratios) / n, "length": sum(lengths) / len(lengths)}
+    return loss, metrics
+
+
+def random_batch(seed, N=7, T=6):
+    """float64 log-probs with ragged masks; row 4 is empty (a completion left out of the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
+    old = logp + 0.4 * torch.randn(N, T, generator=g, dtype=torch.float64)  # some ratios leave [0.8, 1.2]
+    ref = logp + 0.5 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (N,), generator=g)
+    lengths[4] = 0
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (N, T) bool
+    return logp, old, ref, adv, mask
+
+
+# ---------------------------------------------------------------- eq. (1)
+
+
+def test_group_advantages_match_pstdev_loop():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(4 * 5, generator=g, dtype=torch.float64)
+    for scale in (True, False):
+        got = group_advantages(rewards, group_size=5, eps=1e-6, scale=scale)
+        want = slow_advantages(rewards.tolist(), 5, 1e-6, scale)
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_group_advantages_equal_group_is_exactly_zero():
+    rewards = torch.cat([torch.full((10,), 0.1), torch.tensor([0.0, 1.0] * 5)])  # float32, G = 10 as the paper
+    group = rewards[:10]
+    naive = (group - group.mean()) / (group.std(correction=0) + 1e-6)
+    assert naive.abs().max() > 0, "the example should show the rounding noise this test is about"
+    adv = group_advantages(rewards, group_size=10)
+    assert torch.equal(adv[:10], torch.zeros(10))
+    assert torch.isfinite(adv).all()
+    assert torch.equal(group_advantages(rewards, 10, scale=False)[:10], torch.zeros(10))
+    torch.testing.assert_close(adv[10:], torch.tensor(slow_advantages([0.0, 1.0] * 5, 10, 1e-6, True)))
+
+
+def test_group_advantages_rejects_bad_shape():
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.zeros(7), group_size=3)
+
+
+# ---------------------------------------------------------------- eq. (2)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_grad_match_token_loop(loss_type):
+    logp, old, ref, adv, mask = random_batch(seed=1)
+    kw = dict(clip_low=0.2, clip_high=0.28, beta=0.05)
+    x = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=MAX_NEW, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    y = logp.clone().requires_grad_()
+    want, want_metrics = slow_loss(y, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=MAX_NEW, **kw)
+    (want_grad,) = torch.autograd.grad(want, y)
+    torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-6)
+    assert 0 < want_metrics["clip_low"] + want_metrics["clip_high"], "the batch should clip some tokens"
+    for name, value in want_metrics.items():
+        assert not metrics[name].requires_grad
+        torch.testing.assert_close(metrics[name].double(), torch.tensor(value, dtype=torch.float64),
+                                   rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_first_pass_gradient_is_policy_gradient(loss_type):
+    logp, _, _, adv, mask = random_batch(seed=2)
+    x = logp.clone().requires_grad_()
+    loss, _ = grpo_loss(x, logp.detach(), None, adv, mask, beta=0.0, loss_type=loss_type, max_new_tokens=MAX_NEW)
+    (grad,) = torch.autograd.grad(loss, x)
+    want = torch.zeros_like(logp)
+    lengths = mask.sum(1).tolist()
+    kept = sum(1 for n in lengths if n > 0)
+    for i in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if mask[i, t]:
+                scale = {"sequence": lengths[i] * kept, "token": sum(lengths), "dr_grpo": kept * MAX_NEW}
+                want[i, t] = -adv[i] / scale[loss_type]
+    torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+
+
+def test_kl_is_zero_at_reference_and_positive_elsewhere():
+    logp, old, ref, adv, mask = random_batch(seed=3)
+    zero_adv = torch.zeros_like(adv)
+    loss, metrics = grpo_loss(logp, old, logp.clone(), zero_adv, mask, beta=0.1, loss_type="token")
+    assert loss == 0 and metrics["kl"] == 0
+    loss, metrics = grpo_loss(logp, old, ref, zero_adv, mask, beta=0.1, loss_type="token")
+    assert loss > 0 and metrics["kl"] > 0
+    torch.testing.assert_close(loss, 0.1 * metrics["kl"])  # with A = 0 the loss is the KL term alone
+
+
+def test_clipping_stops_gradient_on_the_right_side():
+    # one token per row: (ratio, A); clip_low = 0.2, clip_high = 0.28
+    cases = [(1.5, 1.0, "zero"), (0.5, -1.0, "zero"), (1.25, 1.0, "grad"),  # 1.25 is inside clip-higher
+             (0.5, 1.0, "grad"), (1.5, -1.0, "grad")]
+    old = torch.zeros(len(cases), 1, dtype=torch.float64)
+    logp = torch.tensor([[torch.log(torch.tensor(r)).item()] for r, _, _ in cases], dtype=torch.float64)
+    adv = torch.tensor([a for _, a, _ in cases], dtype=torch.float64)
+    mask = torch.ones(len(cases), 1, dtype=torch.bool)
+    x = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, old, None, adv, mask, clip_low=0.2, clip_high=0.28, beta=0.0, loss_type="token")
+    (grad,) = torch.autograd.grad(loss, x)
+    for i, (ratio, a, expect) in enumerate(cases):
+        if expect == "zero":
+            assert grad[i, 0] == 0, cases[i]
+        else:
+            torch.testing.assert_close(grad[i, 0], torch.tensor(-a * ratio / len(cases), dtype=torch.float64))
+    assert metrics["clip_high"] == 1 / len(cases) and metrics["clip_low"] == 1 / len(cases)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batches_with_global_counts_equal_full_batch(loss_type):
+    logp, old, ref, adv, mask = random_batch(seed=4)
+    kw = dict(beta=0.05, loss_type=loss_type, max_new_tokens=MAX_NEW)
+    x = logp.clone().requires_grad_()
+    full, _ = grpo_loss(x, old, ref, adv, mask, **kw)
+    (full_grad,) = torch.autograd.grad(full, x)
+
+    parts = [slice(0, 3), slice(3, None)]
+    counts = [loss_counts(mask[p]) for p in parts]
+    num_tokens = sum(c[0] for c in counts)  # what an all-reduce over micro-batches and ranks would give
+    num_sequences = sum(c[1] for c in counts)
+    y = logp.clone().requires_grad_()
+    summed = sum(grpo_loss(y[p], old[p], ref[p], adv[p], mask[p], num_tokens=num_tokens,
+                           num_sequences=num_sequences, **kw)[0] for p in parts)
+    (summed_grad,) = torch.autograd.grad(summed, y)
+    torch.testing.assert_close(summed, full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(summed_grad, full_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_padding_gets_zero_grad_and_stop_token_gets_grad(loss_type):
+    logp, old, ref, adv, mask = random_batch(seed=5)
+    adv = adv.sign() + adv  # |A| >= 1: every kept row has a clear gradient
+    clean, _ = grpo_loss(logp, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=MAX_NEW)
+    # garbage in the padding: overflowing ratios, -inf, NaN must change nothing
+    logp = logp.masked_fill(~mask, 60.0)
+    old = old.masked_fill(~mask, -float("inf"))
+    ref = ref.masked_fill(~mask, float("nan"))
+    x = logp.clone().requires_grad_()
+    loss, metrics = grpo_loss(x, old, ref, adv, mask, loss_type=loss_type, max_new_tokens=MAX_NEW)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(loss, clean)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    for i, n in enumerate(mask.sum(1).tolist()):
+        if n > 0:
+            assert grad[i, n - 1] != 0, f"stop token of row {i} got no gradient"
+
+
+def test_loss_mask_drops_truncated_rows():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    truncated = torch.tensor([False, True, False])
+    assert torch.equal(loss_mask(mask, truncated, mask_truncated=False), mask)
+    dropped = loss_mask(mask, truncated, mask_truncated=True)
+    for i in range(3):
+        want = torch.zeros(3, dtype=torch.bool) if truncated[i] else mask[i]
+        assert torch.equal(dropped[i], want)
+
+
+def test_gradient_flows_only_through_logp():
+    logp, old, ref, adv, mask = random_batch(seed=6)
+    inputs = [t.clone().requires_grad_() for t in (logp, old, ref, adv)]
+    loss, _ = grpo_loss(*inputs, mask, beta=0.05)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert all(g is None for g in grads[1:]), "old_logp, ref_logp and advantages must be constants"
