@@ -236,3 +236,43 @@ def test_gradient_flows_only_through_logp():
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0
     assert all(g is None for g in grads[1:]), "old_logp, ref_logp and advantages must be constants"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# completion_logprobs on the toy Qwen2.5-VL, against a naive full forward per row
+
+
+def test_completion_logprobs_equal_naive_forward_per_row():
+    import random
+
+    import toy
+    from data import Pair, Processor
+    from grpo import completion_logprobs
+
+    torch.manual_seed(0)
+    processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
+    model = toy.make_model(processor.tokenizer)
+    rng = random.Random(0)
+    pairs = []
+    for size in [(56, 56), (112, 56)]:  # different image sizes -> different numbers of image tokens
+        prompt, images, _ = toy.make_group(rng, 2)
+        pairs.append(Pair(prompt + " and more words" * len(pairs), tuple(im.resize(size) for im in images), 0))
+    batch = processor.pairs(pairs)  # left-padded: the two prompts differ in length
+    G, T, temperature = 3, 6, 0.7
+    completions = torch.randint(20, 400, (2 * G, T))
+    mask = torch.ones(2 * G, T, dtype=torch.bool)
+    mask[1, 4:] = False  # ragged: row 1 stopped after 4 tokens, the rest is padding
+    mask[4, 2:] = False
+    got = completion_logprobs(model, batch, completions, mask, temperature=temperature)  # (N, T)
+
+    for n in range(2 * G):
+        single = processor.pairs([pairs[n // G]])  # one prompt, no padding
+        length = int(mask[n].sum())
+        ids = torch.cat([single["input_ids"], completions[n:n + 1, :length]], dim=1)
+        mm = torch.cat([single["mm_token_type_ids"], torch.zeros(1, length, dtype=torch.int)], dim=1)
+        logits = model(input_ids=ids, pixel_values=single["pixel_values"], image_grid_thw=single["image_grid_thw"],
+                       mm_token_type_ids=mm).logits[0]  # (P+length, V), positions from the model itself
+        P = single["input_ids"].shape[1]
+        for t in range(length):
+            expected = torch.log_softmax(logits[P - 1 + t] / temperature, -1)[completions[n, t]]
+            assert abs(got[n, t].item() - expected.item()) < 1e-4, (n, t)
