@@ -1,0 +1,154 @@
+"""Tests for listener.py: shared-prefix scoring against one full forward pass per rollout, built here.
+
+The reference path never touches sample.py or listener.py's batching: for each rollout it encodes images +
+prompt + `listener_prefix(reasoning)` as one sequence with `data.Processor`, runs one full forward with the
+mRoPE positions of `get_rope_index`, and takes a softmax over the answer tokens at the last position.
+
+Run: .venv/bin/python -m pytest -q tests/test_listener.py
+"""
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import toy
+from data import PROMPT, Pair, Processor, listener_prefix, reasoner_messages
+from listener import Listener, answer_probs, answer_token_ids, reasoning_of
+
+TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
+A0, A1 = PROMPT.answers
+
+# Reasonings of very different lengths (one empty), so the G continuations of a pair are right-padded.
+REASONINGS = [
+    "The first image is red. The second image is blue. It is a circle. " * 3,
+    "",
+    "The second image is green.",
+]
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.set_num_threads(1)
+    processor = Processor.toy()
+    model = toy.make_model(processor.tokenizer)  # fp32, eval
+    rng = random.Random(0)
+    pairs = []
+    for label in (0, 1):
+        prompt, images, ranking = toy.make_group(rng, n_images=2)
+        pairs.append(Pair(prompt, tuple(images), label))
+    return model, processor, pairs
+
+
+def full_forward_probs(model, processor, pair, reasoning):
+    """(2,): one rollout scored by one full forward over images + prompt + listener prefix, no cache."""
+    batch = processor([reasoner_messages(pair.prompt)], [pair.images], suffixes=[listener_prefix(reasoning)])
+    position_ids, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                 image_grid_thw=batch["image_grid_thw"],
+                                                 attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                       position_ids=position_ids).logits  # (1, T, V)
+    ids = [processor.tokenizer(a, add_special_tokens=False)["input_ids"] for a in PROMPT.answers]
+    assert all(len(i) == 1 for i in ids)
+    return logits[0, -1, [i[0] for i in ids]].softmax(-1)  # (2,)
+
+
+def completions(reasonings, answers):
+    return [f"{TH}{r}{TH_}\n{AN}{a}{AN_}" for r, a in zip(reasonings, answers)]
+
+
+def test_p_correct_matches_full_forward(world):
+    """Prefill once + G right-padded continuations == one full forward per rollout, row by row."""
+    model, processor, pairs = world
+    listener = Listener(model, processor)
+    answers = [A0, A1, A1]
+    texts = [t for _ in pairs for t in completions(REASONINGS, answers)]  # prompt-major, N = B*G
+    p = listener.p_correct(pairs, texts)  # (N,)
+    scores = listener.scores(pairs, [REASONINGS] * len(pairs))  # (B, G, 2)
+    assert p.shape == (len(pairs) * len(REASONINGS),) and p.dtype == torch.float32
+    for b, pair in enumerate(pairs):
+        for g, r in enumerate(REASONINGS):
+            expected = full_forward_probs(model, processor, pair, r)  # (2,)
+            torch.testing.assert_close(scores[b, g], expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(p[b * len(REASONINGS) + g], expected[pair.label], atol=1e-5, rtol=0)
+
+
+def test_row_does_not_depend_on_its_batchmates(world):
+    """A reasoning scored alone (G=1) and among longer and shorter ones (G=3) gets the same score."""
+    model, processor, pairs = world
+    alone = answer_probs(model, processor, pairs[:1], [[REASONINGS[2]]])  # (1, 1, 2)
+    together = answer_probs(model, processor, pairs[:1], [REASONINGS])  # (1, 3, 2)
+    torch.testing.assert_close(together[0, 2], alone[0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.sum(-1), torch.ones(1, 3))
+
+
+def test_answer_never_changes_p_correct(world):
+    """Same reasoning, any answer (right, wrong, missing, garbage): the same p_correct."""
+    model, processor, pairs = world
+    listener = Listener(model, processor)
+    r = REASONINGS[0]
+    texts = [f"{TH}{r}{TH_}\n{AN}{A0}{AN_}", f"{TH}{r}{TH_}\n{AN}{A1}{AN_}", f"{TH}{r}{TH_}\n{AN}{AN_}",
+             f"{TH}{r}{TH_}\n{AN}{A1} {A1} image two!{AN_}", f"{TH}{r}{TH_}\n{A1}"]
+    for pair in pairs:
+        p = listener.p_correct([pair], texts)  # (5,)
+        torch.testing.assert_close(p, p[:1].expand(len(texts)), atol=1e-6, rtol=0)
+
+
+def test_reasoning_changes_p_correct(world):
+    model, processor, pairs = world
+    listener = Listener(model, processor)
+    p = listener.p_correct(pairs[:1], completions(REASONINGS, [A0] * len(REASONINGS)))  # (3,)
+    assert (p[0] - p[1]).abs() > 1e-4 and (p[0] - p[2]).abs() > 1e-4 and (p[1] - p[2]).abs() > 1e-4
+
+
+def test_reasoning_of_well_formed():
+    for r in ["", "plain", "  spaced \n lines \n", "Das zweite Bild 🐱 ist schöner."]:
+        for a in PROMPT.answers:
+            assert reasoning_of(f"{TH}{r}{TH_}\n{AN}{a}{AN_}") == r
+    assert reasoning_of(f"  {TH}r{TH_}{AN}{A1}{AN_}\n") == "r"
+
+
+MALFORMED = [  # (text, reasoning that must survive); the reasoning holds no digit, the answers are digits
+    (f"{TH}red wins{TH_}\n{A1}", "red wins"),  # no answer tags: bare answer after </think>
+    (f"{TH}red wins{TH_}\n{AN}{A1}", "red wins"),  # no </answer>
+    (f"{TH}red wins\n{AN}{A1}{AN_}", "red wins\n"),  # no </think>
+    (f"red wins{TH_}\n{AN}{A1}{AN_}", "red wins"),  # no <think>
+    (f"red wins\n{AN}{A1}{AN_}", "red wins\n"),  # no think tags
+    (f"red wins {A1}{AN_}", ""),  # only </answer>: where the answer starts is unknown, nothing is safe
+    (f"{TH}red wins{TH_} {A1}{AN_}", "red wins"),  # no <answer>, but </think> ends the reasoning
+    (f"{TH}red {A1}{AN_} wins{TH_}", ""),  # an answer closed inside the think block
+    (f"{TH}red {AN}{A1}{AN_} wins{TH_}\n{AN}{A0}{AN_}", "red "),  # answer inside the think block
+    (f"{TH}red{TH} wins{TH_}{TH_}\n{AN}{A1}{AN_}", "red wins"),  # repeated think tags
+    (f"{TH}red wins{TH_}\n{AN}{A1}{AN_}{TH}more{TH_}{AN}{A0}{AN_}", "red wins"),  # two blocks
+    (f"{AN}{A1}{AN_}{TH}red wins{TH_}", ""),  # answer first
+    (f"{TH}red wins", "red wins"),  # truncated before the answer
+]
+
+
+@pytest.mark.parametrize("text,kept", MALFORMED)
+def test_reasoning_of_malformed_never_includes_the_answer(text, kept):
+    r = reasoning_of(text)
+    assert not any(a in r for a in PROMPT.answers), r
+    assert not any(tag in r for tag in (TH, TH_, AN, AN_)), r
+    assert r == kept
+
+
+def test_answer_token_ids(world):
+    _, processor, _ = world
+    tok = processor.tokenizer
+    ids = answer_token_ids(tok)
+    assert ids == [tok(a, add_special_tokens=False)["input_ids"][0] for a in PROMPT.answers]
+    assert tok.decode(ids[0]) == A0 and tok.decode(ids[1]) == A1
+    with pytest.raises(ValueError, match="not exactly one token"):
+        answer_token_ids(tok, replace(PROMPT, answers=("first image", "2")))
+
+
+def test_listener_is_frozen(world):
+    _, processor, pairs = world
+    model = toy.make_model(processor.tokenizer).train()
+    listener = Listener(model, processor)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    p = listener.p_correct(pairs, completions(REASONINGS[:2], [A0, A1]) * len(pairs))
+    assert not p.requires_grad and p.grad_fn is None
