@@ -1,0 +1,318 @@
+"""Sampling: G rollouts per prompt from a Qwen2.5-VL policy, with a KV cache and one prefill per prompt.
+
+GRPO (section 3.3 of the paper) needs G completions of every prompt and the log-probability of each
+sampled token. `model.generate(num_return_sequences=G)` would copy every prompt G times and run the vision
+tower and the prompt G times. Here, as in nanochat's engine and gpt-fast's generate:
+
+1. `prefill`: the vision tower and the B prompts run once, filling a KV cache (mRoPE positions from the
+   model's own `get_rope_index`).
+2. `expand`: the cache is copied to the G rollouts of each prompt (rows b*G .. b*G+G-1 are prompt b).
+3. decode: all N = B*G rows advance one token per step together (`extend` with one token), with a
+   `finished` mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps
+   (the attention masks are built without the `mask.all()` test transformers would run at every forward).
+
+mRoPE: a text token's rotary position is the same on its three axes, `text position + rope delta`, where
+the text position counts the real (non-pad) tokens before it and the delta (one per prompt, from
+`get_rope_index`) accounts for the image tokens, whose positions advance less than their count. We always
+pass these positions explicitly: left padding makes them differ from row to row, and the model's own
+cached `rope_deltas` belongs to whichever call ran last.
+
+`prefill`, `expand` and `extend` are also how the listener scores reasoning and how a training forward can
+reuse one prompt cache for G completions; they follow the caller's grad mode. `sample` runs under
+`torch.no_grad()` in whatever train/eval mode the caller set (call `model.eval()`; Qwen2.5-VL has no
+dropout by default, so the two agree anyway). Under FSDP2, `sample` gathers the weights once for the
+whole rollout (`gathered`), not once per decode step.
+
+Legend: B prompts, G rollouts per prompt, N = B*G rows, T tokens, V vocabulary.
+Tests: .venv/bin/python -m pytest -q tests/test_sample.py     Benchmark: .venv/bin/python bench/sample.py
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache state: prefill, expand, extend
+
+
+@dataclass
+class Prefix:
+    """The KV cache of a batch of rows and what is needed to feed them more tokens."""
+    cache: DynamicCache
+    attention_mask: Tensor  # (N, T) 1 for real tokens: left padding of prompts and padding of extensions are 0
+    next_position: Tensor  # (N,) text position of the next token = number of real tokens so far
+    rope_deltas: Tensor  # (N, 1) mRoPE position of a text token = its text position + delta
+    logits: Tensor  # (N, V) next-token logits after each row's last real token
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prefill(model, batch: dict) -> Prefix:
+    """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
+
+    `batch` is what `data.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, T),
+    and `pixel_values`, `image_grid_thw` when the prompts hold images.
+    """
+    device = model_device(model)
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prefill: batch['attention_mask'] must be left-padded (last column all ones)")
+    position_ids, rope_deltas = model.model.get_rope_index(
+        input_ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attention_mask=attention_mask,
+    )  # (3, B, T), (B, 1)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"), logits_to_keep=1)
+    return Prefix(cache=out.past_key_values, attention_mask=attention_mask,
+                  next_position=attention_mask.sum(-1),  # (B,)
+                  rope_deltas=rope_deltas.to(device), logits=out.logits[:, -1])  # (B, 1), (B, V)
+
+
+def expand(prefix: Prefix, G: int) -> Prefix:
+    """Each row repeated G times (rows b*G .. b*G+G-1 copy row b), the KV cache copied, not recomputed."""
+    repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (B*G, ...)
+    cache = DynamicCache([(repeat(layer.keys), repeat(layer.values)) for layer in prefix.cache.layers])
+    return Prefix(cache=cache, attention_mask=repeat(prefix.attention_mask),  # (N, T)
+                  next_position=repeat(prefix.next_position), rope_deltas=repeat(prefix.rope_deltas),
+                  logits=repeat(prefix.logits))  # (N,), (N, 1), (N, V)
+
+
+def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Feed (N, T') more tokens on top of the cache; return their logits (N, T', V).
+
+    `attention_mask` (N, T') marks the real tokens; the others (padding, anywhere) are cached but never
+    attended to and do not advance the text position. `prefix` is updated in place: cache, attention mask,
+    next position, and logits after each row's last real token (unchanged for a row with no real token).
+    """
+    mask = attention_mask.to(prefix.attention_mask)  # (N, T')
+    T_new = mask.shape[1]
+    text_position = prefix.next_position[:, None] + mask.cumsum(-1) - 1  # (N, T') real tokens count up
+    position_ids = (text_position + prefix.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, N, T') mRoPE
+    full_mask = torch.cat([prefix.attention_mask, mask], dim=-1)  # (N, T + T')
+    out = model(input_ids=input_ids, attention_mask=layer_masks(model, prefix.cache, full_mask, T_new),
+                position_ids=position_ids, past_key_values=prefix.cache, use_cache=True)
+    logits = out.logits  # (N, T', V)
+    last = T_new - 1 - mask.flip(-1).argmax(-1)  # (N,) index of the last real token (0 when there is none)
+    last_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # (N, V)
+    has_real = mask.any(-1, keepdim=True)  # (N, 1)
+    prefix.cache = out.past_key_values
+    prefix.attention_mask = full_mask
+    prefix.next_position = prefix.next_position + mask.sum(-1)  # (N,)
+    prefix.logits = torch.where(has_real, last_logits, prefix.logits)  # (N, V)
+    return logits
+
+
+def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T_new: int) -> dict:
+    """The attention mask the decoder layers read, for T_new queries on top of `cache`, given the 2D padding
+    mask `full_mask` (N, T + T_new): (N, 1, T_new, T + T_new) for sdpa and eager attention.
+
+    The same builder the model would call, with one difference: `allow_is_causal_skip=False`. Otherwise it
+    checks `full_mask.all()` on the host at every forward to see if it may drop the mask, which would make
+    every decode step wait for the GPU. (flash-attention takes the 2D mask and still checks.)
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    text = model.model.language_model
+    shape_only = torch.empty((full_mask.shape[0], T_new, 0), dtype=text.dtype, device=full_mask.device)  # (N, T', 0)
+    kwargs = dict(config=text.config, inputs_embeds=shape_only, attention_mask=full_mask, past_key_values=cache,
+                  allow_is_causal_skip=False)
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if "sliding_attention" in text.config.layer_types:  # not in released Qwen2.5-VL configs
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    return masks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2: gather the weights once for the whole rollout
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside this context every FSDP2 module of `model` holds its full weights; plain modules pass through.
+
+    Without it, an FSDP2 model all-gathers each block's weights at every forward, i.e. at every decode
+    step. Here each block is unsharded once on entry and resharded on exit; meanwhile `reshard_after_forward`
+    is switched off so forwards keep the full weights. Ranks then need not run the same number of decode
+    steps: no collective runs until the exit. Nested use is a no-op (the outer context owns the gather).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        yield model
+        return
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not fsdp_modules or not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield model  # not sharded, or already gathered by an enclosing `gathered`
+        return
+    # FSDP2 decides which module is the root, and that the root keeps its weights after forward, in its
+    # first forward; an `unshard()` that comes first needs that done. Outer modules first, as a forward would.
+    for m in fsdp_modules:
+        m._get_fsdp_state()._lazy_init()
+    # FSDP2 has no public getter for reshard_after_forward: save the private field and put it back on exit.
+    saved = [(state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+             for state in (m._get_fsdp_state() for m in fsdp_modules)]
+    try:
+        for m in reversed(fsdp_modules):  # bottom-up: blocks first, root last (the order `fully_shard` ran)
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+        for state, auto, infos in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing the next token
+
+
+def blocked_bias(vocab_size: int, token_ids: Sequence[int], device) -> Tensor:
+    """(V,) additive logit mask: -inf at `token_ids`, 0 elsewhere."""
+    bias = torch.zeros(vocab_size, device=device)  # (V,)
+    ids = [i for i in token_ids if i is not None and 0 <= i < vocab_size]
+    bias[ids] = float("-inf")
+    return bias
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus. (N, V) -> (N, V).
+
+    top-k keeps the k largest logits (ties with the k-th kept too); top-p keeps the smallest set of most
+    likely tokens whose probability reaches top_p (always at least the most likely token).
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(-1)  # (N, V)
+        mass_before = probs.cumsum(-1) - probs  # (N, V) probability of the more likely tokens
+        drop_sorted = mass_before >= top_p  # (N, V) the nucleus is already full without them
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (N, V) back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def exponential_noise(like: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """Exp(1) noise shaped like `like` (N, V). With one generator per prompt, each prompt's G rows draw from
+    their own generator: a prompt's rollouts then do not depend on which other prompts share the batch."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.empty_like(like).exponential_(1.0, generator=generator)
+    rows = like.shape[0] // len(generator)  # G rows per prompt
+    return torch.cat([torch.empty_like(like[:rows]).exponential_(1.0, generator=g) for g in generator])
+
+
+def choose(logits: Tensor, bias: Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator | Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
+    """Pick one token per row; return (token (N,), its log-prob (N,)).
+
+    The log-prob is log_softmax(logits / temperature) at the chosen token, before the blocked tokens, top-k
+    and top-p are removed: it is what a training forward of the policy computes for that token, so the
+    importance ratio of GRPO is exactly 1 before the first update. (Sampling after truncation makes the
+    rollouts slightly off-policy, as in every sampler that truncates; with top_k=0, top_p=1 they are not.)
+    Temperature 0 is greedy, and its log-prob is that of the unscaled logits (temperature 1).
+    """
+    logits = logits.float()  # (N, V)
+    scaled = logits / temperature if temperature > 0 else logits  # (N, V)
+    logp_all = scaled.log_softmax(-1)  # (N, V) the policy's distribution
+    allowed = scaled + bias  # (N, V) never a vision token
+    if temperature > 0:
+        probs = filter_top_k_top_p(allowed, top_k, top_p).softmax(-1)  # (N, V)
+        # argmax(p / q) with q ~ Exp(1) is a sample from p, without the host sync of torch.multinomial
+        # (gpt-fast); q is kept away from 0 so a zero-probability token can never win.
+        q = exponential_noise(probs, generator).clamp_(min=torch.finfo(probs.dtype).tiny)  # (N, V)
+        token = (probs / q).argmax(-1)  # (N,)
+    else:
+        token = allowed.argmax(-1)  # (N,)
+    return token, logp_all.gather(-1, token[:, None])[:, 0]  # (N,), (N,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The rollout loop
+
+
+@dataclass
+class Rollouts:
+    """G completions of each of B prompts, prompt-major: rows b*G .. b*G+G-1 belong to prompt b."""
+    tokens: Tensor  # (N, T) completion ids; pad after the stop token
+    logprobs: Tensor  # (N, T) float32 log_softmax(logits / temperature) at each sampled token, 0 on padding
+    mask: Tensor  # (N, T) bool: the completion's tokens, stop token included, padding excluded
+    stopped: Tensor  # (N,) bool: emitted a stop token (else cut at max_new_tokens)
+    num_samples: int = 1  # G
+
+    def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
+        """Decode each completion's real tokens (stop token dropped when it is a special token)."""
+        return [tokenizer.decode(ids[m].tolist(), skip_special_tokens=skip_special_tokens)
+                for ids, m in zip(self.tokens.cpu(), self.mask.cpu())]
+
+
+def default_stop_ids(model) -> list[int]:
+    """The end-of-turn ids of the model's generation config (for Qwen2.5-VL Instruct: <|im_end|>, <|endoftext|>)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = model.config.get_text_config().eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+@torch.no_grad()
+def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None, blocked_token_ids: Sequence[int] | None = None,
+           pad_token_id: int | None = None, check_every: int = 8) -> Rollouts:
+    """Sample `num_samples` (G) completions of each prompt in `batch` (a `data.Processor` batch of B prompts).
+
+    `stop_token_ids` defaults to the model's EOS ids; `[]` never stops early. The vision special tokens
+    (and `blocked_token_ids`) are never sampled: an emitted <|image_pad|> would break the next forward.
+    `generator` (on the model's device) makes sampling reproducible; a list of B generators, one per prompt,
+    makes each prompt's rollouts independent of the batch it is in (train.py relies on this). "All finished?" is checked every
+    `check_every` steps, the loop's only host sync, so up to `check_every - 1` extra all-pad steps may run.
+    """
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    with gathered(model):
+        device = model_device(model)
+        prefix = expand(prefill(model, batch), num_samples)  # N = B*G rows sharing each prompt's cache
+        N, V = prefix.logits.shape
+        pad = model.config.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
+        if pad is None:
+            raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id")
+        stop_ids = torch.tensor(default_stop_ids(model) if stop_token_ids is None else list(stop_token_ids),
+                                dtype=torch.long, device=device)
+        vision_ids = [getattr(model.config, k, None) for k in VISION_TOKEN_KEYS]
+        bias = blocked_bias(V, vision_ids + list(blocked_token_ids or []), device)  # (V,)
+
+        tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)  # (N, T)
+        logprobs = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
+        mask = torch.zeros((N, max_new_tokens), dtype=torch.bool, device=device)  # (N, T)
+        finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        steps = 0
+        for t in range(max_new_tokens):
+            token, logp = choose(prefix.logits, bias, temperature, top_k, top_p, generator)  # (N,), (N,)
+            live = ~finished  # (N,) rows still writing; their token is part of the completion
+            tokens[:, t] = torch.where(live, token, pad)
+            logprobs[:, t] = torch.where(live, logp, 0.0)
+            mask[:, t] = live
+            hit = live & torch.isin(token, stop_ids)  # (N,) the stop token is the completion's last token
+            stopped |= hit
+            finished |= hit
+            steps = t + 1
+            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            extend(model, prefix, tokens[:, t:t + 1], live[:, None])  # one decode step: (N, 1) -> (N, 1, V)
+    return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped, num_samples)

@@ -1,0 +1,327 @@
+"""Tests for sample.py on the toy Qwen2.5-VL (CPU, fp32), each against an independent computation:
+`model.generate`, a full forward pass without a cache, or a distribution set through the model's lm_head.
+
+Run: .venv/bin/python -m pytest -q tests/test_sample.py
+"""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import data
+import sample
+import toy
+
+torch.set_num_threads(1)
+
+PROMPTS = ["a red circle", "a yellow triangle next to a small blue square", "green"]
+IMAGE_SIZES = [((56, 56), (84, 56)), ((56, 112), (56, 56)), ((84, 56), (56, 112))]  # (width, height) pairs
+IMAGES_PER_PROMPT = 2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return toy.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return sharpened(toy.make_model(tok, seed=0))
+
+
+def sharpened(model, scale=10.0):
+    """Scale the text layers' query and key projections: at its random initialisation the toy model attends
+    almost uniformly, so its output barely depends on positions; sharp attention makes a wrong mRoPE position
+    change the greedy tokens."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.mul_(scale)
+                proj.bias.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    """Three prompts of different lengths, each with two images of different sizes (so different token counts)."""
+    processor = data.Processor(tok, toy.make_image_processor(max_pixels=112 * 112))
+    rng = random.Random(0)
+    images = []
+    for sizes in IMAGE_SIZES:
+        _, group, _ = toy.make_group(rng, IMAGES_PER_PROMPT)
+        images.append([im.resize(size) for im, size in zip(group, sizes)])
+    out = processor([data.reasoner_messages(p) for p in PROMPTS], images)
+    assert len(set(out["attention_mask"].sum(-1).tolist())) == len(PROMPTS), "prompt lengths should differ"
+    assert len(set(out["image_grid_thw"].prod(-1).tolist())) > 1, "image sizes should differ"
+    return out
+
+
+def vision_ids(model):
+    return [getattr(model.config, k) for k in sample.VISION_TOKEN_KEYS]
+
+
+def take_prompts(batch, prompts):
+    """The sub-batch of the given prompt indices, left padding recomputed."""
+    real = [batch["attention_mask"][b].bool() for b in prompts]
+    out = data.left_pad([batch["input_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
+    types = data.left_pad([batch["mm_token_type_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
+    out["mm_token_type_ids"] = types["input_ids"].int()
+    image_ids = [b * IMAGES_PER_PROMPT + i for b in prompts for i in range(IMAGES_PER_PROMPT)]
+    out["image_grid_thw"] = batch["image_grid_thw"][image_ids]
+    out["pixel_values"] = torch.cat([image_pixels(batch, i) for i in image_ids])
+    return out
+
+
+def image_pixels(batch, i):
+    """The rows of `pixel_values` that belong to image i (patches are stored image after image)."""
+    counts = batch["image_grid_thw"].prod(-1)
+    start = int(counts[:i].sum())
+    return batch["pixel_values"][start:start + int(counts[i])]
+
+
+def full_forward_logits(model, batch, b, completion):
+    """Logits (P + C, V) of prompt b followed by `completion` (C,), in one forward pass with no cache and no
+    padding, positions from get_rope_index over the whole sequence."""
+    real = batch["attention_mask"][b].bool()
+    ids = torch.cat([batch["input_ids"][b, real], completion])[None]  # (1, P + C)
+    mm = torch.cat([batch["mm_token_type_ids"][b, real], torch.zeros_like(completion).int()])[None]  # (1, P + C)
+    image_ids = [b * IMAGES_PER_PROMPT + i for i in range(IMAGES_PER_PROMPT)]
+    grid = batch["image_grid_thw"][image_ids]
+    pixels = torch.cat([image_pixels(batch, i) for i in image_ids])
+    position_ids, _ = model.model.get_rope_index(ids, mm, grid)  # (3, 1, P + C)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids,
+                    pixel_values=pixels, image_grid_thw=grid)
+    return out.logits[0]  # (P + C, V)
+
+
+def controlled_model(tok, logits):
+    """The toy model with lm_head replaced so that every position's logits are exactly `logits` (V,)."""
+    model = toy.make_model(tok, seed=1)
+    hidden, V = model.config.text_config.hidden_size, model.config.text_config.vocab_size
+    head = nn.Linear(hidden, V, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(logits)
+    model.lm_head = head
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_generate(model, batch):
+    """Greedy sampling equals model.generate token for token: left padding, different prompt lengths and
+    image sizes (so different rope deltas), 12 new tokens, no early stop."""
+    max_new = 12
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # no early stop in generate, as stop_token_ids=[] here
+    config.do_sample, config.max_new_tokens = False, max_new
+    config.suppress_tokens = vision_ids(model)  # the sampler never emits these; make generate do the same
+    expected = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]  # (B, T)
+    rollouts = sample.sample(model, batch, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
+    assert expected.shape == (len(PROMPTS), max_new)
+    assert len(set(expected.flatten().tolist())) >= 5, "degenerate model output would make this test weak"
+    assert torch.equal(rollouts.tokens, expected)
+    assert rollouts.mask.all() and not rollouts.stopped.any()
+    # G greedy copies of each prompt are its G=1 result repeated: the copied cache is the prompt's cache
+    grouped = sample.sample(model, batch, num_samples=2, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
+    assert torch.equal(grouped.tokens, expected.repeat_interleave(2, dim=0))
+
+
+@pytest.mark.parametrize("stoppers", ["row 0", "every row"])
+def test_logprobs_match_full_forward_and_mask_includes_stop(tok, model, batch, stoppers):
+    """Sampled rollouts (temperature 0.7, G=3): every log-prob equals log_softmax(logits / 0.7) of a full
+    forward over prompt + completion; the mask covers the stop token and nothing after it; the loop ends
+    as soon as every row has stopped."""
+    G, max_new, temperature = 3, 10, 0.7
+    sub = take_prompts(batch, [0, 1])
+    run = lambda stop: sample.sample(model, sub, num_samples=G, max_new_tokens=max_new, temperature=temperature,
+                                     stop_token_ids=stop, generator=torch.Generator().manual_seed(0),
+                                     check_every=1)
+    free = run([])
+    N = free.tokens.shape[0]
+    # stop ids taken from the free run: row 0's token at step 3, or a token of every row at steps 1..4
+    stop_ids = [int(free.tokens[0, 3])] if stoppers == "row 0" else [int(free.tokens[n, 1 + n % 4]) for n in range(N)]
+    rollouts = run(stop_ids)
+    pad = model.config.text_config.pad_token_id
+    # the same random draws as the free run until a row stops; its length is its first stop token + 1
+    lengths = []
+    for n in range(N):
+        hits = torch.isin(free.tokens[n], torch.tensor(stop_ids)).nonzero()
+        length = int(hits[0]) + 1 if len(hits) else max_new
+        lengths.append(length)
+        assert bool(rollouts.stopped[n]) == bool(len(hits))
+        assert int(rollouts.mask[n].sum()) == length and rollouts.mask[n, :length].all()
+        assert torch.equal(rollouts.tokens[n, :length], free.tokens[n, :length])
+        assert (rollouts.tokens[n, length:] == pad).all() and (rollouts.logprobs[n, length:] == 0).all()
+        if len(hits):
+            assert int(rollouts.tokens[n, length - 1]) in stop_ids  # the stop token is inside the mask
+        assert rollouts.texts(tok, skip_special_tokens=False)[n] == tok.decode(free.tokens[n, :length])
+    assert rollouts.stopped[0] and rollouts.tokens.shape[1] == max(lengths)
+    if stoppers == "every row":
+        assert rollouts.stopped.all() and max(lengths) < max_new
+    else:
+        assert not rollouts.stopped.all()
+    # log-probs against a full forward of each row's prompt + completion
+    for n in range(N):
+        b = n // G
+        completion = rollouts.tokens[n, rollouts.mask[n]]  # (C,)
+        logits = full_forward_logits(model, sub, b, completion)  # (P + C, V)
+        P = logits.shape[0] - len(completion)
+        logp = (logits[P - 1:-1] / temperature).log_softmax(-1).gather(-1, completion[:, None])[:, 0]  # (C,)
+        torch.testing.assert_close(rollouts.logprobs[n, :len(completion)], logp, atol=1e-4, rtol=0)
+
+
+def test_reproducible_with_generator(model, batch):
+    """The same generator seed gives the same rollouts; another seed gives others."""
+    run = lambda seed: sample.sample(model, batch, num_samples=2, max_new_tokens=6, temperature=1.0,
+                                     stop_token_ids=[], generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_per_prompt_generators_make_rollouts_independent_of_the_batch(model, batch):
+    """With one generator per prompt, prompt 1's rollouts are the same sampled alone or beside prompts 0 and 2."""
+    gens = lambda: [torch.Generator().manual_seed(100 + b) for b in range(3)]
+    together = sample.sample(model, batch, num_samples=2, max_new_tokens=6, stop_token_ids=[], generator=gens())
+    alone = sample.sample(model, take_prompts(batch, [1]), num_samples=2, max_new_tokens=6, stop_token_ids=[],
+                          generator=gens()[1:2])
+    assert torch.equal(together.tokens[2:4], alone.tokens)
+    torch.testing.assert_close(together.logprobs[2:4], alone.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k, top_p, allowed", [
+    (0, 0.65, [100, 101]),  # 0.4 < 0.65 <= 0.4 + 0.3
+    (0, 0.85, [100, 101, 102]),  # 0.7 < 0.85 <= 0.9
+    (3, 1.0, [100, 101, 102]),
+    (2, 0.95, [100, 101]),  # top-k is the tighter bound
+    (4, 0.65, [100, 101]),  # top-p is the tighter bound
+])
+def test_top_k_top_p_stay_in_allowed_set(tok, batch, top_k, top_p, allowed):
+    """With logits fixed through lm_head, every sampled token lies in the top-k / nucleus set computed here,
+    every token of that set is drawn, and at about its renormalised probability."""
+    V = toy.make_config(tok).text_config.vocab_size
+    probs = torch.full((V,), 0.05 / (V - 4))
+    probs[[100, 101, 102, 103]] = torch.tensor([0.4, 0.3, 0.2, 0.05])
+    model = controlled_model(tok, probs.log())
+    rollouts = sample.sample(model, take_prompts(batch, [0]), num_samples=64, max_new_tokens=8, temperature=1.0,
+                             top_k=top_k, top_p=top_p, stop_token_ids=[], generator=torch.Generator().manual_seed(0))
+    drawn = rollouts.tokens[rollouts.mask]  # (512,)
+    assert sorted(set(drawn.tolist())) == allowed
+    expected = probs[allowed] / probs[allowed].sum()
+    frequency = torch.stack([(drawn == t).float().mean() for t in allowed])
+    torch.testing.assert_close(frequency, expected, atol=0.08, rtol=0)
+    # the log-prob is that of the untruncated distribution (what the training forward computes)
+    torch.testing.assert_close(rollouts.logprobs[rollouts.mask], probs[drawn].log(), atol=1e-5, rtol=0)
+
+
+def test_vision_tokens_never_sampled(tok, batch):
+    """Logits that favour <|image_pad|> and the other vision tokens: none is ever emitted (an emitted
+    <|image_pad|> would make the next forward fail), neither are `blocked_token_ids`."""
+    config = toy.make_config(tok)
+    V = config.text_config.vocab_size
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    vision = [getattr(config, k) for k in sample.VISION_TOKEN_KEYS]
+    logits[vision] = 20.0
+    logits[config.image_token_id] = 30.0
+    model = controlled_model(tok, logits)
+    sub = take_prompts(batch, [0, 2])
+    prefix = sample.prefill(model, sub)
+    assert prefix.logits.argmax(-1).eq(config.image_token_id).all()  # the model does favour <|image_pad|>
+    extra = int(logits.masked_fill(torch.isin(torch.arange(V), torch.tensor(vision)), -1e9).argmax())
+    for temperature in (0.0, 1.0, 5.0):
+        rollouts = sample.sample(model, sub, num_samples=4, max_new_tokens=6, temperature=temperature,
+                                 stop_token_ids=[], blocked_token_ids=[extra],
+                                 generator=torch.Generator().manual_seed(0))
+        assert not torch.isin(rollouts.tokens, torch.tensor(vision + [extra])).any()
+        assert rollouts.mask.all()
+
+
+def test_extend_matches_full_forward(tok, model, batch):
+    """prefill + expand + two right-padded extensions of different lengths (one row gets none): the logits of
+    every real token, and the logits after each row's last real token, equal those of a full forward."""
+    G = 2
+    sub = take_prompts(batch, [1, 2])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        prefix = sample.prefill(model, sub)
+        for b in range(2):
+            full = full_forward_logits(model, sub, b, torch.zeros(0, dtype=torch.long))
+            torch.testing.assert_close(prefix.logits[b], full[-1], atol=1e-4, rtol=0)
+        prefix = sample.expand(prefix, G)
+        fed = [torch.zeros(0, dtype=torch.long) for _ in range(2 * G)]  # real tokens so far, per row
+        for lengths in ([3, 1, 4, 2], [2, 3, 0, 1]):
+            width = max(lengths) + 1  # one column of padding at least
+            ids = torch.randint(20, len(tok), (2 * G, width), generator=gen)  # (N, T') text tokens only
+            mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()  # (N, T') right-padded
+            logits = sample.extend(model, prefix, ids, mask)  # (N, T', V)
+            for n, length in enumerate(lengths):
+                fed[n] = torch.cat([fed[n], ids[n, :length]])
+                full = full_forward_logits(model, sub, n // G, fed[n])  # (P + C, V)
+                if length:
+                    torch.testing.assert_close(logits[n, :length], full[-length:], atol=1e-4, rtol=0)
+                torch.testing.assert_close(prefix.logits[n], full[-1], atol=1e-4, rtol=0)
+                assert int(prefix.next_position[n]) == full.shape[0]
+
+
+def test_gathered_unshards_once_under_fsdp2(tok, batch):
+    """Under FSDP2 (one process), `sample` all-gathers each sharded module once for the whole rollout, where
+    plain forwards gather again at every decode step; it returns the same tokens as the unsharded model and
+    leaves the weights sharded and the reshard-after-forward settings as they were."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.tensor import DTensor
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    sub = take_prompts(batch, [0, 1])
+    reference = sharpened(toy.make_model(tok, seed=0))
+    expected = sample.sample(reference, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[]).tokens
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    gathers = []
+    unshard = FSDPParamGroup.unshard
+
+    def counting_unshard(group, *args, **kwargs):
+        if not group.is_unsharded and group._all_gather_result is None:
+            gathers.append(group)
+        return unshard(group, *args, **kwargs)
+
+    try:
+        FSDPParamGroup.unshard = counting_unshard
+        model = sharpened(toy.make_model(tok, seed=0))
+        for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
+            fully_shard(block)
+        fully_shard(model)
+        n_modules = sum(isinstance(m, FSDPModule) for m in model.modules())
+
+        def plain_decode():  # prefill + 3 decode steps, without `gathered`
+            gathers.clear()
+            with torch.no_grad():
+                prefix = sample.prefill(model, sub)
+                for t in range(3):
+                    sample.extend(model, prefix, expected[:, t:t + 1], torch.ones(2, 1))
+            return len(gathers)
+
+        before = plain_decode()
+        assert before > n_modules  # each text layer gathers again at every step
+        # the root keeps its weights after forward (FSDP2's default), the blocks were resharded
+        def own_parameters(m):  # those of m not managed by an FSDP module inside it
+            inner = {id(p) for c in m.modules() if c is not m and isinstance(c, FSDPModule) for p in c.parameters()}
+            return [p for p in m.parameters() if id(p) not in inner]
+
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)
+                   and any(isinstance(p, DTensor) for p in own_parameters(m))]
+        assert 0 < len(sharded) < n_modules
+        gathers.clear()
+        tokens = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[]).tokens
+        assert len(gathers) == len(sharded) == len(set(gathers))  # once per sharded module, not per step
+        assert torch.equal(tokens, expected)
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded on exit
+        assert plain_decode() == before  # reshard_after_forward restored
+    finally:
+        FSDPParamGroup.unshard = unshard
+        dist.destroy_process_group()
