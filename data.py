@@ -51,6 +51,14 @@ class Group:
     ranking: list[int]
 
 
+@dataclass
+class Rated:
+    """One image and its target rating, 1 (worst) .. R (best): the absolute-score variant (section 5)."""
+    prompt: str
+    image: object  # str | PIL.Image | bytes
+    rating: int
+
+
 def swapped(pair: Pair) -> Pair:
     """The same pair shown in the other order; the label and votes follow the images."""
     votes = None if pair.votes is None else (pair.votes[1], pair.votes[0])
@@ -472,6 +480,25 @@ def groups_to_pairs(groups: Iterable[Group]) -> list[Pair]:
     return pairs
 
 
+def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:
+    """Groups or pairs -> single images with ratings on the 1..R scale, for the absolute-score variant.
+
+    A group's human ranks map linearly onto the scale (its best rank -> R, its worst -> 1; a group whose
+    images all tie gets the middle); in a pair the preferred image gets R and the other 1. (ImageRewardDB also
+    publishes per-image ratings; ranks are what every layout read here has.)
+    """
+    out = []
+    for r in records:
+        if isinstance(r, Pair):
+            out += [Rated(r.prompt, im, num_ratings if i == r.label else 1) for i, im in enumerate(r.images)]
+            continue
+        best, worst = min(r.ranking), max(r.ranking)
+        for im, rank in zip(r.images, r.ranking):
+            x = 0.5 if best == worst else (worst - rank) / (worst - best)  # 1 for the best rank, 0 for the worst
+            out.append(Rated(r.prompt, im, 1 + round(x * (num_ratings - 1))))
+    return out
+
+
 DATASETS = ("imagereward", "hpdv2", "rapidata", "pickapic")
 
 
@@ -628,6 +655,15 @@ class Processor:
         fmt = fmt or PROMPT
         return self([reasoner_messages(p.prompt, fmt) for p in pairs], [p.images for p in pairs], suffixes)
 
+    def rated(self, records: Sequence[Rated], fmt: PromptFormat | None = None) -> dict[str, torch.Tensor]:
+        """Encode the absolute-score prompt for each record: its one image and the rating question."""
+        fmt = fmt or PROMPT
+        return self([score_messages(r.prompt, fmt) for r in records], [[r.image] for r in records])
+
+    def encode(self, records: Sequence) -> dict[str, torch.Tensor]:
+        """Pairs -> the preference prompt, Rated records -> the rating prompt."""
+        return self.rated(records) if records and isinstance(records[0], Rated) else self.pairs(records)
+
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Token id lists -> left-padded `input_ids` and `attention_mask`, both (B, T)."""
@@ -654,9 +690,10 @@ class PairStream:
     an epoch that does not fill a whole global batch (len % (batch_size * world_size) examples) is dropped for
     that epoch only: the next epoch reshuffles, so no example is left out every epoch.
 
-    `both_orders=True` makes each pair two examples, as given and `swapped` (the label follows the images),
-    shuffled independently, so an epoch holds 2 * len(pairs) examples and the two orders of a pair usually
-    land in different batches.
+    `both_orders=True` shows each pair twice, as given and `swapped` (the label follows the images), side by side
+    in the same batch (batch_size must be even): a batch then holds as many "first image" as "second image"
+    answers, so whatever the model learns from it cannot be a preference for a position. An epoch still
+    visits each pair once (in both orders).
 
     `state_dict()` is {"epoch", "index"} (the next global batch of that epoch); `load_state_dict` resumes at
     exactly that batch. Every rank must be built with the same pairs, batch_size, world_size and seed.
@@ -666,9 +703,12 @@ class PairStream:
                  both_orders: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.examples = [q for p in pairs for q in (p, swapped(p))] if both_orders else list(pairs)
+        if both_orders and batch_size % 2:
+            raise ValueError(f"both_orders needs an even batch_size (each pair is shown in both orders), got {batch_size}")
+        self.examples = list(pairs)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.global_batch = batch_size * world_size
+        self.views = 2 if both_orders else 1  # batch entries made from each pair
+        self.global_batch = batch_size * world_size // self.views  # pairs per global batch
         self.steps_per_epoch = len(self.examples) // self.global_batch
         if batch_size < 1 or self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.examples)} examples cannot fill one global batch of batch_size={batch_size}"
@@ -690,10 +730,11 @@ class PairStream:
     def __next__(self) -> list[Pair]:
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        start = self.index * self.global_batch + self.rank * self.batch_size
-        batch = [self.examples[i] for i in self.order(self.epoch)[start:start + self.batch_size]]
+        start = self.index * self.global_batch
+        pairs = [self.examples[i] for i in self.order(self.epoch)[start:start + self.global_batch]]
+        shown = [q for p in pairs for q in ((p, swapped(p)) if self.views == 2 else (p,))]  # the global batch
         self.index += 1
-        return batch
+        return shown[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -122,7 +122,7 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
         device = next(model.parameters()).device
         batch = {key: value.to(device) for key, value in processor.pairs(pairs, fmt).items()}
         rollouts = sample_rollouts(model, batch, num_samples=k, **sampling)  # tokens (N, T), rows b*G + g
-        flat = rollouts.texts(processor.tokenizer)  # N strings; the stop token (special) is dropped
+        flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
         reasonings = [[reasoning_of(t) for t in row] for row in texts]
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]

@@ -255,10 +255,12 @@ class Rollouts:
     stopped: Tensor  # (N,) bool: emitted a stop token (else cut at max_new_tokens)
     num_samples: int = 1  # G
 
-    def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
-        """Decode each completion's real tokens (stop token dropped when it is a special token)."""
-        return [tokenizer.decode(ids[m].tolist(), skip_special_tokens=skip_special_tokens)
-                for ids, m in zip(self.tokens.cpu(), self.mask.cpu())]
+    def texts(self, tokenizer) -> list[str]:
+        """Each completion's text up to, not including, its stop token. Special tokens inside a completion stay
+        visible: a stray <|im_start|> must fail the format check, not vanish from the text."""
+        lengths = self.mask.sum(-1) - self.stopped.long()  # (N,) tokens before the stop token
+        return [tokenizer.decode(row[:n], skip_special_tokens=False)
+                for row, n in zip(self.tokens.tolist(), lengths.tolist())]
 
 
 def default_stop_ids(model) -> list[int]:

@@ -6,8 +6,9 @@ attention, patch merger, mRoPE), only small; the tokenizer carries Qwen2.5-VL's 
 template; the images go through the real `Qwen2VLImageProcessor`; and the synthetic data is written to disk in
 the published ImageReward and HPDv2 layouts, so the toy path reads it through the same loaders as real data.
 
-The task: a prompt names a coloured shape ("a red circle"); each image shows a shape of some colour on a
-grey background; people prefer images of the colour the prompt names (shapes are distractors).
+The task: a prompt names a coloured shape ("a red circle"); each image shows a shape on a grey background;
+people prefer the image in the colour the prompt names, which is also vividly drawn, over images in other
+colours, which are faded (as a poor generation is). Shapes are distractors.
 
     python toy.py OUT_DIR    # write a toy dataset to OUT_DIR and print what was written
 """
@@ -137,14 +138,18 @@ def make_model(tokenizer=None, seed: int = 0, **config_overrides):
 # The synthetic task
 
 
-def draw(colour: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """One toy image: a `colour` `shape` on a grey background, jittered in position and size."""
-    image = Image.new("RGB", (size, size), (128, 128, 128))
+def draw(colour: str, shape: str, rng: random.Random, faded: bool = False, size: int = IMAGE_SIZE) -> Image.Image:
+    """One toy image: a `colour` `shape` on a grey background, jittered in position and size.
+
+    `faded` washes the colour out towards the grey background: the poorly rendered kind of image.
+    """
+    grey = (128, 128, 128)
+    image = Image.new("RGB", (size, size), grey)
     pen = ImageDraw.Draw(image)
     r = rng.randint(size // 4, size // 3)
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     box = (cx - r, cy - r, cx + r, cy + r)
-    fill = COLOURS[colour]
+    fill = tuple(int(0.1 * c + 0.9 * g) if faded else c for c, g in zip(COLOURS[colour], grey))
     if shape == "circle":
         pen.ellipse(box, fill=fill)
     elif shape == "square":
@@ -157,6 +162,9 @@ def draw(colour: str, shape: str, rng: random.Random, size: int = IMAGE_SIZE) ->
 def make_group(rng: random.Random, n_images: int = 4):
     """A prompt and `n_images` images with their human ranking: 1 for the named colour, 2 for the others.
 
+    The others are also faded, as a poor generation is: the preferred image both matches the prompt and is
+    well rendered, so a tiny model can learn the preference from either cue (in minutes, from GRPO alone).
+
     At least one image matches and at least one does not, so every group holds non-tie pairs.
     """
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -164,7 +172,7 @@ def make_group(rng: random.Random, n_images: int = 4):
     others = [c for c in COLOURS if c != colour]
     colours = [colour] * n_match + [rng.choice(others) for _ in range(n_images - n_match)]
     rng.shuffle(colours)
-    images = [draw(c, rng.choice(SHAPES), rng) for c in colours]
+    images = [draw(c, rng.choice(SHAPES), rng, faded=c != colour) for c in colours]
     ranking = [1 if c == colour else 2 for c in colours]
     return f"a {colour} {shape}", images, ranking
 

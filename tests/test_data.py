@@ -439,15 +439,19 @@ def test_pair_stream_exact_resume():
 
 
 def test_pair_stream_both_orders():
-    pairs = numbered_pairs(3)
-    stream = PairStream(pairs, 6, both_orders=True, seed=0)
-    epoch = next(stream)
-    assert sorted(p.prompt for p in epoch) == ["p0", "p0", "p1", "p1", "p2", "p2"]
-    for original in pairs:
-        shown = [p for p in epoch if p.prompt == original.prompt]
-        assert sorted(p.images for p in shown) == sorted([original.images, original.images[::-1]])
-        for p in shown:  # the label follows the preferred image
+    """Each pair appears in both orders, side by side in the same rank's batch; an epoch covers every pair."""
+    pairs = numbered_pairs(6)
+    streams = [PairStream(pairs, 2, rank=r, world_size=2, both_orders=True, seed=0) for r in range(2)]
+    epoch = [p for _ in range(3) for s in streams for p in next(s)]  # 3 steps x 2 ranks x 2 = 12 = 6 pairs x 2
+    assert sorted(p.prompt for p in epoch) == sorted([p.prompt for p in pairs] * 2)
+    for i in range(0, len(epoch), 2):
+        a, b = epoch[i], epoch[i + 1]
+        original = next(p for p in pairs if p.prompt == a.prompt)
+        assert b.prompt == a.prompt and a.images == b.images[::-1] and a.label == 1 - b.label
+        for p in (a, b):  # the label follows the preferred image
             assert p.images[p.label] == original.images[original.label]
+    with pytest.raises(ValueError, match="even batch_size"):
+        PairStream(pairs, 3, both_orders=True)
 
 
 def test_pair_stream_too_few_examples():
@@ -504,3 +508,13 @@ def test_processor_image_tokens():
     assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
     messages = reasoner_messages("a red circle")
     assert [c["type"] for c in messages[0]["content"]] == ["image", "image", "text"]
+
+
+def test_to_rated_maps_ranks_onto_the_rating_scale():
+    """Best rank -> R, worst -> 1, linear between; all tied -> the middle; a pair's winner R, loser 1."""
+    from data import Rated, to_rated
+    group = Group("p", ["a", "b", "c", "d", "e"], [1, 2, 3, 5, 3])
+    assert [r.rating for r in to_rated([group], 5)] == [5, 4, 3, 1, 3]  # x = 1, 0.75, 0.5, 0, 0.5
+    assert [r.rating for r in to_rated([Group("q", ["a", "b"], [2, 2])], 5)] == [3, 3]
+    pair = Pair("r", ("x", "y"), label=1)
+    assert to_rated([pair], 5) == [Rated("r", "x", 1), Rated("r", "y", 5)]

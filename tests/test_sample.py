@@ -159,7 +159,8 @@ def test_logprobs_match_full_forward_and_mask_includes_stop(tok, model, batch, s
         assert (rollouts.tokens[n, length:] == pad).all() and (rollouts.logprobs[n, length:] == 0).all()
         if len(hits):
             assert int(rollouts.tokens[n, length - 1]) in stop_ids  # the stop token is inside the mask
-        assert rollouts.texts(tok, skip_special_tokens=False)[n] == tok.decode(free.tokens[n, :length])
+        text_length = length - int(rollouts.stopped[n])  # texts() ends before the stop token
+        assert rollouts.texts(tok)[n] == tok.decode(free.tokens[n, :text_length], skip_special_tokens=False)
     assert rollouts.stopped[0] and rollouts.tokens.shape[1] == max(lengths)
     if stoppers == "every row":
         assert rollouts.stopped.all() and max(lengths) < max_new
