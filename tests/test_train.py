@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
 COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I compare the colour of each image with the prompt.",
-        "--pairs_per_rank=16", "--micro_pairs=16", "--lr=1e-3", "--steps=30"]
+        "--pairs_per_rank=16", "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
 
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -69,7 +69,7 @@ def cold_start(runs):
 def grpo_args(cold_start, out_dir, pairs_per_rank, **extra):
     args = ["--mode=grpo", f"--model={cold_start}", "--group_size=4", f"--pairs_per_rank={pairs_per_rank}",
             "--micro_pairs=1", "--steps=2", "--lr=1e-3", "--beta=0.04", "--w_list=0.5", "--loss_type=token",
-            "--num_iterations=2", *TINY, f"--out_dir={out_dir}"]
+            "--num_iterations=2", "--temperature=0.7", *TINY, f"--out_dir={out_dir}"]
     return args + [f"--{k}={v}" for k, v in extra.items()]
 
 
@@ -77,17 +77,22 @@ def test_two_processes_equal_one(cold_start, runs):
     """GRPO with the listener: 2 FSDP2 ranks of 2 pairs each == 1 process of 4 pairs, after two steps.
 
     Both see the same global batches and the same rollouts (sampling is seeded per pair); the loss is
-    normalised over the global token count, so only float summation order differs: tolerance 1e-5.
+    normalised over the global token count, so only float summation order differs. Losses agree to 1e-5.
+    Weights move by about 4e-3 per step here (lr 1e-3); they agree to 5e-5, because AdamW divides each
+    gradient by its running RMS, which turns summation noise in a gradient of ~1e-9 (a token the batch never
+    uses) into a difference of ~1e-5 (the largest measured: 1.1e-5, one lm_head row).
     """
     one, two = runs / "one", runs / "two"
     launch(grpo_args(cold_start, one, pairs_per_rank=4))
     launch(grpo_args(cold_start, two, pairs_per_rank=2), nproc=2)
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward_std"] > 0 for r in rows), "no reward signal: the comparison would be vacuous"
     w1, w2 = weights(one), weights(two)
     start = load_file(cold_start / "model.safetensors")
     assert any(not torch.equal(w1[k], start[k]) for k in w1), "training changed nothing"
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], atol=5e-5, rtol=0, msg=k)
 
 
 def test_resume_equals_uninterrupted(cold_start, runs):
