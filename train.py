@@ -517,10 +517,18 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
     return {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
 
 
-def reduce_metrics(metrics: dict, world: int) -> dict[str, float]:
+def open_metrics(path: Path, step: int):
+    """The JSONL metrics file, for appending after `step`: rows of steps a resumed run will redo are dropped."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+    return open(path, "a")
+
+
+def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
     """Per-rank step metrics -> global ones: sums for the loss and token counts, maxima for maxima, means else."""
     names = sorted(metrics)
-    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).reshape(()).cpu() for k in names])
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device).reshape(()) for k in names])
     summed, largest = values.clone(), values.clone()
     dist.all_reduce(summed)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
@@ -554,7 +562,7 @@ def train(cfg: Config) -> dict:
     stop = Stop()
     before = heldout_accuracy(state)
     log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
-    metrics_file = open(state.out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics_file = open_metrics(state.out / "metrics.jsonl", state.step) if rank == 0 else None
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -564,10 +572,10 @@ def train(cfg: Config) -> dict:
         pairs = next(state.stream)
         metrics = step_fn(cfg, state, pairs, state.step)
         state.step += 1
-        row = reduce_metrics(metrics, world)  # one collective and one host sync per step
+        row = reduce_metrics(metrics, world, device)  # two collectives and one host sync per step
         row.update(step=state.step, step_time=time.time() - t)
         if "tokens" in row:
-            row["tokens_per_s"] = row["tokens"] * world / row["step_time"]
+            row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             row.update({f"heldout_{k}": v for k, v in heldout_accuracy(state).items()})
         if rank == 0:
