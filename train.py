@@ -178,15 +178,20 @@ def load_model(path: str, device: torch.device, trainable: bool):
     return model.train(trainable)
 
 
+def checkpoint_blocks(model) -> None:
+    """Activation checkpointing: each vision block and decoder layer keeps only its input for the backward
+    pass and recomputes the rest (memory for compute; needed for 7B with G=10, see README)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    blocks = {id(b) for b in list(model.model.visual.blocks) + list(model.model.language_model.layers)}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+
+
 def shard(model, device: torch.device, checkpointing: bool = False):
     """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, then the root."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kw = {"mp_policy": mp} if mp is not None else {}
-    blocks = list(model.model.visual.blocks) + list(model.model.language_model.layers)
     if checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-        apply_activation_checkpointing(model, check_fn=lambda m: any(m is b for b in blocks))
-        blocks = list(model.model.visual.blocks) + list(model.model.language_model.layers)  # now wrapped
+        checkpoint_blocks(model)
     for block in model.model.visual.blocks:
         fully_shard(block, **kw)
     fully_shard(model.model.visual, **kw)

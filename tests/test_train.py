@@ -171,3 +171,38 @@ def test_score_mode_runs_and_rewards_ratings(cold_start, runs):
     assert max(r["reward_distance"] for r in rows) > 0
     from transformers import Qwen2_5_VLForConditionalGeneration
     Qwen2_5_VLForConditionalGeneration.from_pretrained(sorted(out.glob("step_*"))[-1])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """The same GRPO loss on the toy model with and without activation checkpointing: equal to 1e-6."""
+    import random
+
+    import grpo
+    import toy
+    import train
+    from data import Pair, Processor
+
+    processor = Processor.toy()
+    rng = random.Random(0)
+    pairs = [Pair(p, tuple(ims), 0) for p, ims, _ in (toy.make_group(rng, 2) for _ in range(2))]
+    batch = processor.pairs(pairs)
+    completions = torch.randint(20, 400, (4, 5))
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    results = []
+    for checkpointing in (False, True):
+        model = toy.make_model(processor.tokenizer, seed=0).train()
+        if checkpointing:
+            train.checkpoint_blocks(model)
+            wrapped = [m for m in model.modules() if type(m).__name__ == "CheckpointWrapper"]
+            assert len(wrapped) == len(model.model.visual.blocks) + len(model.model.language_model.layers)
+        logp = grpo.completion_logprobs(model, batch, completions, mask)
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), None, advantages, mask, beta=0.0)
+        loss.backward()
+        grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone() for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss0, loss1, atol=1e-6, rtol=0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads0[name], grads1[name], atol=1e-6, rtol=0, msg=name)
