@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 import sample
-from data import PROMPT, Pair, PromptFormat, listener_prefix, reasoner_messages
+from data import PROMPT, Pair, PromptFormat, left_pad, listener_prefix, reasoner_messages
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: what the listener reads
@@ -101,17 +101,6 @@ def continuation_ids(tokenizer, prompt_text: str, suffixes: Sequence[str]) -> li
     return [row[len(head):] for row in rows]
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> right-padded `input_ids` and `attention_mask`, both (N, T)."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
-    for n, r in enumerate(rows):
-        input_ids[n, :len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[n, :len(r)] = 1
-    return input_ids, attention_mask
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Scoring
 
@@ -122,7 +111,7 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
 
     `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to
     score on pair b, the same G for every pair. Per pair the images and prompt are prefilled once, the cache
-    is copied to G rows and the G continuations `listener_prefix(r)` (right-padded) run over it.
+    is copied to G rows and the G continuations `listener_prefix(r)` (left-padded) run over it.
     Under FSDP2 every rank must call it: the weights are gathered collectively (`sample.gathered`).
     """
     B = len(pairs)
@@ -140,12 +129,14 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
         prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
                                                     add_generation_prompt=True)
         rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
-    input_ids, attention_mask = right_pad(rows, tokenizer.pad_token_id)  # (N, T), (N, T)
+    # Left-padded, so that every row's answer slot is the last position: the LM head runs there only.
+    continuation = left_pad(rows, tokenizer.pad_token_id)  # input_ids, attention_mask: (N, T)
 
     device = sample.model_device(model)
     with torch.no_grad(), sample.gathered(model):
         prefix = sample.expand(sample.prefill(model, processor.pairs(pairs, fmt)), G)  # B rows -> N rows
-        sample.extend(model, prefix, input_ids.to(device), attention_mask.to(device))  # logits (N, T, V)
+        sample.extend(model, prefix, continuation["input_ids"].to(device), continuation["attention_mask"].to(device),
+                      logits_to_keep=1)  # (N, 1, V)
     slot = prefix.logits  # (N, V) next-token logits after each row's last real token: the answer slot
     answer_logits = slot[:, answer_ids].float()  # (N, 2) f(a), f(b)
     probs = answer_logits.softmax(-1)  # (N, 2) eq. (4): p(b) = sigma(f(b) - f(a))

@@ -89,12 +89,14 @@ def expand(prefix: Prefix, G: int) -> Prefix:
                   logits=repeat(prefix.logits))  # (N,), (N, 1), (N, V)
 
 
-def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
     """Feed (N, T') more tokens on top of the cache; return their logits (N, T', V).
 
     `attention_mask` (N, T') marks the real tokens; the others (padding, anywhere) are cached but never
     attended to and do not advance the text position. `prefix` is updated in place: cache, attention mask,
     next position, and logits after each row's last real token (unchanged for a row with no real token).
+    `logits_to_keep=k` runs the LM head on the last k positions only and returns (N, k, V): enough when every
+    row's last real token is among them, as with left-padded continuations and k = 1 (the listener).
     """
     mask = attention_mask.to(prefix.attention_mask)  # (N, T')
     T_new = mask.shape[1]
@@ -102,10 +104,14 @@ def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor) -> 
     position_ids = (text_position + prefix.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, N, T') mRoPE
     full_mask = torch.cat([prefix.attention_mask, mask], dim=-1)  # (N, T + T')
     out = model(input_ids=input_ids, attention_mask=layer_masks(model, prefix.cache, full_mask, T_new),
-                position_ids=position_ids, past_key_values=prefix.cache, use_cache=True)
-    logits = out.logits  # (N, T', V)
+                position_ids=position_ids, past_key_values=prefix.cache, use_cache=True,
+                logits_to_keep=logits_to_keep)
+    logits = out.logits  # (N, T' or k, V)
     last = T_new - 1 - mask.flip(-1).argmax(-1)  # (N,) index of the last real token (0 when there is none)
-    last_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # (N, V)
+    first_kept = T_new - logits.shape[1]
+    if logits_to_keep and bool((mask.any(-1) & (last < first_kept)).any()):  # checked only when asked for
+        raise ValueError(f"extend: a row's last real token is outside the last {logits_to_keep} positions")
+    last_logits = logits[torch.arange(logits.shape[0], device=logits.device), (last - first_kept).clamp(min=0)]
     has_real = mask.any(-1, keepdim=True)  # (N, 1)
     prefix.cache = out.past_key_values
     prefix.attention_mask = full_mask

@@ -19,7 +19,7 @@ from listener import Listener, answer_probs, answer_token_ids, reasoning_of
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
 A0, A1 = PROMPT.answers
 
-# Reasonings of very different lengths (one empty), so the G continuations of a pair are right-padded.
+# Reasonings of very different lengths (one empty), so the G continuations of a pair are padded.
 REASONINGS = [
     "The first image is red. The second image is blue. It is a circle. " * 3,
     "",
@@ -60,7 +60,7 @@ def completions(reasonings, answers):
 
 
 def test_p_correct_matches_full_forward(world):
-    """Prefill once + G right-padded continuations == one full forward per rollout, row by row."""
+    """Prefill once + G padded continuations == one full forward per rollout, row by row."""
     model, processor, pairs = world
     listener = Listener(model, processor)
     answers = [A0, A1, A1]

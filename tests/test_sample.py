@@ -326,3 +326,19 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
     finally:
         FSDPParamGroup.unshard = unshard
         dist.destroy_process_group()
+
+
+def test_extend_logits_to_keep_matches_full_logits(tok, model, batch):
+    """Left-padded continuations with logits_to_keep=1 leave the same prefix.logits as the full logits do."""
+    continuation = torch.tensor([[0, 0, 41, 42], [43, 44, 45, 46]])  # (2, 4), row 0 left-padded
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    two = take_prompts(batch, [0, 1])
+    full, kept = sample.prefill(model, two), sample.prefill(model, two)
+    all_logits = sample.extend(model, full, continuation, mask)  # (2, 4, V)
+    last_logits = sample.extend(model, kept, continuation, mask, logits_to_keep=1)  # (2, 1, V)
+    assert last_logits.shape[1] == 1
+    torch.testing.assert_close(kept.logits, full.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(last_logits[:, 0], all_logits[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="outside the last 1 positions"):
+        sample.extend(model, sample.prefill(model, two), continuation, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
+                      logits_to_keep=1)
