@@ -14,21 +14,18 @@ Everything that turns files into what the model reads lives here:
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from PIL import Image, ImageOps
 
-ImageLike = "str | Image.Image"
 
 # ----------------------------------------------------------------------------------------------------------
 # Records
