@@ -65,7 +65,7 @@ import data
 from data import PROMPT, Group, Pair, PromptFormat, left_pad, swapped
 from listener import Listener, answer_probs, reasoning_of
 from reward import parse_completion
-from sample import sample as sample_rollouts
+from sample import sample as sample_rollouts, stop_token_ids
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring
@@ -103,12 +103,6 @@ def vote_share(answers: Sequence[int | None]) -> float:
     """Fraction of readable answers that name image 1; 0.5 when none is readable (a tie: counted wrong)."""
     readable = [a for a in answers if a is not None]
     return sum(readable) / len(readable) if readable else 0.5
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """End-of-turn ids: `<|im_end|>` (the tokenizer's eos in Qwen2.5-VL chat models) and `<|endoftext|>`."""
-    ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
 def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: bool, sampling: dict,

@@ -269,6 +269,13 @@ class Rollouts:
                 for row, n in zip(self.tokens.tolist(), lengths.tolist())]
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-turn ids: `<|im_end|>` (the tokenizer's eos in Qwen2.5-VL chat models) and `<|endoftext|>`.
+    Training and evaluation both stop on these, so a completion ends the same way in both."""
+    ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
 def default_stop_ids(model) -> list[int]:
     """The end-of-turn ids of the model's generation config (for Qwen2.5-VL Instruct: <|im_end|>, <|endoftext|>)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

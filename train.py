@@ -277,7 +277,7 @@ def grpo_step(cfg: Config, state: "Trainer", pairs: list, step: int) -> dict:
     batch = to_device(state.processor.encode(pairs), state.device)
     rollouts = sample.sample(state.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+                             stop_token_ids=sample.stop_token_ids(tok), pad_token_id=tok.pad_token_id,
                              generator=state.generators(pairs, step))
     texts = rollouts.texts(tok)
     t1 = time.time()
@@ -511,7 +511,8 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
         pairs = state.heldout[i * batch_pairs:(i + 1) * batch_pairs]
         batch = to_device(state.processor.encode(pairs or state.spare), device)
         rollouts = sample.sample(state.policy, batch, num_samples=1, max_new_tokens=state.cfg.max_new_tokens,
-                                 temperature=0.0, stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+                                 temperature=0.0, stop_token_ids=sample.stop_token_ids(tok),
+                                 pad_token_id=tok.pad_token_id)
         for example, text in zip(pairs, rollouts.texts(tok)):
             if isinstance(example, data.Rated):  # the score mode: the exact rating
                 answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
