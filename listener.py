@@ -22,6 +22,12 @@ Speed: the images and the prompt are the same for the G rollouts of a pair. We p
 (`sample.expand`), and run only the G reasonings over it (`sample.extend`): one forward of ~100 tokens per
 rollout instead of one of images + prompt + reasoning. bench/listener.py measures the difference.
 
+When the listener is the KL reference model (the default), the reference pass over the rollouts (train.py,
+grpo.completion_logits) has usually read exactly these tokens already: a well-formed completion begins with
+`<think>{reasoning}</think>\n<answer>`. `answer_slots` states when the two reads agree token for token and
+checks it per rollout; for those rollouts the listener's answer logits are taken from the reference pass,
+and only the others get the listener pass above (`Listener.p_correct(..., known=...)`).
+
 Test: .venv/bin/python -m pytest -q tests/test_listener.py
 Bench: .venv/bin/python bench/listener.py
 """
@@ -124,11 +130,7 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
         return torch.zeros(B, G, len(fmt.answers))
     tokenizer = processor.tokenizer
     answer_ids = answer_token_ids(tokenizer, fmt)
-    rows = []  # N = B*G continuations, prompt-major
-    for pair, rs in zip(pairs, reasonings):
-        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
-                                                    add_generation_prompt=True)
-        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
+    rows = listener_ids(tokenizer, pairs, reasonings, fmt)  # N = B*G continuations, prompt-major
     # Left-padded, so that every row's answer slot is the last position: the LM head runs there only.
     continuation = left_pad(rows, tokenizer.pad_token_id)  # input_ids, attention_mask: (N, T)
 
@@ -137,10 +139,58 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
         prefix = sample.expand(sample.prefill(model, processor.pairs(pairs, fmt)), G)  # B rows -> N rows
         sample.extend(model, prefix, continuation["input_ids"].to(device), continuation["attention_mask"].to(device),
                       logits_to_keep=1)  # (N, 1, V)
-    slot = prefix.logits  # (N, V) next-token logits after each row's last real token: the answer slot
-    answer_logits = slot[:, answer_ids].float()  # (N, 2) f(a), f(b)
-    probs = answer_logits.softmax(-1)  # (N, 2) eq. (4): p(b) = sigma(f(b) - f(a))
+    probs = slot_probs(prefix.logits, answer_ids)  # (N, 2): the logits after each row's last real token
     return probs.view(B, G, -1)  # (B, G, 2)
+
+
+def slot_probs(slot_logits: torch.Tensor, answer_ids: Sequence[int]) -> torch.Tensor:
+    """(N, V) next-token logits at the answer slot -> (N, 2) probability of each image, float32.
+
+    A softmax over the answer tokens' logits f: for two answers eq. (4), p(b) = sigma(f(b) - f(a)).
+    """
+    return slot_logits[:, list(answer_ids)].float().softmax(-1)  # (N, 2)
+
+
+def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
+                 fmt: PromptFormat = PROMPT) -> list[list[int]]:
+    """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
+    `reasonings[b]`, written as the tokenizer writes it after the prompt; flat, prompt-major."""
+    rows = []
+    for pair, rs in zip(pairs, reasonings):
+        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
+                                                    add_generation_prompt=True)
+        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
+    return rows
+
+
+def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], completions: torch.Tensor,
+                 mask: torch.Tensor, fmt: PromptFormat = PROMPT) -> torch.Tensor:
+    """(N,) where a forward pass over prompt + completion reads exactly what the listener reads; -1 where not.
+
+    The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
+    text (`listener_ids`). A pass of a model over the same prompt followed by the completion's own token ids
+    (the reference pass, `grpo.completion_logits`) gives the listener's answer logits exactly when
+      (a) its model is the listener's model (the listener is the reference model),
+      (b) its prompt is the listener's prompt (the same processor and prompt format), and
+      (c) the ids of c are the first ids of the completion: completions[n, :len(c)] == c, all of them real
+          tokens (mask).
+    (a) and (b) are the caller's to ensure; this checks (c) row by row. Where it holds, the pass's logits after
+    completion token len(c) - 1 are the listener's answer-slot logits (the same tokens at the same positions,
+    under the causal mask nothing after them counts), and the slot is len(c): an index into the T + 1
+    positions of `grpo.completion_logits`. A well-formed completion usually qualifies; a truncated or
+    malformed one never does (c ends with `</think>\n<answer>`, which it does not hold there), nor one whose
+    sampled ids are not the tokenizer's own encoding of its text. texts, completions, mask: N = B*G rows.
+    """
+    N, T = completions.shape
+    if N % max(len(pairs), 1) or len(texts) != N:
+        raise ValueError(f"answer_slots: {len(texts)} texts and {N} completions for {len(pairs)} pairs")
+    G = N // len(pairs)
+    reasonings = [[reasoning_of(t, fmt) for t in texts[b * G:(b + 1) * G]] for b in range(len(pairs))]
+    rows = listener_ids(tokenizer, pairs, reasonings, fmt)
+    lengths = mask.sum(-1).tolist()  # real tokens of each completion; they come first
+    ids = completions.tolist()
+    return torch.tensor([len(c) if len(c) <= n and ids[i][:len(c)] == c else -1
+                         for i, (c, n) in enumerate(zip(rows, lengths))], device=completions.device)  # (N,)
 
 
 class Listener:
@@ -153,25 +203,41 @@ class Listener:
         self.model = model.requires_grad_(False).eval()
         self.processor = processor
         self.fmt = fmt
-        answer_token_ids(processor.tokenizer, fmt)  # fail now, not mid-training, if an answer is not one token
+        self.answer_ids = answer_token_ids(processor.tokenizer, fmt)  # fails now, not mid-training
 
     def scores(self, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]]) -> torch.Tensor:
         """(B, G, 2): the listener's probability of image 0 and image 1 of pair b given reasoning g."""
         return answer_probs(self.model, self.processor, pairs, reasonings, self.fmt)
 
-    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
+    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str], known: torch.Tensor | None = None) -> torch.Tensor:
         """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b).
 
         Each text's reasoning is read with `reasoning_of` (the answer removed); the pair's label picks the
-        column of `scores`.
+        image. `known` (N, 2): the listener's probabilities where they were already read (from the reference
+        pass, see `answer_slots`), NaN rows elsewhere; only the NaN rows are scored here. Under FSDP2 every
+        rank must call this with rows to score, or none: the pass gathers the weights collectively.
         """
         B = len(pairs)
         if B == 0 or len(texts) % B:
             raise ValueError(f"{len(texts)} texts do not split into {B} pairs with the same number of rollouts")
-        G = len(texts) // B
-        reasonings = [[reasoning_of(t, self.fmt) for t in texts[b * G:(b + 1) * G]] for b in range(B)]
-        probs = self.scores(pairs, reasonings)  # (B, G, 2)
         if any(p.label not in (0, 1) for p in pairs):
             raise ValueError(f"pair labels must be 0 or 1, got {[p.label for p in pairs]}")
-        labels = torch.tensor([p.label for p in pairs], device=probs.device)  # (B,)
-        return probs.gather(-1, labels.view(B, 1, 1).expand(B, G, 1)).view(-1)  # (N,)
+        G = len(texts) // B
+        probs = torch.full((len(texts), len(self.fmt.answers)), float("nan")) if known is None else known.float()
+        todo = torch.isnan(probs).any(-1).nonzero()[:, 0].tolist()  # rows to score here
+        if todo:
+            probs = probs.to(sample.model_device(self.model)).clone()
+            probs[todo] = self._scores(pairs, texts, todo, G)
+        labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(G)  # (N,)
+        return probs.gather(-1, labels[:, None])[:, 0]  # (N,)
+
+    def _scores(self, pairs, texts, rows: list[int], G: int) -> torch.Tensor:
+        """(len(rows), 2) by the listener's own pass over the rows' pairs, each padded to the same number of
+        reasonings with empty ones (`answer_probs` scores G per pair)."""
+        by_pair: dict[int, list[int]] = {}
+        for n in rows:
+            by_pair.setdefault(n // G, []).append(n)
+        width = max(len(ns) for ns in by_pair.values())
+        reasonings = [[reasoning_of(texts[n], self.fmt) for n in ns] + [""] * (width - len(ns)) for ns in by_pair.values()]
+        probs = self.scores([pairs[b] for b in by_pair], reasonings)  # (B', width, 2)
+        return torch.cat([probs[i, :len(ns)] for i, ns in enumerate(by_pair.values())])  # (len(rows), 2)

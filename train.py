@@ -281,34 +281,76 @@ def grpo_step(cfg: Config, state: "Trainer", pairs: list, step: int) -> dict:
                              generator=state.generators(pairs, step))
     texts = rollouts.texts(tok)
     t1 = time.time()
-    rewards, p_correct = score(cfg, state, pairs, texts)
+    micro = state.micro_batches(pairs, cfg.group_size)
+    ref_logp, known = reference_pass(cfg, state, pairs, texts, micro, rollouts)  # (N, T), (N, 2)
+    rewards, p_correct = score(cfg, state, pairs, texts, known)
     advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
     mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
-    micro = state.micro_batches(pairs, cfg.group_size)
-    ref_logp = None
-    if cfg.beta > 0:
-        with torch.no_grad():
-            ref_logp = torch.cat([grpo.completion_logprobs(state.reference, mb, rollouts.tokens[rows], mask[rows],
-                                                           cfg.temperature) for mb, rows in micro])  # (N, T)
     t2 = time.time()
     metrics = policy_update(cfg, state, micro, rollouts, ref_logp, advantages, mask)
-    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct))
+    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, known))
     metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
                    time_update=torch.tensor(time.time() - t2))
     return metrics
 
 
-def score(cfg: Config, state: "Trainer", pairs: list, texts: list[str]):
-    """Rewards of the B*G completions (eq. (5), or section 5's in the score mode); the listener's p_correct."""
+def reference_pass(cfg: Config, state: "Trainer", pairs: list, texts: list[str], micro, rollouts):
+    """The reference model's log-probs of the rollouts (N, T) for the KL term, or None when beta = 0; and, when
+    the listener is that same model, its answer probabilities (N, 2) for the rollouts whose answer slot this
+    pass reads anyway (NaN rows for the others; None when the listener is another model).
+
+    The listener reads prompt + `<think>{reasoning}</think>\n<answer>` and the reference pass reads prompt +
+    completion: for a well-formed rollout these are the same tokens up to the answer slot, and one pass of the
+    frozen model serves both. `listener.answer_slots` states the condition and checks it per rollout.
+    """
+    if cfg.beta == 0:
+        return None, None
+    lst = state.listener
+    fused = lst is not None and lst.model is state.reference and lst.fmt == PROMPT  # conditions (a), (b)
+    if fused:
+        import listener
+        slots = listener.answer_slots(state.processor.tokenizer, pairs, texts, rollouts.tokens, rollouts.mask)  # (N,)
+    ref_logp, known = [], []
+    with torch.no_grad():
+        for mb, rows in micro:
+            tokens = rollouts.tokens[rows]  # (n, T)
+            logits = grpo.completion_logits(state.reference, mb, tokens, rollouts.mask[rows])  # (n, T+1, V)
+            ref_logp.append(grpo.token_logprobs(logits[:, :-1], tokens, cfg.temperature))  # (n, T)
+            if fused:
+                slot = slots[rows]  # (n,)
+                at_slot = logits[torch.arange(len(slot), device=slot.device), slot.clamp(min=0)]  # (n, V)
+                probs = listener.slot_probs(at_slot, lst.answer_ids)  # (n, 2) eq. (4)
+                known.append(probs.masked_fill((slot < 0)[:, None], float("nan")))
+    return torch.cat(ref_logp), (torch.cat(known) if fused else None)  # (N, T), (N, 2)
+
+
+def score(cfg: Config, state: "Trainer", pairs: list, texts: list[str], known=None):
+    """Rewards of the B*G completions (eq. (5), or section 5's in the score mode); the listener's p_correct.
+
+    `known` (N, 2): listener probabilities already read by the reference pass (NaN rows where not).
+    """
     if cfg.mode == "score":
         targets = [r.rating for r in pairs for _ in range(cfg.group_size)]
         rewards = reward.score_rewards(texts, targets)  # format, exact, distance, total
         return {k: v.to(state.device).float() for k, v in rewards.items()}, None
     labels = [p.label for p in pairs for _ in range(cfg.group_size)]
-    p_correct = state.listener.p_correct(pairs, texts).to(state.device) if state.listener is not None else None
+    p_correct = None
+    if state.listener is not None:
+        known = None if known is None else in_step(known)
+        p_correct = state.listener.p_correct(pairs, texts, known).to(state.device)  # reads the NaN rows itself
     rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
                                         w_list=cfg.w_list if p_correct is not None else 0.0)
     return {k: v.to(state.device).float() for k, v in rewards.items()}, p_correct
+
+
+def in_step(known: torch.Tensor) -> torch.Tensor:
+    """`known` with row 0 set to NaN, to be scored again, when this rank has no row left for the listener's own
+    pass but another rank has: that pass gathers the FSDP2 weights, a collective every rank must join."""
+    here = torch.isnan(known).any()
+    if bool(all_sum(here.float()) > 0) and not bool(here):
+        known = known.clone()
+        known[0] = float("nan")
+    return known
 
 
 def policy_update(cfg: Config, state: "Trainer", micro, rollouts, ref_logp, advantages, mask) -> dict:
@@ -335,7 +377,7 @@ def policy_update(cfg: Config, state: "Trainer", micro, rollouts, ref_logp, adva
     return metrics
 
 
-def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct) -> dict:
+def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, known=None) -> dict:
     """What the rollouts looked like: rewards per component, accuracy, lengths, the listener's view."""
     lengths = rollouts.mask.sum(-1).float()  # (N,)
     total = rewards["total"]
@@ -350,6 +392,8 @@ def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct) -> 
                                for a in (reward.parse_completion(t)[1] for t in texts)], device=p_correct.device)
         listener_pick = torch.where(p_correct > 0.5, labels, 1 - labels)  # (N,) the image the listener favours
         out["listener_p_correct"] = p_correct.mean()
+        if known is not None:
+            out["listener_from_reference"] = (~torch.isnan(known).any(-1)).float().mean()  # fused rows
         out["listener_agreement"] = (picked == listener_pick).float().mean()
     return out
 

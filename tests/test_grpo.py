@@ -276,3 +276,61 @@ def test_completion_logprobs_equal_naive_forward_per_row():
         for t in range(length):
             expected = torch.log_softmax(logits[P - 1 + t] / temperature, -1)[completions[n, t]]
             assert abs(got[n, t].item() - expected.item()) < 1e-4, (n, t)
+
+
+def grpo_toy_batch():
+    """Two left-padded prompts of different lengths with images of two sizes, G=3 ragged completions."""
+    import random
+
+    import toy
+    from data import Pair, Processor
+    processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
+    rng = random.Random(0)
+    pairs = []
+    for size in [(56, 56), (112, 56)]:  # 4 and 8 image tokens per image
+        prompt, images, _ = toy.make_group(rng, 2)
+        pairs.append(Pair(prompt + " and more words" * len(pairs), tuple(im.resize(size) for im in images), 0))
+    batch = processor.pairs(pairs)
+    assert (batch["attention_mask"] == 0).any(), "the prompts must differ in length (left padding)"
+    g = torch.Generator().manual_seed(1)
+    G, T = 3, 7
+    completions = torch.randint(20, 400, (2 * G, T), generator=g)
+    mask = torch.ones(2 * G, T, dtype=torch.bool)
+    mask[1, 4:] = False  # ragged: row 1 stopped after 4 tokens
+    mask[3, 1:] = False  # row 3 after 1 token
+    mask[5, 6:] = False
+    return processor, batch, completions, mask
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
+    """One prompt pass per group == the prompt repeated G times: log-probs and every parameter's gradient, 1e-5.
+
+    The oracle (tests/repeated.py) repeats each prompt and its image patches G times and runs one plain forward
+    over prompt + completion per row. With activation checkpointing each layer is recomputed in the backward
+    pass: the prompt cache must neither grow nor change then.
+    """
+    import toy
+    import train
+    from grpo import completion_logprobs
+    from repeated import completion_logprobs_repeated
+
+    processor, batch, completions, mask = grpo_toy_batch()
+    model = toy.make_model(processor.tokenizer, seed=0).train()
+    if checkpointing:
+        train.checkpoint_blocks(model)
+    weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
+    results = []
+    for fn in (completion_logprobs, completion_logprobs_repeated):
+        model.zero_grad(set_to_none=True)
+        logp = fn(model, batch, completions, mask, temperature=0.7)  # (N, T)
+        (logp * weights * mask).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((logp.detach(), grads))
+    (shared, shared_grads), (repeated, repeated_grads) = results
+    torch.testing.assert_close(shared[mask], repeated[mask], atol=1e-5, rtol=0)
+    assert shared_grads.keys() == repeated_grads.keys()
+    visual = [n for n in shared_grads if ".visual." in n]
+    assert visual and all(shared_grads[n].abs().sum() > 0 for n in visual[:3]), "the vision tower got no gradient"
+    for name in shared_grads:
+        torch.testing.assert_close(shared_grads[name], repeated_grads[name], atol=1e-5, rtol=0, msg=name)

@@ -152,3 +152,46 @@ def test_listener_is_frozen(world):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     p = listener.p_correct(pairs, completions(REASONINGS[:2], [A0, A1]) * len(pairs))
     assert not p.requires_grad and p.grad_fn is None
+
+
+def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
+    """The reference pass over prompt + completion (grpo.completion_logits) read at `answer_slots` == the
+    listener's own pass, on every row it claims; the other rows are scored by the listener and all agree.
+
+    Rows: well-formed completions written as the tokenizer writes them (claimed), a truncated one and one whose
+    ids spell the same text in other tokens (both not claimed: what the listener reads is not what the
+    reference pass read).
+    """
+    import grpo
+    import sample
+    from listener import answer_slots, slot_probs
+    model, processor, pairs = world
+    tok = processor.tokenizer
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    reasoning = REASONINGS[0]
+    spelled = [i for ch in f"{TH}{reasoning}{TH_}\n{AN}{A0}{AN_}" for i in encode(ch)]  # same text, other ids
+    rows = [encode(completions([reasoning], [A0])[0]) + [tok.eos_token_id],
+            encode(completions([REASONINGS[2]], [A1])[0]) + [tok.eos_token_id],
+            encode(f"{TH}{REASONINGS[2]}"),  # truncated: no answer slot
+            spelled + [tok.eos_token_id]]
+    assert spelled != rows[0][:-1] and tok.decode(spelled) == tok.decode(rows[0][:-1])
+    G, T = len(rows), max(map(len, rows))
+    tokens = torch.full((2 * G, T), tok.pad_token_id)
+    mask = torch.zeros(2 * G, T, dtype=torch.bool)
+    for n, r in enumerate(rows * 2):
+        tokens[n, :len(r)], mask[n, :len(r)] = torch.tensor(r), True
+    stopped = torch.tensor([True, True, False, True] * 2)
+    texts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, stopped, G).texts(tok)
+
+    slots = answer_slots(tok, pairs, texts, tokens, mask)  # (N,)
+    claimed = slots >= 0
+    assert claimed.tolist() == [True, True, False, False] * 2
+    with torch.no_grad():
+        logits = grpo.completion_logits(model, processor.pairs(pairs), tokens, mask)  # (N, T+1, V)
+    fused = slot_probs(logits[torch.arange(2 * G), slots.clamp(min=0)], answer_token_ids(tok))  # (N, 2)
+    listener = Listener(model, processor)
+    separate = listener.scores(pairs, [[reasoning_of(t) for t in texts[b * G:(b + 1) * G]] for b in range(2)])
+    torch.testing.assert_close(fused[claimed], separate.view(-1, 2)[claimed], atol=1e-5, rtol=0)
+    known = fused.masked_fill(~claimed[:, None], float("nan"))
+    torch.testing.assert_close(listener.p_correct(pairs, texts, known), listener.p_correct(pairs, texts),
+                               atol=1e-5, rtol=0)

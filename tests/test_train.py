@@ -78,16 +78,20 @@ def test_two_processes_equal_one(cold_start, runs):
 
     Both see the same global batches and the same rollouts (sampling is seeded per pair); the loss is
     normalised over the global token count, so only float summation order differs. Losses agree to 1e-5.
+    The 2-process run also checkpoints activations: each prompt's single pass, its cache read by G rows, the
+    layers recomputed in the backward pass, under FSDP2, must give the 1-process gradients. Both runs read
+    the listener's answer from the reference pass where they can (listener_from_reference).
     Weights move by about 4e-3 per step here (lr 1e-3); they agree to 5e-5, because AdamW divides each
     gradient by its running RMS, which turns summation noise in a gradient of ~1e-9 (a token the batch never
     uses) into a difference of ~1e-5 (the largest measured: 1.1e-5, one lm_head row).
     """
     one, two = runs / "one", runs / "two"
     launch(grpo_args(cold_start, one, pairs_per_rank=4))
-    launch(grpo_args(cold_start, two, pairs_per_rank=2), nproc=2)
+    launch(grpo_args(cold_start, two, pairs_per_rank=2, activation_checkpointing="true"), nproc=2)
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward_std"] > 0 for r in rows), "no reward signal: the comparison would be vacuous"
+    assert all(r["listener_from_reference"] > 0 for r in rows), "the reference pass never served the listener"
     w1, w2 = weights(one), weights(two)
     start = load_file(cold_start / "model.safetensors")
     assert any(not torch.equal(w1[k], start[k]) for k in w1), "training changed nothing"
