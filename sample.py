@@ -10,6 +10,9 @@ tower and the prompt G times. Here, as in nanochat's engine and gpt-fast's gener
 3. decode: all N = B*G rows advance one token per step together (`extend` with one token), with a
    `finished` mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps
    (the attention masks are built without the `mask.all()` test transformers would run at every forward).
+   This eager decode is the reference. `StaticDecoder` runs the same steps on a KV cache allocated once for
+   prompt + max_new_tokens and written in place, so every step has the same shapes, and can compile the step
+   (`torch.compile`, CUDA graphs on GPU), as gpt-fast does; tests check the two give the same rollouts.
 
 mRoPE: a text token's rotary position is the same on its three axes, `text position + rope delta`, where
 the text position counts the real (non-pad) tokens before it and the delta (one per prompt, from
@@ -34,7 +37,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -184,6 +187,122 @@ def gathered(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The fast decode: a static KV cache and a decode step of fixed shapes (gpt-fast), optionally compiled
+
+
+class StaticDecoder:
+    """Decode steps over a KV cache allocated once, written in place, so every step has the same shapes.
+
+    The eager decode (`extend` with one token) grows a `DynamicCache` by `torch.cat` and rebuilds the attention
+    masks at every step. Here the cache holds N rows of S = prompt + max_new_tokens columns (rounded up to
+    `block`, so that a new prompt length rarely means a new shape): the prompt's keys and values fill columns
+    0..T-1 once, step t writes column T+t in place (transformers' `StaticCache`, `index_copy_`), and the
+    attention mask is an (N, S) boolean over all columns, one column switched on per step. The step is then
+    the same computation every time, which is what `torch.compile` (and CUDA graphs, mode="reduce-overhead")
+    need: `compile=True` compiles it once per (N, S).
+
+    The step runs on plain modules: the policy's own text model and lm_head, or, when the policy is sharded by
+    FSDP2 (whose hooks would run on every module at every step) or `dtype` differs, an unsharded copy refreshed
+    from the gathered weights at every `sample` call, i.e. once per rollout phase, after the optimiser step.
+    The same object serves every call: the compiled step, the copy and the cache buffers are kept.
+    """
+
+    def __init__(self, compile: bool = False, dtype: torch.dtype | None = None, block: int = 256):
+        self.compile, self.dtype, self.block = compile, dtype, block
+        self.text = self.lm_head = None  # the modules the step runs
+        self.cache: StaticCache | None = None
+        self.step = decode_step
+        if compile:  # CUDA graphs on GPU: one replay per step instead of ~1,300 kernel launches
+            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if torch.cuda.is_available() else None)
+
+    def load(self, model) -> None:
+        """Point the step at `model`'s text weights (call inside `gathered`): its own modules, or a plain copy."""
+        from torch.distributed.fsdp import FSDPModule
+        text, head = model.model.language_model, model.lm_head
+        dtype = self.dtype or head.weight.dtype
+        if not any(isinstance(m, FSDPModule) for m in model.modules()) and head.weight.dtype == dtype:
+            self.text, self.lm_head = text, head
+            return
+        if self.text is None or self.text is text:
+            self.text, self.lm_head = plain_copy(text, dtype), plain_copy(head, dtype)
+        for plain, source in ((self.text, text), (self.lm_head, head)):
+            tensors = dict(source.named_parameters()) | dict(source.named_buffers())
+            for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
+                t.copy_(tensors[name])
+
+    def start(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+        """Copy the B prompts' cache to G rows each (columns 0..T-1); return the first logits (N, V)."""
+        (B, T), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
+        N, S = B * G, -(-(T + max_new_tokens) // self.block) * self.block
+        D = self.text.config.hidden_size // self.text.config.num_attention_heads
+        weight = self.lm_head.weight
+        if self.cache is None or self.mask.shape != (N, S) or self.mask.device != weight.device:
+            self.cache = StaticCache(config=self.text.config, max_cache_len=S)
+            like = torch.empty(N, H, 1, D, dtype=weight.dtype, device=weight.device)  # (N, H, 1, D)
+            for layer in self.cache.layers:
+                layer.lazy_initialization(like, like)  # (N, H, S, D) keys and values
+            self.mask = torch.zeros(N, S, dtype=torch.bool, device=weight.device)  # (N, S) columns attended
+        for layer, source in zip(self.cache.layers, prefix.cache.layers):
+            for static, prompt in ((layer.keys, source.keys), (layer.values, source.values)):  # (B, H, T, D)
+                static.view(B, G, H, S, D)[:, :, :, :T].copy_(prompt[:, None])  # row b*G+g <- prompt b
+            layer.cumulative_length.fill_(T)  # the next write goes to column T
+        self.mask.zero_()
+        self.mask[:, :T] = prefix.attention_mask.bool().repeat_interleave(G, dim=0)  # (N, T) left padding off
+        self.column = T
+        self.next_position = prefix.next_position.repeat_interleave(G, dim=0)  # (N,)
+        self.rope_deltas = prefix.rope_deltas.repeat_interleave(G, dim=0)  # (N, 1)
+        return prefix.logits.repeat_interleave(G, dim=0)  # (N, V)
+
+    def __call__(self, token: Tensor, live: Tensor) -> Tensor:
+        """Feed one token per row (N,) at the next column; rows not `live` are written but never attended to
+        and do not advance. Returns the next-token logits (N, V)."""
+        if self.column >= self.mask.shape[1]:
+            raise ValueError(f"StaticDecoder: the cache holds {self.mask.shape[1]} columns; start() sized it")
+        self.mask[:, self.column] = live  # outside the step: the column index changes every step
+        if self.compile and self.mask.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        logits = self.step(self.text, self.lm_head, self.cache, token, self.next_position, self.rope_deltas,
+                           self.mask)  # (N, V)
+        self.next_position = self.next_position + live  # (N,)
+        self.column += 1
+        return logits
+
+
+def decode_step(text, lm_head, cache: StaticCache, token: Tensor, next_position: Tensor, rope_deltas: Tensor,
+                mask: Tensor) -> Tensor:
+    """One token per row through the text model on a static cache: (N,) -> next-token logits (N, V).
+
+    `mask` (N, S) marks the cache columns each row attends to, the one being written included; mRoPE positions
+    as in `extend`: text position + rope delta, the same on the three axes.
+    """
+    N = token.shape[0]
+    position_ids = (next_position[:, None] + rope_deltas).view(1, N, 1).expand(3, N, 1)  # (3, N, 1)
+    attend = mask[:, None, None, :]  # (N, 1, 1, S) the same for every head
+    if text.config._attn_implementation == "eager":  # eager attention adds its mask; sdpa takes booleans
+        attend = torch.zeros_like(attend, dtype=lm_head.weight.dtype).masked_fill(~attend, torch.finfo(lm_head.weight.dtype).min)
+    masks = {kind: attend for kind in set(text.config.layer_types)}
+    hidden = text(input_ids=token[:, None], attention_mask=masks, position_ids=position_ids,
+                  past_key_values=cache, use_cache=True).last_hidden_state  # (N, 1, H)
+    return lm_head(hidden[:, -1])  # (N, V)
+
+
+def plain_copy(module, dtype: torch.dtype):
+    """An unsharded copy of `module`'s structure, without FSDP2's hooks: parameters in `dtype` (filled later),
+    buffers (rotary frequencies) as the source keeps them."""
+    device = next(module.parameters()).device
+    with torch.device("meta"):
+        if isinstance(module, torch.nn.Linear):
+            copy = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        else:
+            copy = type(module)(module.config)
+    copy.to_empty(device=device).eval().requires_grad_(False)
+    for p in copy.parameters():
+        p.data = p.data.to(dtype)
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Choosing the next token
 
 
@@ -288,7 +407,7 @@ def default_stop_ids(model) -> list[int]:
 def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, blocked_token_ids: Sequence[int] | None = None,
-           pad_token_id: int | None = None, check_every: int = 8) -> Rollouts:
+           pad_token_id: int | None = None, check_every: int = 8, decoder: StaticDecoder | None = None) -> Rollouts:
     """Sample `num_samples` (G) completions of each prompt in `batch` (a `data.Processor` batch of B prompts).
 
     `stop_token_ids` defaults to the model's EOS ids; `[]` never stops early. The vision special tokens
@@ -296,13 +415,26 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
     `generator` (on the model's device) makes sampling reproducible; a list of B generators, one per prompt,
     makes each prompt's rollouts independent of the batch it is in (train.py relies on this). "All finished?" is checked every
     `check_every` steps, the loop's only host sync, so up to `check_every - 1` extra all-pad steps may run.
+    `decoder` (a `StaticDecoder`, kept by the caller across calls) runs the decode steps on a static cache,
+    compiled if it was built so; without it they run eagerly through `extend`, the reference.
     """
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
     with gathered(model):
         device = model_device(model)
-        prefix = expand(prefill(model, batch), num_samples)  # N = B*G rows sharing each prompt's cache
-        N, V = prefix.logits.shape
+        prefix = prefill(model, batch)  # B rows
+        if decoder is None:  # the reference: one `extend` per step on a growing cache
+            prefix = expand(prefix, num_samples)  # N = B*G rows sharing each prompt's cache
+            logits = prefix.logits  # (N, V)
+
+            def step(token: Tensor, live: Tensor) -> Tensor:  # (N,), (N,) -> (N, V)
+                extend(model, prefix, token[:, None], live[:, None])  # (N, 1) -> (N, 1, V)
+                return prefix.logits
+        else:
+            decoder.load(model)
+            logits = decoder.start(prefix, num_samples, max_new_tokens)  # (N, V)
+            step = decoder
+        N, V = logits.shape
         pad = model.config.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
             raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id")
@@ -318,7 +450,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
         stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
         steps = 0
         for t in range(max_new_tokens):
-            token, logp = choose(prefix.logits, bias, temperature, top_k, top_p, generator)  # (N,), (N,)
+            token, logp = choose(logits, bias, temperature, top_k, top_p, generator)  # (N,), (N,)
             live = ~finished  # (N,) rows still writing; their token is part of the completion
             tokens[:, t] = torch.where(live, token, pad)
             logprobs[:, t] = torch.where(live, logp, 0.0)
@@ -329,5 +461,5 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
             steps = t + 1
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
                 break
-            extend(model, prefix, tokens[:, t:t + 1], live[:, None])  # one decode step: (N, 1) -> (N, 1, V)
+            logits = step(tokens[:, t], live)  # one decode step: (N,) -> (N, V)
     return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped, num_samples)

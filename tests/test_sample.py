@@ -112,7 +112,15 @@ def controlled_model(tok, logits):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_greedy_matches_generate(model, batch):
+def decoder_for(path):
+    """The decode path under test: None = the eager reference (`extend`), "static" = `StaticDecoder` run eagerly.
+    `block=1` sizes the static cache exactly (prompt + max_new_tokens columns): the longest prompt's last
+    token goes to the cache's last column."""
+    return None if path == "eager" else sample.StaticDecoder(block=1)
+
+
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_greedy_matches_generate(model, batch, path):
     """Greedy sampling equals model.generate token for token: left padding, different prompt lengths and
     image sizes (so different rope deltas), 12 new tokens, no early stop."""
     max_new = 12
@@ -121,18 +129,22 @@ def test_greedy_matches_generate(model, batch):
     config.do_sample, config.max_new_tokens = False, max_new
     config.suppress_tokens = vision_ids(model)  # the sampler never emits these; make generate do the same
     expected = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]  # (B, T)
-    rollouts = sample.sample(model, batch, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
+    decoder = decoder_for(path)
+    rollouts = sample.sample(model, batch, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[],
+                             decoder=decoder)
     assert expected.shape == (len(PROMPTS), max_new)
     assert len(set(expected.flatten().tolist())) >= 5, "degenerate model output would make this test weak"
     assert torch.equal(rollouts.tokens, expected)
     assert rollouts.mask.all() and not rollouts.stopped.any()
     # G greedy copies of each prompt are its G=1 result repeated: the copied cache is the prompt's cache
-    grouped = sample.sample(model, batch, num_samples=2, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[])
+    grouped = sample.sample(model, batch, num_samples=2, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[],
+                            decoder=decoder)  # the same decoder again: new buffers for the new shape
     assert torch.equal(grouped.tokens, expected.repeat_interleave(2, dim=0))
 
 
+@pytest.mark.parametrize("path", ["eager", "static"])
 @pytest.mark.parametrize("stoppers", ["row 0", "every row"])
-def test_logprobs_match_full_forward_and_mask_includes_stop(tok, model, batch, stoppers):
+def test_logprobs_match_full_forward_and_mask_includes_stop(tok, model, batch, stoppers, path):
     """Sampled rollouts (temperature 0.7, G=3): every log-prob equals log_softmax(logits / 0.7) of a full
     forward over prompt + completion; the mask covers the stop token and nothing after it; the loop ends
     as soon as every row has stopped."""
@@ -140,7 +152,7 @@ def test_logprobs_match_full_forward_and_mask_includes_stop(tok, model, batch, s
     sub = take_prompts(batch, [0, 1])
     run = lambda stop: sample.sample(model, sub, num_samples=G, max_new_tokens=max_new, temperature=temperature,
                                      stop_token_ids=stop, generator=torch.Generator().manual_seed(0),
-                                     check_every=1)
+                                     check_every=1, decoder=decoder_for(path))
     free = run([])
     N = free.tokens.shape[0]
     # stop ids taken from the free run: row 0's token at step 3, or a token of every row at steps 1..4
@@ -220,7 +232,8 @@ def test_top_k_top_p_stay_in_allowed_set(tok, batch, top_k, top_p, allowed):
     torch.testing.assert_close(rollouts.logprobs[rollouts.mask], probs[drawn].log(), atol=1e-5, rtol=0)
 
 
-def test_vision_tokens_never_sampled(tok, batch):
+@pytest.mark.parametrize("path", ["eager", "static"])
+def test_vision_tokens_never_sampled(tok, batch, path):
     """Logits that favour <|image_pad|> and the other vision tokens: none is ever emitted (an emitted
     <|image_pad|> would make the next forward fail), neither are `blocked_token_ids`."""
     config = toy.make_config(tok)
@@ -237,9 +250,43 @@ def test_vision_tokens_never_sampled(tok, batch):
     for temperature in (0.0, 1.0, 5.0):
         rollouts = sample.sample(model, sub, num_samples=4, max_new_tokens=6, temperature=temperature,
                                  stop_token_ids=[], blocked_token_ids=[extra],
-                                 generator=torch.Generator().manual_seed(0))
+                                 generator=torch.Generator().manual_seed(0), decoder=decoder_for(path))
         assert not torch.isin(rollouts.tokens, torch.tensor(vision + [extra])).any()
         assert rollouts.mask.all()
+
+
+def test_static_decoder_reused_across_batches(model, batch):
+    """One `StaticDecoder` serves successive batches of the same shape (N rows, S columns): prompts of other
+    lengths, left padding and images each time, sampled with per-prompt generators and a stop token. Its
+    rollouts equal the eager reference's every time: nothing of the previous batch's cache is attended to."""
+    decoder = sample.StaticDecoder()  # block 256: the same S for all three batches, so the buffers are reused
+    for prompts in ([0, 1], [1, 2], [2, 0]):
+        sub = take_prompts(batch, prompts)
+        run = lambda d, stop: sample.sample(model, sub, num_samples=2, max_new_tokens=8, temperature=1.0,
+                                            stop_token_ids=stop, decoder=d,
+                                            generator=[torch.Generator().manual_seed(b) for b in prompts])
+        stop = [int(run(None, []).tokens[0, 3])]  # row 0 stops at step 3 at the latest
+        expected, got = run(None, stop), run(decoder, stop)
+        assert expected.stopped[0]
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.mask, expected.mask)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    assert decoder.text is model.model.language_model  # a plain model: no copy of its weights
+
+
+def test_compiled_decoder_matches_eager(tok, model, batch):
+    """The one compiled case of the suite (torch.compile takes about 20 s on this CPU): greedy and sampled
+    rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included."""
+    decoder = sample.StaticDecoder(compile=True)
+    gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]
+    free = sample.sample(model, batch, num_samples=2, max_new_tokens=10, stop_token_ids=[], generator=gens())
+    stop = [int(free.tokens[1, 4])]  # row 1 stops at step 4, the others run on unless they draw it too
+    for temperature in (0.0, 1.0):
+        run = lambda d: sample.sample(model, batch, num_samples=2, max_new_tokens=10, temperature=temperature,
+                                      stop_token_ids=stop, generator=gens(), decoder=d)
+        expected, got = run(None), run(decoder)
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.stopped, expected.stopped)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    assert expected.stopped[1] and not expected.stopped.all()
 
 
 def test_extend_matches_full_forward(tok, model, batch):
@@ -323,6 +370,20 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
         assert torch.equal(tokens, expected)
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded on exit
         assert plain_decode() == before  # reshard_after_forward restored
+        # the static decode runs on a plain copy of the gathered weights, refreshed at every call
+        decoder = sample.StaticDecoder()
+        gathers.clear()
+        static = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[], decoder=decoder)
+        assert torch.equal(static.tokens, expected) and len(gathers) == len(sharded)
+        assert decoder.text is not model.model.language_model
+        assert not any(isinstance(p, DTensor) for p in decoder.text.parameters())
+        with torch.no_grad():  # an "optimiser step" on the sharded weights
+            for p in model.model.language_model.parameters():
+                p.to_local().mul_(1.5)
+        updated = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[])
+        assert not torch.equal(updated.tokens, expected)
+        assert torch.equal(sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[],
+                                         decoder=decoder).tokens, updated.tokens)
     finally:
         FSDPParamGroup.unshard = unshard
         dist.destroy_process_group()
