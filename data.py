@@ -14,12 +14,17 @@ Everything that turns files into what the model reads lives here:
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
+import functools
 import io
 import json
 import math
 import os
 import random
 import sys
+import time
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -63,23 +68,145 @@ def swapped(pair: Pair) -> Pair:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images
+# Images. A record's image is a path (`ImagePath`), a cell of a parquet file (`ParquetImage`), raw bytes or a
+# PIL image; the first two know where they come from (`Source`), so that `load_image`, which reads and decodes
+# every image, can say which dataset file, record and field named an image it cannot use.
 
 MAX_IMAGE_PIXELS = 8192 * 8192  # refuse larger images: a decompression bomb guard (PIL's own warns only)
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor (smart_resize) refuses longer/shorter side ratios
+MAX_IMAGE_BYTES = 64 * 2**20  # a file larger than this is refused before it is read into memory
+
+
+class DataError(ValueError):
+    """A dataset does not hold what its layout promises; the message names file, record and field.
+
+    `problem` is a short name for what was wrong ("bad record", "missing", "not an image", "corrupt", ...), used
+    to count problems (`python data.py check`).
+    """
+
+    def __init__(self, message: str, problem: str = "bad record"):
+        super().__init__(message)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an image comes from: the dataset file, the index of its record there, and the field naming it."""
+    file: str
+    record: int
+    field: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: record {self.record}: field '{self.field}'"
+
+
+class ImagePath(str):
+    """An image file's path: a plain str everywhere, which also remembers the record that named it."""
+
+    def __new__(cls, path: str, source: Source):
+        self = super().__new__(cls, path)
+        self.source = source
+        return self
+
+    def __getnewargs__(self):  # pickling (worker processes) rebuilds it with its source
+        return str(self), self.source
+
+
+@dataclass(frozen=True)
+class ParquetImage:
+    """An image stored in a parquet cell, read only when it is used: a loaded dataset holds no image bytes."""
+    file: str
+    row_group: int
+    row: int  # within the row group
+    column: str
+    key: str | None  # "bytes" in an HF image struct {bytes, path}; None in a binary column
+    source: Source
+
+    def __str__(self) -> str:
+        return f"(parquet cell: row group {self.row_group}, row {self.row})"
+
+
+def _image_error(image, problem: str, what: str) -> DataError:
+    source = getattr(image, "source", None)
+    name = "" if isinstance(image, (bytes, bytearray)) else f" {image}"
+    return DataError(f"{source}: image{name}: {what}" if source else f"image{name}: {what}", problem)
+
+
+def _image_bytes(image) -> bytes:
+    """The encoded bytes of a path, parquet cell or bytes; a missing, empty, oversized file or a directory raises."""
+    if isinstance(image, ParquetImage):
+        raw = _parquet_cell(image)
+    elif isinstance(image, (bytes, bytearray)):
+        raw = bytes(image)
+    else:
+        try:
+            size = os.stat(image).st_size
+        except FileNotFoundError:
+            raise _image_error(image, "missing", "does not exist") from None
+        if os.path.isdir(image):
+            raise _image_error(image, "directory", "is a directory, not an image file")
+        if size > MAX_IMAGE_BYTES:
+            raise _image_error(image, "too large", f"{size} bytes, over MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}")
+        with open(image, "rb") as f:
+            raw = f.read(MAX_IMAGE_BYTES + 1)  # stops at the cap even if the file grew since stat
+    if not raw:
+        raise _image_error(image, "empty", "is empty (0 bytes)")
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise _image_error(image, "too large", f"over MAX_IMAGE_BYTES={MAX_IMAGE_BYTES} bytes")
+    return raw
 
 
 def load_image(image) -> Image.Image:
-    """A path, raw bytes or PIL image -> an RGB PIL image, EXIF-rotated, size-checked.
+    """A path, parquet cell, raw bytes or PIL image -> a fully decoded RGB PIL image, EXIF-rotated, size-checked.
 
-    Palette, alpha, grayscale and 16-bit images are converted to 8-bit RGB (alpha over white).
+    Every pixel is decoded here (`Image.load()`), so a truncated or corrupt file fails now, with a `DataError`
+    naming the image's record, rather than somewhere inside the image processor. Palette, alpha, grayscale and
+    16-bit images are converted to 8-bit RGB (alpha over white).
     """
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            image = f.read()
-    if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image of {image.width}x{image.height} pixels is over MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+    if isinstance(image, Image.Image):
+        return _rgb(image)
+    raw = _image_bytes(image)
+    if raw.startswith(b"\x89PNG\r\n\x1a\n") and (bad := _png_checksum_error(raw)):
+        raise _image_error(image, "corrupt", bad)
+    try:
+        decoded = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        raise _image_error(image, "too many pixels", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise _image_error(image, "not an image", f"not an image file (it starts with {raw[:20]!r})") from None
+    except Exception as e:  # a known format with a broken header
+        raise _image_error(image, "corrupt", f"cannot be decoded ({type(e).__name__}: {e})") from None
+    width, height = decoded.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _image_error(image, "too many pixels",
+                           f"{width}x{height} pixels is over MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise _image_error(image, "aspect ratio", f"{width}x{height} pixels: the aspect ratio is over "
+                                                  f"MAX_ASPECT_RATIO={MAX_ASPECT_RATIO}")
+    try:
+        decoded.load()
+        return _rgb(decoded)
+    except Exception as e:  # truncated data, a bad checksum, a broken stream: PIL raises OSError, SyntaxError...
+        raise _image_error(image, "corrupt", f"cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _png_checksum_error(raw: bytes) -> str | None:
+    """The first PNG chunk whose CRC-32 is wrong (PIL checks only the chunks before the image data), or None."""
+    pos = 8  # after the signature; each chunk: length (4), type (4), data (length), CRC-32 of type + data (4)
+    while pos + 12 <= len(raw):
+        length = int.from_bytes(raw[pos:pos + 4], "big")
+        kind, end = raw[pos + 4:pos + 8], pos + 8 + length
+        if end + 4 > len(raw):
+            return f"PNG chunk {kind!r} at byte {pos} runs past the end of the file"
+        if zlib.crc32(raw[pos + 4:end]) != int.from_bytes(raw[end:end + 4], "big"):
+            return f"PNG chunk {kind!r} at byte {pos} fails its CRC-32 checksum"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = image.point(lambda v: v / 256).convert("L")  # 16-bit grayscale -> 8-bit
@@ -91,22 +218,33 @@ def load_image(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decoded(example):
+    """A Pair, Group or Rated record with its images decoded (PIL); raises DataError naming a bad image."""
+    if isinstance(example, Rated):
+        return dataclasses.replace(example, image=load_image(example.image))
+    images = [load_image(im) for im in example.images]
+    return dataclasses.replace(example, images=tuple(images) if isinstance(example, Pair) else images)
+
+
+def images_of(example) -> list:
+    return [example.image] if isinstance(example, Rated) else list(example.images)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Loaders: each published layout -> Pairs or Groups. Images stay lazy: a path (checked to exist at load time,
-# so a missing file is reported here, with its record) or the raw bytes stored in a parquet file; both are
-# opened by `load_image` only when a batch is encoded.
+# Loaders: each published layout -> Pairs or Groups. Images stay lazy: a path (checked at load time to be a
+# file inside the image root, so a missing file is reported here, with its record) or a reference to a parquet
+# cell (`ParquetImage`: the bytes stay in the file); both are read and decoded by `load_image` only when the
+# example is used, or by `python data.py check` before a run.
 #
-# Every loader takes `skip_bad` and `report`. Bad input (invalid JSON, a missing field or column, a wrong
-# type, an empty prompt, a ranking whose length differs from the images, a missing image file) raises
+# Every loader takes `skip_bad`, `exclude` and `report`. Bad input (invalid JSON, a missing field or column, a
+# wrong type, an empty prompt, a ranking whose length differs from the images, a missing image file) raises
 # `DataError` naming the file, the record index and the field; with `skip_bad=True` the record is left out
-# and counted instead. `report`, a dict if given, is filled with the counts: "records" read, "pairs" or
-# "groups" returned, "ties" left out (a tie is not a preference), "skipped" bad records (and "first_error",
-# the message of the first one). Whenever anything was left out, one line saying what and how much goes to
-# stderr: nothing is dropped silently.
-
-
-class DataError(ValueError):
-    """A dataset file does not hold what its layout promises; the message names file, record and field."""
+# and counted instead. `exclude` is a set of (file, record index) to leave out unread (`read_exclude`: the
+# file `python data.py check` writes). `report`, a dict if given, is filled with the counts: "records" read,
+# "pairs" or "groups" returned, "ties" left out (a tie is not a preference), "skipped" bad records (and
+# "first_error", the message of the first one; "bad", every one as (file, record, problem, message)),
+# "excluded" records. Whenever anything was left out, one line saying what and how much goes to stderr:
+# nothing is dropped silently.
 
 
 def _short(value, limit: int = 60) -> str:
@@ -164,24 +302,32 @@ def _rank_list(record, key: str, source, index, length: int) -> list[int]:
     return ranks
 
 
-def _image_file(root, relative: str, source, index, key: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _real(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _image_file(root, relative: str, source, index, key: str) -> ImagePath:
+    """An image path of a record, checked: relative, inside the image root (symlinks resolved), a file."""
+    where, root = Source(str(source), index, key), str(root or "")
+    if os.path.isabs(relative):
+        raise DataError(f"{where}: image path {relative!r} is absolute; image paths are relative to the image "
+                        f"root ({root or '.'})", "outside root")
     path = os.path.join(root, relative)
-    if not os.path.isfile(path):
-        raise DataError(f"{source}: record {index}: field '{key}': image file {path} does not exist")
-    return path
+    real, real_root = os.path.realpath(path), _real(root or ".")
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise DataError(f"{where}: image {path} resolves to {real}, outside the image root {real_root}", "outside root")
+    if os.path.isdir(real):
+        raise DataError(f"{where}: image {path} is a directory, not an image file", "directory")
+    if not os.path.isfile(real):
+        raise DataError(f"{where}: image file {path} does not exist", "missing")
+    return ImagePath(path, where)
 
 
 def _image_value(value, root, source, index, key: str):
-    """A parquet image cell -> raw bytes or a checked path: bytes, an HF image struct, or a path string."""
-    if isinstance(value, dict):  # the `datasets` Image feature: {"bytes": ..., "path": ...}
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)) and value:
-        try:
-            with Image.open(io.BytesIO(value)):  # reads the header only: is it an image at all?
-                pass
-        except Exception:
-            raise _bad(source, index, key, "the bytes of an image file", value) from None
-        return bytes(value)
+    """A parquet image cell, as `_parquet_rows` gives it -> a `ParquetImage` or a checked path."""
+    if isinstance(value, ParquetImage):
+        return value
     if isinstance(value, str) and value:
         return _image_file(root or "", value, source, index, key)
     raise _bad(source, index, key, "image bytes, an image struct {bytes, path} or a path", value)
@@ -193,6 +339,8 @@ def _read_json_list(path) -> list:
             records = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: byte {e.start} ({e.object[e.start:e.start + 1]!r}): {e.reason}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -206,18 +354,73 @@ def _pyarrow_parquet():
     return pq
 
 
-def _parquet_columns(path) -> list[str]:
-    return _pyarrow_parquet().read_schema(path).names
+@functools.lru_cache(maxsize=16)
+def _parquet_file(path: str):
+    return _pyarrow_parquet().ParquetFile(path)
 
 
-def _read_parquet(path, columns: Sequence[str] | None = None) -> list[dict]:
-    """A parquet file -> its rows as dicts (only `columns`, if given; each must exist)."""
-    pq = _pyarrow_parquet()
-    present = pq.read_schema(path).names
-    missing = [c for c in (columns or []) if c not in present]
+@functools.lru_cache(maxsize=4)
+def _row_group_column(path: str, row_group: int, column: str):
+    """One column of one row group: the unit a parquet image is read in (HF writes 100 rows per group)."""
+    return _parquet_file(path).read_row_group(row_group, columns=[column]).column(0)
+
+
+def _parquet_cell(image: ParquetImage) -> bytes:
+    value = _row_group_column(image.file, image.row_group, image.column)[image.row].as_py()
+    value = value.get(image.key) if isinstance(value, dict) else value
+    return value or b""
+
+
+def _parquet_rows(path: str, columns: Sequence[str], image_columns: Sequence[str] = (), batch_rows: int = 256):
+    """(index, row dict) for each row of a parquet file, `columns` only (each must exist), a batch at a time.
+
+    A cell of an image column becomes a `ParquetImage` when it holds bytes (the bytes themselves are dropped
+    as soon as the batch is scanned: memory stays bounded by one batch), else the path it holds, else what
+    it holds (the record's parser reports it).
+    """
+    pf = _parquet_file(path)
+    import pyarrow.compute as pc
+    present = pf.schema_arrow.names
+    missing = [c for c in columns if c not in present]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {present}")
-    return pq.read_table(path, columns=list(columns) if columns else None).to_pylist()
+    starts = [0]  # the first row index of each row group
+    for g in range(pf.num_row_groups):
+        starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+    index = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        rows = batch.select([c for c in columns if c not in image_columns]).to_pylist()
+        for c in image_columns:
+            cells = batch.column(c)
+            key = "bytes" if str(cells.type).startswith("struct") else None
+            for n, cell in enumerate(_image_cells(cells, pc)):
+                if cell is True:
+                    row = index + n
+                    group = bisect.bisect_right(starts, row) - 1
+                    cell = ParquetImage(path, group, row - starts[group], c, key, Source(path, row, c))
+                rows[n][c] = cell
+        for row in rows:
+            yield index, row
+            index += 1
+
+
+def _image_cells(cells, pc) -> list:
+    """Per cell of an image column: True if it holds image bytes, else its path, else its raw value."""
+    import pyarrow as pa
+
+    def binary(values):  # True where there are bytes, b"" where empty, None where null; or the raw values
+        if pa.types.is_null(values.type):
+            return [None] * len(values)
+        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+            return [True if n else (None if n is None else b"") for n in pc.binary_length(values).to_pylist()]
+        return values.to_pylist()
+
+    if not pa.types.is_struct(cells.type):
+        return binary(cells)
+    names = [cells.type.field(i).name for i in range(cells.type.num_fields)]
+    blobs = binary(pc.struct_field(cells, "bytes")) if "bytes" in names else [None] * len(cells)
+    paths = pc.struct_field(cells, "path").to_pylist() if "path" in names else [None] * len(cells)
+    return [b if b is True else (p or b if p or b is not None else {"bytes": b, "path": p}) for b, p in zip(blobs, paths)]
 
 
 def _expand(paths) -> list[str]:
@@ -238,11 +441,17 @@ def _expand(paths) -> list[str]:
     return out
 
 
-def _parse_records(source, indexed_records, parse, skip_bad: bool, counts: dict) -> list:
-    """Apply `parse(index, record)` to each; it returns an item, or None for a tie. Counts ties and skips."""
-    out = []
+def _parse_records(source, indexed_records, parse, skip_bad: bool, counts: dict, exclude=None) -> list:
+    """Apply `parse(index, record)` to each; it returns an item, or None for a tie. Counts ties and skips.
+
+    Records whose (file, index) is in `exclude` are left out unread and counted.
+    """
+    out, file = [], os.path.realpath(str(source))
     for index, record in indexed_records:
         counts["records"] += 1
+        if exclude and (file, index) in exclude:
+            counts["excluded"] = counts.get("excluded", 0) + 1
+            continue
         try:
             item = parse(index, record)
         except DataError as e:
@@ -250,6 +459,7 @@ def _parse_records(source, indexed_records, parse, skip_bad: bool, counts: dict)
                 raise
             counts["skipped"] += 1
             counts.setdefault("first_error", str(e))
+            counts.setdefault("bad", []).append((str(source), index, e.problem, str(e)))
             continue
         if item is None:
             counts["ties"] += 1
@@ -262,11 +472,12 @@ def _finish(source, counts: dict, kind: str, items: list, report: dict | None) -
     counts[kind] = len(items)
     if report is not None:
         report.update(counts)
-    if counts["ties"] or counts["skipped"]:
+    if counts["ties"] or counts["skipped"] or counts.get("excluded"):
         first = f" (first bad record: {counts['first_error']})" if counts["skipped"] else ""
         read = f"{counts['records']} records" + (f" ({counts['selected']} selected)" if "selected" in counts else "")
+        excluded = f", {counts['excluded']} excluded records" if counts.get("excluded") else ""
         print(f"data: {source}: {read} -> {len(items)} {kind}; left out {counts['ties']} "
-              f"ties and {counts['skipped']} bad records{first}", file=sys.stderr)
+              f"ties and {counts['skipped']} bad records{excluded}{first}", file=sys.stderr)
     return items
 
 
@@ -274,7 +485,21 @@ def _counts() -> dict:
     return {"records": 0, "ties": 0, "skipped": 0}
 
 
-def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict | None = None) -> list[Group]:
+def read_exclude(path) -> set[tuple[str, int]]:
+    """The records `python data.py check` found bad (a JSON line per record) -> {(file, record index)}."""
+    out = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            try:
+                entry = json.loads(line)
+                out.add((os.path.realpath(entry["file"]), int(entry["record"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}: line {n + 1}: expected {{\"file\": ..., \"record\": ...}}: {e}") from None
+    return out
+
+
+def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict | None = None,
+                     exclude=None) -> list[Group]:
     """ImageReward -> one Group per prompt, its images in file order with their human ranks (1 is best).
 
     Two layouts. The repository's `data/test.json`: a JSON list of `{"id", "prompt", "generations": [image
@@ -286,7 +511,7 @@ def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict
     if not isinstance(path, (str, os.PathLike)) or str(path).endswith(".parquet"):
         files = _expand(path)
         root = image_root if image_root is not None else os.path.dirname(files[0])
-        groups = _imagereward_parquet(files, root, skip_bad, counts)
+        groups = _imagereward_parquet(files, root, skip_bad, counts, exclude)
         return _finish(", ".join(files), counts, "groups", groups, report)
     path = str(path)
     root = image_root if image_root is not None else os.path.dirname(path)
@@ -297,12 +522,13 @@ def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict
         ranking = _rank_list(record, "ranking", path, i, len(names))
         return Group(prompt, [_image_file(root, n, path, i, "generations") for n in names], ranking)
 
-    groups = _parse_records(path, enumerate(_read_json_list(path)), parse, skip_bad, counts)
+    groups = _parse_records(path, enumerate(_read_json_list(path)), parse, skip_bad, counts, exclude)
     return _finish(path, counts, "groups", groups, report)
 
 
-def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict) -> list[Group]:
+def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict, exclude=None) -> list[Group]:
     groups: dict = {}  # prompt_id -> Group, in first-seen order (dicts keep insertion order)
+    first: dict = {}  # prompt_id -> (file, row, prompt) of the first row holding it, across files and within one
     for file in files:
         def parse(i, row, file=file):
             prompt = _prompt(row, "prompt", file, i)
@@ -310,16 +536,19 @@ def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict) -
             rank = _int(_get(row, "rank", file, i))
             if rank is None or rank < 0:
                 raise _bad(file, i, "rank", "a non-negative integer rank", row["rank"])
-            if prompt_id in groups and groups[prompt_id].prompt != prompt:
-                expected = f"the prompt of prompt_id {prompt_id!r}, {groups[prompt_id].prompt!r}"
-                raise _bad(file, i, "prompt", expected, prompt)
+            seen_file, seen_row, seen_prompt = first.get(prompt_id, (file, i, prompt))
+            if seen_prompt != prompt:
+                raise _bad(file, i, "prompt", f"the prompt of prompt_id {prompt_id!r} at {seen_file}: record "
+                                              f"{seen_row}, {_short(seen_prompt)}", prompt)
             name = _get(row, "image_path", file, i)
             if not isinstance(name, str) or not name:
                 raise _bad(file, i, "image_path", "a non-empty string", name)
-            return prompt_id, prompt, _image_file(root, name, file, i, "image_path"), rank
+            image = _image_file(root, name, file, i, "image_path")
+            first.setdefault(prompt_id, (file, i, prompt))
+            return prompt_id, prompt, image, rank
 
-        rows = _read_parquet(file, ["prompt_id", "prompt", "image_path", "rank"])
-        for prompt_id, prompt, image, rank in _parse_records(file, enumerate(rows), parse, skip_bad, counts):
+        rows = _parquet_rows(file, ["prompt_id", "prompt", "image_path", "rank"])
+        for prompt_id, prompt, image, rank in _parse_records(file, rows, parse, skip_bad, counts, exclude):
             group = groups.setdefault(prompt_id, Group(prompt, [], []))
             group.images.append(image)
             group.ranking.append(rank)
@@ -343,24 +572,29 @@ HPD_TRAIN_KEYS, HPD_TEST_KEYS = ("file_path", "human_preference"), ("image_path"
 
 
 def _hpdv2_layout(path, records: list) -> str:
-    """"train" or "test", from the keys of the first record; a file holding both kinds is rejected."""
-    first = records[0] if records and isinstance(records[0], dict) else {}
-    if all(k in first for k in HPD_TRAIN_KEYS):
-        layout, other = "train", HPD_TEST_KEYS
-    elif all(k in first for k in HPD_TEST_KEYS):
-        layout, other = "test", HPD_TRAIN_KEYS
-    else:
-        raise DataError(f"{path}: record 0: expected fields {HPD_TRAIN_KEYS} (train.json) or {HPD_TEST_KEYS} "
-                        f"(test.json), got {sorted(first)}")
+    """"train" or "test": the layout whose key ('file_path' or 'image_path') the records hold.
+
+    Every record is looked at, so a malformed record (record 0 included) does not decide the layout: it is
+    reported (or skipped) by the parser. A file holding records of both layouts is rejected.
+    """
+    first = {}  # layout -> index of the first record holding its key
     for i, record in enumerate(records):
-        if isinstance(record, dict) and other[0] in record:
-            raise DataError(f"{path}: record {i}: field '{other[0]}' belongs to the other HPDv2 layout; record 0 "
-                            f"is a {layout}.json record: the file mixes the train and test layouts")
-    return layout
+        for layout, keys in (("train", HPD_TRAIN_KEYS), ("test", HPD_TEST_KEYS)):
+            if isinstance(record, dict) and keys[0] in record:
+                first.setdefault(layout, i)
+        if len(first) == 2:
+            (a, i_a), (b, i_b) = sorted(first.items(), key=lambda kv: kv[1])
+            key = (HPD_TRAIN_KEYS if b == "train" else HPD_TEST_KEYS)[0]
+            raise DataError(f"{path}: record {i_b}: field '{key}' belongs to the other HPDv2 layout; record {i_a} "
+                            f"is a {a}.json record: the file mixes the train and test layouts")
+    if not first:
+        raise DataError(f"{path}: no record has the fields {HPD_TRAIN_KEYS} (train.json) or {HPD_TEST_KEYS} "
+                        f"(test.json)")
+    return next(iter(first))
 
 
 def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip_bad: bool = False,
-               report: dict | None = None) -> list:
+               report: dict | None = None, exclude=None) -> list:
     """HPDv2 -> list[Pair] from `train.json`, list[Group] from `test.json` (told apart by the record keys).
 
     train.json: `{"prompt", "file_path": [a, b], "human_preference": [1, 0]}`, the 1 marking the preferred
@@ -395,7 +629,7 @@ def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip
         return Group(prompt, [_image_file(root, n, path, i, "image_path") for n in names], ranking)
 
     parse = parse_train if layout == "train" else parse_test
-    items = _parse_records(path, ((i, records[i]) for i in keep), parse, skip_bad, counts)
+    items = _parse_records(path, ((i, records[i]) for i in keep), parse, skip_bad, counts, exclude)
     counts["records"] = len(records)
     return _finish(path, counts, "pairs" if layout == "train" else "groups", items, report)
 
@@ -410,7 +644,8 @@ def _votes(value, source, index, key) -> float:
     return float(value)
 
 
-def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report: dict | None = None) -> list[Pair]:
+def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report: dict | None = None,
+                  exclude=None) -> list[Pair]:
     """Rapidata human preference parquet files -> list[Pair] with `votes`; ties (equal votes) left out.
 
     Columns: `prompt`, `image1`, `image2` and the votes, as `votes_image1`/`votes_image2` or as
@@ -421,7 +656,7 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
     files = _expand(parquet_paths)
     counts, pairs = _counts(), []
     for file in files:
-        names = _parquet_columns(file)
+        names = _parquet_file(file).schema_arrow.names
         v1, v2 = next((c for c in RAPIDATA_VOTE_COLUMNS if all(k in names for k in c)), (None, None))
         if v1 is None:
             raise DataError(f"{file}: expected vote columns {' or '.join('/'.join(c) for c in RAPIDATA_VOTE_COLUMNS)}; "
@@ -435,12 +670,12 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
                 return None  # a tie says nothing about which image people prefer
             return Pair(prompt, images, label=int(votes[1] > votes[0]), votes=votes)
 
-        rows = _read_parquet(file, ["prompt", "image1", "image2", v1, v2])
-        pairs += _parse_records(file, enumerate(rows), parse, skip_bad, counts)
+        rows = _parquet_rows(file, ["prompt", "image1", "image2", v1, v2], image_columns=("image1", "image2"))
+        pairs += _parse_records(file, rows, parse, skip_bad, counts, exclude)
     return _finish(", ".join(files), counts, "pairs", pairs, report)
 
 
-def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = None) -> list[Pair]:
+def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = None, exclude=None) -> list[Pair]:
     """Pick-a-Pic parquet files -> list[Pair]; ties (label_0 = 0.5) left out.
 
     Columns `caption`, `jpg_0`, `jpg_1` (image bytes) and `label_0`: 1 when image 0 was preferred, 0 when
@@ -457,23 +692,31 @@ def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = N
                 raise _bad(file, i, "label_0", "0, 0.5 or 1", label_0)
             return None if label_0 == 0.5 else Pair(prompt, images, label=0 if label_0 == 1 else 1)
 
-        rows = _read_parquet(file, ["caption", "jpg_0", "jpg_1", "label_0"])
-        pairs += _parse_records(file, enumerate(rows), parse, skip_bad, counts)
+        rows = _parquet_rows(file, ["caption", "jpg_0", "jpg_1", "label_0"], image_columns=("jpg_0", "jpg_1"))
+        pairs += _parse_records(file, rows, parse, skip_bad, counts, exclude)
     return _finish(", ".join(files), counts, "pairs", pairs, report)
 
 
-def groups_to_pairs(groups: Iterable[Group]) -> list[Pair]:
+def groups_to_pairs(groups: Iterable[Group], report: dict | None = None) -> list[Pair]:
     """Every pair (i < j) of images of each group whose ranks differ; the label is the better-ranked one.
 
     Images keep their order within the group (image i first), so the label is 0 exactly when image i
-    has the lower (better) rank. Tied images make no pair.
+    has the lower (better) rank. Tied images make no pair: they are counted ("tied_pairs" in `report`) and
+    their number goes to stderr.
     """
-    pairs = []
+    pairs, ties = [], 0
     for g in groups:
         for i in range(len(g.images)):
             for j in range(i + 1, len(g.images)):
                 if g.ranking[i] != g.ranking[j]:
                     pairs.append(Pair(g.prompt, (g.images[i], g.images[j]), label=int(g.ranking[j] < g.ranking[i])))
+                else:
+                    ties += 1
+    if report is not None:
+        report.update(pairs=len(pairs), tied_pairs=ties)
+    if ties:
+        print(f"data: groups -> {len(pairs)} pairs; left out {ties} tied image pairs (a tie is not a preference)",
+              file=sys.stderr)
     return pairs
 
 
@@ -499,26 +742,58 @@ def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:
 DATASETS = ("imagereward", "hpdv2", "rapidata", "pickapic")
 
 
-def load(spec: str, image_root=None, **kw) -> list:
+def load(spec: str, image_root=None, fraction: float = 1.0, seed: int = 0, exclude=None, **kw) -> list:
     """A dataset named on the command line, "KIND:PATH[,PATH...]" -> list[Pair] or list[Group].
 
     KIND is imagereward (test.json, or ImageRewardDB parquet files), hpdv2 (train.json or test.json),
     rapidata or pickapic (parquet files; a directory stands for its *.parquet files). Pick-a-Pic stores its
-    images in the parquet files and ignores `image_root`. `kw` goes to the loader (skip_bad, fraction, ...).
+    images in the parquet files and ignores `image_root`. `fraction`/`seed` keep a fixed random subset
+    (`subsample`): of HPDv2's records, before they are checked; of the pairs or groups of the other layouts.
+    `exclude` is a set of (file, record) or the path of the file `python data.py check` writes. `kw` goes to
+    the loader (skip_bad, report).
     """
     kind, sep, rest = spec.partition(":")
     paths = [p for p in rest.split(",") if p]
     if not sep or kind not in DATASETS or not paths:
         raise ValueError(f"dataset spec {spec!r}: expected KIND:PATH[,PATH...] with KIND one of {DATASETS}")
-    if kind == "imagereward":
-        return load_imagereward(paths[0] if len(paths) == 1 else paths, image_root, **kw)
+    if isinstance(exclude, (str, os.PathLike)):
+        exclude = read_exclude(exclude) if str(exclude) else None
+    kw["exclude"] = exclude
     if kind == "hpdv2":
         if len(paths) != 1:
             raise ValueError(f"dataset spec {spec!r}: hpdv2 reads one JSON file, got {len(paths)} paths")
-        return load_hpdv2(paths[0], image_root, **kw)
-    if kind == "rapidata":
-        return load_rapidata(paths, image_root, **kw)
-    return load_pickapic(paths, **kw)
+        return load_hpdv2(paths[0], image_root, fraction=fraction, seed=seed, **kw)
+    if kind == "imagereward":
+        records = load_imagereward(paths[0] if len(paths) == 1 else paths, image_root, **kw)
+    elif kind == "rapidata":
+        records = load_rapidata(paths, image_root, **kw)
+    else:
+        records = load_pickapic(paths, **kw)
+    keep = subsample(len(records), fraction, seed)
+    if len(keep) < len(records):
+        print(f"data: {spec}: kept {len(keep)} of {len(records)} (fraction {fraction}, seed {seed})", file=sys.stderr)
+    return [records[i] for i in keep]
+
+
+def drop_unreadable(records: Sequence, workers: int = 0) -> tuple[list, int]:
+    """Records with every image decoded once; a Pair or Rated with a bad image is left out, a Group loses the bad
+    image (and is left out below two images). Returns (records, images found bad); each bad one goes to stderr.
+    """
+    images = [im for r in records for im in images_of(r)]
+    problems = dict(check_images(images, workers))  # position in `images` -> DataError
+    out, k = [], 0
+    for r in records:
+        bad = [problems.get(k + n) for n in range(len(images_of(r)))]
+        k += len(bad)
+        for e in filter(None, bad):
+            print(f"data: left out an unreadable image: {e}", file=sys.stderr)
+        if isinstance(r, Group) and any(bad):
+            kept = [n for n, e in enumerate(bad) if e is None]
+            if len(kept) >= 2:
+                out.append(Group(r.prompt, [r.images[n] for n in kept], [r.ranking[n] for n in kept]))
+        elif not any(bad):
+            out.append(r)
+    return out, len(problems)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,23 +904,49 @@ class Processor:
         flat_images = [load_image(im) for row in images for im in row]
         vision = self.image_processor(images=flat_images, return_tensors="pt") if flat_images else {}
         grid = vision.get("image_grid_thw")
-        tokens_per_image = (grid.prod(-1) // self.merge**2).tolist() if grid is not None else []
-        rows, k = [], 0
-        for msgs, row_images, suffix in zip(messages, images, suffixes):
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-            parts = (text + suffix).split(self.image_pad)
-            if len(parts) - 1 != len(row_images):
-                raise ValueError(f"conversation has {len(parts) - 1} image slots but {len(row_images)} images")
-            text = parts[0]
-            for part in parts[1:]:  # one <|image_pad|> per merged patch, as the vision tower emits them
-                text += self.image_pad * tokens_per_image[k] + part
-                k += 1
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens_per_image = iter((grid.prod(-1) // self.merge**2).tolist() if grid is not None else [])
+        rows = [self._encode(msgs, len(row_images), suffix, add_generation_prompt, tokens_per_image)
+                for msgs, row_images, suffix in zip(messages, images, suffixes)]
         batch = left_pad(rows, self.tokenizer.pad_token_id)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         if grid is not None:
             batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], grid
         return batch
+
+    TEXT_MARK = "\ue000"  # a private-use character: where a text of the conversation sits in the template
+
+    def _encode(self, messages: list[dict], n_images: int, suffix: str, add_generation_prompt: bool,
+                tokens_per_image) -> list[int]:
+        """One conversation -> token ids: the chat template with special tokens, each text as plain text.
+
+        The texts of the messages (the dataset's prompt among them) are tokenized with special tokens split,
+        so a prompt holding "<|im_end|>" or "<|image_pad|>" is read as those characters, never as chat
+        structure or an image slot. Each `<|image_pad|>` of the template becomes one token per merged patch.
+        """
+        texts: list[str] = []
+
+        def mark(text: str) -> str:
+            texts.append(text)
+            return f"{self.TEXT_MARK}{len(texts) - 1}{self.TEXT_MARK}"
+
+        marked = [{**m, "content": mark(m["content"]) if isinstance(m["content"], str) else
+                   [{**c, "text": mark(c["text"])} if c.get("type") == "text" else c for c in m["content"]]}
+                  for m in messages]
+        template = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+        pieces = (template + suffix).split(self.TEXT_MARK)  # template, text number, template, ..., template
+        slots = sum(p.count(self.image_pad) for p in pieces[0::2])
+        if slots != n_images:
+            raise ValueError(f"conversation has {slots} image slots but {n_images} images")
+        ids: list[int] = []
+        for n, piece in enumerate(pieces):
+            if n % 2:
+                ids += self.tokenizer(texts[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                continue
+            parts = piece.split(self.image_pad)
+            for k, part in enumerate(parts):  # one <|image_pad|> per merged patch, as the vision tower emits them
+                text = part if k == len(parts) - 1 else part + self.image_pad * next(tokens_per_image)
+                ids += self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids
 
     def pairs(self, pairs: Sequence[Pair], fmt: PromptFormat | None = None, suffixes=None) -> dict[str, torch.Tensor]:
         """Encode the reasoner's prompt for each pair: its two images and the question about its prompt."""
@@ -692,25 +993,36 @@ class PairStream:
     answers, so whatever the model learns from it cannot be a preference for a position. An epoch still
     visits each pair once (in both orders).
 
-    `state_dict()` is {"epoch", "index"} (the next global batch of that epoch); `load_state_dict` resumes at
-    exactly that batch. Every rank must be built with the same pairs, batch_size, world_size and seed.
+    `decode=True` serves examples with their images decoded (`decoded`): a bad image raises `DataError` naming
+    its file, record, field and path, here, before any forward pass. With `skip_bad=True` too, an example
+    whose image cannot be read is replaced by the next readable one from this rank's own share of the epoch
+    order (the same slot of the following global batches), counted in `replaced` and reported on stderr. The
+    replacement depends only on the epoch order and the files, so every rank serves exactly `batch_size`
+    examples per step (FSDP2 needs the same number of forwards on every rank) and a resumed stream serves
+    what the uninterrupted one would have.
+
+    `state_dict()` is {"epoch", "index", "replaced"} (the next global batch of that epoch, and the count so far);
+    `load_state_dict` resumes at exactly that batch. Every rank must be built with the same pairs,
+    batch_size, world_size and seed.
     """
 
     def __init__(self, pairs: Sequence[Pair], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 both_orders: bool = False):
+                 both_orders: bool = False, decode: bool = False, skip_bad: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if both_orders and batch_size % 2:
             raise ValueError(f"both_orders needs an even batch_size (each pair is shown in both orders), got {batch_size}")
         self.examples = list(pairs)
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.decode, self.skip_bad = decode, skip_bad
         self.views = 2 if both_orders else 1  # batch entries made from each pair
         self.global_batch = batch_size * world_size // self.views  # pairs per global batch
         self.steps_per_epoch = len(self.examples) // self.global_batch
         if batch_size < 1 or self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.examples)} examples cannot fill one global batch of batch_size={batch_size}"
                              f" x world_size={world_size}")
-        self.epoch, self.index = 0, 0
+        self.epoch, self.index, self.replaced = 0, 0, 0
+        self.bad: set[int] = set()  # examples found unreadable (a cache: re-derived after a restart)
         self._order, self._order_epoch = None, None
 
     def order(self, epoch: int) -> list[int]:
@@ -727,16 +1039,124 @@ class PairStream:
     def __next__(self) -> list[Pair]:
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        start = self.index * self.global_batch
-        pairs = [self.examples[i] for i in self.order(self.epoch)[start:start + self.global_batch]]
-        shown = [q for p in pairs for q in ((p, swapped(p)) if self.views == 2 else (p,))]  # the global batch
+        per_rank = self.batch_size // self.views  # pairs of this rank: slots [first, first + per_rank) of the order
+        first = self.index * self.global_batch + self.rank * per_rank
+        pairs = [self._serve(first + j) for j in range(per_rank)]
         self.index += 1
-        return shown[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return [q for p in pairs for q in ((p, swapped(p)) if self.views == 2 else (p,))]
+
+    def _serve(self, slot: int):
+        """The example at `slot` of this epoch's order or, if it cannot be read, the next readable one."""
+        order = self.order(self.epoch)
+        if not self.decode:
+            return self.examples[order[slot]]
+        for k in range(self.steps_per_epoch + 1):  # the same slot of the next global batches, wrapping around
+            i = order[(slot + k * self.global_batch) % len(order)]
+            if i in self.bad:
+                continue
+            try:
+                example = decoded(self.examples[i])
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad.add(i)
+                print(f"data: rank {self.rank}: example {i} cannot be read, replaced by the next readable one: {e}",
+                      file=sys.stderr)
+                continue
+            self.replaced += k > 0
+            return example
+        raise DataError(f"rank {self.rank}: no readable example in {self.steps_per_epoch + 1} tries from slot {slot} "
+                        f"of epoch {self.epoch}; {len(self.bad)} examples found unreadable so far")
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "replaced": self.replaced}
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["index"] <= self.steps_per_epoch:
             raise ValueError(f"stream state index {state['index']} is outside [0, {self.steps_per_epoch}]")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.replaced = int(state.get("replaced", 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking a dataset before a run: python data.py check SPEC [--images ROOT] [--workers N] [--out FILE]
+
+
+def _check_one(image) -> tuple[str, str] | None:
+    try:
+        load_image(image)
+    except DataError as e:
+        return e.problem, str(e)
+    return None
+
+
+def _forget_open_files() -> None:  # a worker process opens its own parquet files
+    _parquet_file.cache_clear()
+    _row_group_column.cache_clear()
+
+
+def check_images(images: Sequence, workers: int = 0, progress: bool = False) -> list[tuple[int, DataError]]:
+    """Decode every image (in `workers` processes; 0 or 1: in this one) -> [(position, DataError)] of the bad ones."""
+    from tqdm import tqdm
+    if workers > 1 and len(images) > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_forget_open_files) as pool:
+            results = list(tqdm(pool.imap(_check_one, images, chunksize=32), total=len(images), disable=not progress,
+                                desc="decode"))
+    else:
+        results = [_check_one(im) for im in tqdm(images, disable=not progress, desc="decode")]
+    return [(n, DataError(message, problem)) for n, r in enumerate(results) if r is not None for problem, message in [r]]
+
+
+def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records.jsonl") -> dict:
+    """Load `spec` (bad records counted, not raised), decode every image, write the bad records to `out`.
+
+    Each line of `out` is {"file", "record", "field", "problem", "error"}: what `--exclude=out` leaves out.
+    Returns the counts by problem, the number of images decoded and the time it took.
+    """
+    report: dict = {}
+    records = load(spec, images_root, skip_bad=True, report=report)
+    entries = [{"file": f, "record": i, "field": None, "problem": p, "error": m} for f, i, p, m in report.get("bad", [])]
+    images = [im for r in records for im in images_of(r)]
+    unique = list({id(im): im for im in images}.values())  # a group's image appears in many of its pairs
+    t = time.time()
+    for n, e in check_images(unique, workers, progress=True):
+        source = getattr(unique[n], "source", None)
+        entries.append({"file": source.file if source else None, "record": source.record if source else None,
+                        "field": source.field if source else None, "problem": e.problem, "error": str(e)})
+    seconds = time.time() - t
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
+    problems: dict[str, int] = {}
+    for e in entries:
+        problems[e["problem"]] = problems.get(e["problem"], 0) + 1
+    return {"records": report.get("records", len(records)), "images": len(unique), "seconds": seconds,
+            "problems": problems, "bad_records": len({(e["file"], e["record"]) for e in entries})}
+
+
+def main(argv: Sequence[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python data.py check", description="Decode every image of a dataset "
+                                     "and list the records that cannot be used, before a long run.")
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("spec", help="KIND:PATH[,PATH...] as train.py's --train_data (see data.load)")
+    parser.add_argument("--images", default=None, help="the image root of the dataset")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    parser.add_argument("--out", default="bad_records.jsonl", help="where the bad records are listed")
+    args = parser.parse_args(argv)
+    result = check(args.spec, args.images, args.workers, args.out)
+    rate = result["images"] / max(result["seconds"], 1e-9)
+    print(f"{args.spec}: {result['records']} records, {result['images']} images decoded in {result['seconds']:.1f} s "
+          f"({rate:.0f} images/s, {args.workers} workers)")
+    for problem, n in sorted(result["problems"].items(), key=lambda kv: -kv[1]):
+        print(f"  {problem:16s} {n}")
+    if not result["problems"]:
+        print("no problems found")
+        return 0
+    print(f"wrote {result['bad_records']} bad records to {args.out}: train with --exclude={args.out} "
+          f"(or --skip_bad=true)")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

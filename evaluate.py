@@ -376,6 +376,8 @@ class Config:
     listener: str = option("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
     judge: str = option("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
     limit: int = option(0, "evaluate the first N records of --data (0: all)", min=0)
+    skip_bad: bool = option(False, "leave out bad records and unreadable images, counted in results.json")
+    exclude: str = option("", "records to leave out: the file `python data.py check` writes")
     anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
     max_new_tokens: int = option(512, "reasoning length cap", min=1)
     temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
@@ -468,8 +470,10 @@ def load_judge(path: str):
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load_records(cfg: Config, scratch: str) -> tuple[str, list]:
-    """(spec, records) of --data; with --model toy and no --data, a toy ImageReward test set under `scratch`."""
+def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
+    """(spec, records, unreadable images left out) of --data; with --model toy and no --data, a toy ImageReward
+    test set under `scratch`. With --skip_bad every image is decoded first, and a pair with an unreadable image
+    (or that image of a group) is left out."""
     spec, root = cfg.data, (cfg.images[0] if cfg.images else None)
     if not spec:
         if cfg.model != "toy":
@@ -477,8 +481,9 @@ def load_records(cfg: Config, scratch: str) -> tuple[str, list]:
         import toy
         paths = toy.write_dataset(scratch, n_train=0, n_test=cfg.toy_prompts, seed=cfg.seed)
         spec, root = f"imagereward:{paths['test']}", str(paths["test_images"])
-    records = list(data.load(spec, root))
-    return spec, records[:cfg.limit] if cfg.limit else records
+    records = list(data.load(spec, root, skip_bad=cfg.skip_bad, exclude=cfg.exclude))
+    records = records[:cfg.limit] if cfg.limit else records
+    return (spec, *data.drop_unreadable(records)) if cfg.skip_bad else (spec, records, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -608,13 +613,13 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     model, processor = load_reasoner(cfg.model, cfg)
     with tempfile.TemporaryDirectory() as scratch:  # the toy data lives here while it is read
-        spec, records = load_records(cfg, scratch)
+        spec, records, unreadable = load_records(cfg, scratch)
         p = plan(records, cfg.anchor, cfg.seed)
         results = compare_pairs(model, processor, p.compared, k=cfg.k, both_orders=cfg.both_orders,
                                 progress=True, **knobs(cfg))
         probs = variants(results, cfg.k)
         report = {"model": cfg.model, "data": spec, "layout": "pairs" if p.groups is None else "groups",
-                  "records": len(records), "comparisons": len(p.compared), "k": cfg.k,
+                  "records": len(records), "unreadable_images": unreadable, "comparisons": len(p.compared), "k": cfg.k,
                   "well_formed": statistics.fmean(a is not None for r in results for a in r.answers),
                   "accuracy": {name: p.accuracy(v) for name, v in probs.items()},
                   "ece": expected_calibration_error([results[i].p_b for i in p.labelled],

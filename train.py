@@ -87,6 +87,9 @@ class Config:
     eval_images: str = option("", "image root of --eval_data")
     fraction: float = option(1.0, "deterministic random subsample of the training pairs (the paper: 0.16 of HPDv2)",
                              above=0.0, max=1.0)
+    skip_bad: bool = option(False, "leave out bad records; replace an example whose image cannot be read by the next "
+                                   "readable one (counted: replaced_examples in metrics.jsonl)")
+    exclude: str = option("", "records to leave out: the file `python data.py check` writes")
     both_orders: bool = option(False, "show each training pair in both orders, side by side (beyond the seeded "
                                       "per-pair order swap, which is always on)")
     eval_pairs: int = option(256, "held-out pairs scored every --eval_every steps: a seeded sample spread over "
@@ -273,8 +276,8 @@ def load_examples(spec: str, images: str, cfg: Config, train: bool) -> list:
         root = toy_data(cfg)
         spec, images = (f"hpdv2:{root / 'hpdv2/train.json'}", str(root / "hpdv2")) if train else \
             (f"imagereward:{root / 'imagereward/test.json'}", str(root / "imagereward"))
-    kwargs = {"fraction": cfg.fraction, "seed": cfg.seed} if train and spec.startswith("hpdv2:") else {}
-    records = data.load(spec, images or None, **kwargs)
+    kwargs = {"fraction": cfg.fraction, "seed": cfg.seed} if train else {}
+    records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, **kwargs)
     if cfg.mode == "score":
         examples = data.to_rated(records, len(PROMPT.ratings))
     else:
@@ -289,7 +292,11 @@ def heldout_examples(cfg: Config) -> list:
     if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
         log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
         return []
-    return load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)[:cfg.eval_pairs]
+    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)[:cfg.eval_pairs]
+    if cfg.skip_bad:  # every rank decodes the same list, so all keep the same examples
+        heldout, unreadable = data.drop_unreadable(heldout)
+        log(f"held-out: left out {unreadable} unreadable images")
+    return heldout
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -486,7 +493,8 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.stream = PairStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
-                                 rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders)
+                                 rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
+                                 decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg)
         self.heldout, self.heldout_total, self.spare = heldout[rank::world], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped = 0, 0, 0
@@ -532,6 +540,7 @@ class Trainer:
 
     def save(self) -> Path:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        replaced = int(all_sum(torch.tensor(float(self.stream.replaced), device=self.device)))  # over all ranks
         weights = get_model_state_dict(self.policy, options=options)
         optim = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
         final = self.out / f"step_{self.step:07d}"
@@ -548,7 +557,8 @@ class Trainer:
             tensors, meta = flatten_optimizer_state(optim)
             save_file(tensors, tmp / "optimizer.safetensors")
             trainer = {"step": self.step, "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
-                       "stream": self.stream.state_dict(), "param_groups": meta, "config": dataclasses.asdict(self.cfg)}
+                       "stream": {**self.stream.state_dict(), "replaced": replaced}, "param_groups": meta,
+                       "config": dataclasses.asdict(self.cfg)}
             (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1))
             os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
             for old in sorted(self.out.glob("step_*"))[:-self.cfg.keep_last]:
@@ -562,7 +572,9 @@ class Trainer:
         optim = unflatten_optimizer_state(load_file(path / "optimizer.safetensors"), trainer["param_groups"])
         set_optimizer_state_dict(self.policy, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         self.step, self.optimizer_steps, self.skipped = trainer["step"], trainer["optimizer_steps"], trainer["skipped"]
-        self.stream.load_state_dict(trainer["stream"])
+        stream = dict(trainer["stream"])  # its count of replaced examples is summed over ranks: rank 0 carries it
+        stream["replaced"] = stream.get("replaced", 0) if self.rank == 0 else 0
+        self.stream.load_state_dict(stream)
         log(f"resumed from {path} at step {self.step}")
 
 
@@ -635,7 +647,7 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     row = {}
     for k, s_, m in zip(names, summed.tolist(), largest.tolist()):
-        row[k] = s_ if k in ("loss", "tokens") else m if k in ("length_max", "skipped") else s_ / world
+        row[k] = s_ if k in ("loss", "tokens", "replaced_examples") else m if k in ("length_max", "skipped") else s_ / world
     return row
 
 
@@ -672,6 +684,7 @@ def train(cfg: Config) -> dict:
         t = time.time()
         pairs = next(state.stream)
         metrics = step_fn(cfg, state, pairs, state.step)
+        metrics["replaced_examples"] = torch.tensor(float(state.stream.replaced))  # unreadable, so far (skip_bad)
         state.step += 1
         row = reduce_metrics(metrics, world, device)  # two collectives and one host sync per step
         row.update(step=state.step, step_time=time.time() - t)
@@ -696,9 +709,10 @@ def train(cfg: Config) -> dict:
         metrics_file.close()
     peaks = [None] * world
     dist.all_gather_object(peaks, round(peak_memory_gb(device), 2))
+    replaced = int(all_sum(torch.tensor(float(state.stream.replaced), device=device)))
     log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
-        f"; peak memory per rank (GiB): {peaks}")
-    return {"before": before, "after": after, "final": str(latest_checkpoint(state.out))}
+        f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
+    return {"before": before, "after": after, "final": str(latest_checkpoint(state.out)), "replaced_examples": replaced}
 
 
 # ----------------------------------------------------------------------------------------------------------
