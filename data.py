@@ -10,7 +10,10 @@ Everything that turns files into what the model reads lives here:
    place (`PROMPT`), so a released checkpoint's format can be matched by editing a few strings.
 4. `Processor`: chat messages + images -> the tensors `Qwen2_5_VLForConditionalGeneration` reads, using the
    checkpoint's own tokenizer and image processor.
-5. `PairStream`: a deterministic, resumable, rank-sharded stream of training pairs.
+5. `PairStream`: a deterministic, resumable, rank-sharded stream of training pairs, which decodes each
+   example's images and, with `skip_bad`, replaces an unreadable example by the next readable one.
+6. `python data.py check SPEC [--images ROOT] [--workers N]`: decode every image of a dataset before a long
+   run; list the records that cannot be used in a file that `--exclude` reads.
 """
 from __future__ import annotations
 
@@ -359,10 +362,11 @@ def _parquet_file(path: str):
     return _pyarrow_parquet().ParquetFile(path)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # the two images of a pair often share a row group
 def _row_group_column(path: str, row_group: int, column: str):
-    """One column of one row group: the unit a parquet image is read in (HF writes 100 rows per group)."""
-    return _parquet_file(path).read_row_group(row_group, columns=[column]).column(0)
+    """One column of one row group: the unit a parquet image is read in. HF's `datasets` writes image datasets
+    in row groups of 100 rows; a file written as one huge row group reads its whole column per image."""
+    return _parquet_file(path).read_row_group(row_group, columns=[column], use_threads=False).column(0)
 
 
 def _parquet_cell(image: ParquetImage) -> bytes:
@@ -371,56 +375,61 @@ def _parquet_cell(image: ParquetImage) -> bytes:
     return value or b""
 
 
-def _parquet_rows(path: str, columns: Sequence[str], image_columns: Sequence[str] = (), batch_rows: int = 256):
-    """(index, row dict) for each row of a parquet file, `columns` only (each must exist), a batch at a time.
+def _parquet_rows(path: str, columns: Sequence[str], image_columns: Sequence[str] = ()):
+    """(index, row dict) for each row of a parquet file, `columns` only (each must exist), a row group at a time.
 
-    A cell of an image column becomes a `ParquetImage` when it holds bytes (the bytes themselves are dropped
-    as soon as the batch is scanned: memory stays bounded by one batch), else the path it holds, else what
-    it holds (the record's parser reports it).
+    No image bytes are read: a cell of an image column becomes a `ParquetImage` (a reference, read when the
+    image is used) wherever the file can hold bytes there, else the path it holds, else its raw value (the
+    record's parser reports it). Memory stays bounded by the other columns of one row group.
     """
     pf = _parquet_file(path)
-    import pyarrow.compute as pc
     present = pf.schema_arrow.names
     missing = [c for c in columns if c not in present]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {present}")
-    starts = [0]  # the first row index of each row group
-    for g in range(pf.num_row_groups):
-        starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+    largest = max((pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)), default=0)
+    if image_columns and largest > 1000:
+        print(f"data: {path}: row groups of up to {largest} rows: each image read reads its whole row group's column "
+              f"(rewrite the file with row_group_size=100, as HF's datasets does, for fast random reads)",
+              file=sys.stderr)
     index = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        rows = batch.select([c for c in columns if c not in image_columns]).to_pylist()
+    for g in range(pf.num_row_groups):
+        rows = pf.read_row_group(g, columns=[c for c in columns if c not in image_columns]).to_pylist()
         for c in image_columns:
-            cells = batch.column(c)
-            key = "bytes" if str(cells.type).startswith("struct") else None
-            for n, cell in enumerate(_image_cells(cells, pc)):
-                if cell is True:
-                    row = index + n
-                    group = bisect.bisect_right(starts, row) - 1
-                    cell = ParquetImage(path, group, row - starts[group], c, key, Source(path, row, c))
-                rows[n][c] = cell
+            for n, cell in enumerate(_image_cells(pf, g, c)):
+                rows[n][c] = cell if cell is not True else \
+                    ParquetImage(path, g, n, c, "bytes" if pf.schema_arrow.field(c).type.num_fields else None,
+                                 Source(path, index + n, c))
         for row in rows:
             yield index, row
             index += 1
 
 
-def _image_cells(cells, pc) -> list:
-    """Per cell of an image column: True if it holds image bytes, else its path, else its raw value."""
+def _image_cells(pf, group: int, column: str) -> list:
+    """Per row of a row group: True where an image column holds bytes, else the path or the raw value there.
+
+    A binary column is taken to hold bytes in every row (an empty or null cell fails when it is decoded);
+    an HF image struct {bytes, path} is read for its paths only, and for its bytes only where the file's
+    statistics say some are null.
+    """
     import pyarrow as pa
-
-    def binary(values):  # True where there are bytes, b"" where empty, None where null; or the raw values
-        if pa.types.is_null(values.type):
-            return [None] * len(values)
-        if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
-            return [True if n else (None if n is None else b"") for n in pc.binary_length(values).to_pylist()]
-        return values.to_pylist()
-
-    if not pa.types.is_struct(cells.type):
-        return binary(cells)
-    names = [cells.type.field(i).name for i in range(cells.type.num_fields)]
-    blobs = binary(pc.struct_field(cells, "bytes")) if "bytes" in names else [None] * len(cells)
-    paths = pc.struct_field(cells, "path").to_pylist() if "path" in names else [None] * len(cells)
-    return [b if b is True else (p or b if p or b is not None else {"bytes": b, "path": p}) for b, p in zip(blobs, paths)]
+    kind, rows = pf.schema_arrow.field(column).type, pf.metadata.row_group(group).num_rows
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return [True] * rows
+    if not pa.types.is_struct(kind):
+        return pf.read_row_group(group, columns=[column]).column(0).to_pylist()
+    names = [kind.field(i).name for i in range(kind.num_fields)]
+    paths = pf.read_row_group(group, columns=[f"{column}.path"]).column(0).to_pylist() if "path" in names else [{}] * rows
+    paths = [p.get("path") if p else None for p in paths]
+    if "bytes" not in names:
+        return [p or {} for p in paths]
+    meta = pf.metadata.row_group(group)
+    stats = next(meta.column(i).statistics for i in range(meta.num_columns)
+                 if meta.column(i).path_in_schema == f"{column}.bytes")
+    if stats is not None and stats.has_null_count and stats.null_count == 0:
+        return [True] * rows
+    blobs = pf.read_row_group(group, columns=[f"{column}.bytes"]).column(0).to_pylist()
+    return [True if b and b.get("bytes") else (p or {}) for b, p in zip(blobs, paths)]
 
 
 def _expand(paths) -> list[str]:

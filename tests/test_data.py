@@ -278,6 +278,10 @@ def rapidata_rows():
              "votes_image2": 1} for i in range(2)]
 
 
+def rapidata_struct_rows():
+    return [{**row, "image1": {"bytes": row["image1"], "path": "a.png"}} for row in rapidata_rows()]
+
+
 def pickapic_rows():
     return [{"caption": f"p{i}", "jpg_0": png_bytes(RED), "jpg_1": png_bytes(GREEN), "label_0": 1.0} for i in range(2)]
 
@@ -299,7 +303,8 @@ BAD_CASES = {  # name -> (make(tmp_path) -> (load, file name), field named in th
     "hpdv2 two images": (lambda t: hpdv2_case(t, "file_path", ["train/0_a.png"]), "file_path"),
     "hpdv2 missing image": (lambda t: hpdv2_case(t, "file_path", ["train/0_a.png", "gone.png"]), "file_path"),
     "rapidata votes": (parquet_case(load_rapidata, "r.parquet", rapidata_rows(), "votes_image2", -1.0), "votes_image2"),
-    "rapidata image": (parquet_case(load_rapidata, "r.parquet", rapidata_rows(), "image1", b""), "image1"),
+    "rapidata image": (parquet_case(load_rapidata, "r.parquet", rapidata_struct_rows(), "image1",
+                                    {"bytes": None, "path": "missing.png"}), "image1"),
     "pickapic label": (parquet_case(load_pickapic, "pp.parquet", pickapic_rows(), "label_0", 0.3), "label_0"),
     "pickapic caption": (parquet_case(load_pickapic, "pp.parquet", pickapic_rows(), "caption", ""), "caption"),
     "imagerewarddb image": (imagerewarddb_case, "image_path"),
