@@ -162,6 +162,8 @@ class Config:
             fail("pairs_per_rank", self.pairs_per_rank, "an even number with --both_orders=true")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
+        if self.exclude and not Path(self.exclude).is_file():
+            fail("exclude", self.exclude, "the file `python data.py check` writes")
 
 
 # ----------------------------------------------------------------------------------------------------------
