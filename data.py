@@ -25,11 +25,12 @@ import json
 import math
 import os
 import random
+import stat
 import sys
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from PIL import Image, ImageOps
@@ -92,8 +93,7 @@ class DataError(ValueError):
         self.problem = problem
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     """Where an image comes from: the dataset file, the index of its record there, and the field naming it."""
     file: str
     record: int
@@ -305,25 +305,36 @@ def _rank_list(record, key: str, source, index, length: int) -> list[int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=64)
-def _real(root: str) -> str:
-    return os.path.realpath(root)
+@functools.lru_cache(maxsize=4096)
+def _real(directory: str) -> str:
+    return os.path.realpath(directory)
 
 
 def _image_file(root, relative: str, source, index, key: str) -> ImagePath:
-    """An image path of a record, checked: relative, inside the image root (symlinks resolved), a file."""
+    """An image path of a record, checked: relative, inside the image root (symlinks resolved), a file.
+
+    The directories' real paths are cached, so a file costs two system calls (lstat, stat), not one per
+    path component: a million images load in seconds.
+    """
     where, root = Source(str(source), index, key), str(root or "")
     if os.path.isabs(relative):
         raise DataError(f"{where}: image path {relative!r} is absolute; image paths are relative to the image "
                         f"root ({root or '.'})", "outside root")
     path = os.path.join(root, relative)
-    real, real_root = os.path.realpath(path), _real(root or ".")
-    if os.path.commonpath([real, real_root]) != real_root:
+    real = os.path.normpath(os.path.join(_real(os.path.dirname(path) or "."), os.path.basename(path)))
+    if os.path.islink(real):
+        real = os.path.realpath(real)
+    real_root = _real(root or ".")
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise DataError(f"{where}: image {path} resolves to {real}, outside the image root {real_root}", "outside root")
-    if os.path.isdir(real):
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        raise DataError(f"{where}: image file {path} does not exist", "missing") from None
+    if stat.S_ISDIR(mode):
         raise DataError(f"{where}: image {path} is a directory, not an image file", "directory")
-    if not os.path.isfile(real):
-        raise DataError(f"{where}: image file {path} does not exist", "missing")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{where}: image {path} is not a regular file", "missing")
     return ImagePath(path, where)
 
 

@@ -413,3 +413,21 @@ def test_two_processes_skip_bad_finish_count_and_resume_exactly(corrupt_toy):
     from safetensors.torch import load_file
     a, b = (load_file(sorted(d.glob("step_*"))[-1] / "model.safetensors") for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_skip_bad_leaves_out_the_unreadable_image_and_counts_it(tmp_path):
+    """evaluate.py: without --skip_bad the broken image is named; with it, its comparisons are left out, counted."""
+    import evaluate
+    out = toy.write_dataset(tmp_path / "toy", n_train=0, n_test=3, seed=0)
+    test = json.loads(Path(out["test"]).read_text())
+    write(Path(out["test_images"]) / test[1]["generations"][2], BROKEN["truncated jpeg"][0])
+    argv = ["--data", f"imagereward:{out['test']}", "--images", str(out["test_images"]), "--max-new-tokens", "4",
+            "--anchor", "0", "--out", str(tmp_path / "eval")]
+    image = os.path.join(str(out["test_images"]), test[1]["generations"][2])
+    with pytest.raises(DataError, match=f"record 1: field 'generations': image {re.escape(image)}: cannot be decoded"):
+        evaluate.main(argv)
+    evaluate.main(argv + ["--skip_bad"])
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    sizes = [len(r["generations"]) for r in test]
+    assert report["unreadable_images"] == 1 and report["records"] == 3
+    assert report["comparisons"] == sum(sizes) - 3 - 1  # n - 1 anchor comparisons per group, one image fewer
