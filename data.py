@@ -115,7 +115,7 @@ class ImagePath(str):
         return str(self), self.source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million of them stay small
 class ParquetImage:
     """An image stored in a parquet cell, read only when it is used: a loaded dataset holds no image bytes."""
     file: str

@@ -398,6 +398,7 @@ def test_training_without_skip_bad_names_the_broken_image(corrupt_toy):
 
 
 def test_two_processes_skip_bad_finish_count_and_resume_exactly(corrupt_toy):
+    """2 ranks, --skip_bad: six steps straight == three steps, stop, three more (same losses, counts, weights)."""
     root, _, common = corrupt_toy
     straight, resumed = root / "straight", root / "resumed"
     for args in ([f"--out_dir={straight}", "--steps=6", "--save_every=3"], [f"--out_dir={resumed}", "--steps=3"],
