@@ -181,7 +181,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     malformed one never does (c ends with `</think>\n<answer>`, which it does not hold there), nor one whose
     sampled ids are not the tokenizer's own encoding of its text. texts, completions, mask: N = B*G rows.
     """
-    N, T = completions.shape
+    N = completions.shape[0]
     if N % max(len(pairs), 1) or len(texts) != N:
         raise ValueError(f"answer_slots: {len(texts)} texts and {N} completions for {len(pairs)} pairs")
     G = N // len(pairs)
