@@ -654,8 +654,9 @@ def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip
     return _finish(path, counts, "pairs" if layout == "train" else "groups", items, report)
 
 
-RAPIDATA_VOTE_COLUMNS = (("votes_image1", "votes_image2"),
-                         ("weighted_results_image1_preference", "weighted_results_image2_preference"))
+RAPIDATA_COUNTS = ("votes_image1", "votes_image2")  # the older convention: numbers of votes
+RAPIDATA_SHARES = ("weighted_results_image1_preference", "weighted_results_image2_preference")  # vote shares
+RAPIDATA_DETAILS = ("detailed_results_preference", "detailed_results")  # the individual votes, one entry each
 
 
 def _votes(value, source, index, key) -> float:
@@ -664,33 +665,70 @@ def _votes(value, source, index, key) -> float:
     return float(value)
 
 
+def _shares(row, source, index) -> tuple[float, float]:
+    """The two vote shares of the newer convention: numbers in [0, 1] that sum to 1 (or 0: no votes)."""
+    shares = tuple(_votes(_get(row, k, source, index), source, index, k) for k in RAPIDATA_SHARES)
+    if max(shares) > 1 or not (abs(sum(shares) - 1) < 1e-3 or sum(shares) == 0):
+        raise _bad(source, index, "/".join(RAPIDATA_SHARES), "vote shares in [0, 1] summing to 1 (counts go in "
+                   "votes_image1/votes_image2)", shares)
+    return shares
+
+
+def _vote_total(cell, source, index, key) -> int:
+    """The number of individual votes in a detail cell: a JSON list (or a list) with one entry per vote."""
+    if isinstance(cell, (str, bytes)):
+        try:
+            cell = json.loads(cell)
+        except ValueError:
+            raise _bad(source, index, key, "a JSON list of individual votes", cell) from None
+    if not isinstance(cell, list):
+        raise _bad(source, index, key, "a list of individual votes", cell)
+    return len(cell)
+
+
 def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report: dict | None = None,
                   exclude=None) -> list[Pair]:
     """Rapidata human preference parquet files -> list[Pair] with `votes`; ties (equal votes) left out.
 
-    Columns: `prompt`, `image1`, `image2` and the votes, as `votes_image1`/`votes_image2` or as
-    `weighted_results_image1_preference`/`weighted_results_image2_preference` (both published). An image cell
-    is raw bytes, an HF image struct `{"bytes", "path"}`, or a path (relative to `image_root` if given).
-    The label is the image with more votes.
+    Columns: `prompt`, `image1`, `image2` and the votes in one of the two published conventions, which differ
+    in meaning, not only in name:
+    - `votes_image1`/`votes_image2`: numbers of votes; `votes` are these counts.
+    - `weighted_results_image1_preference`/`..._image2_preference`: vote *shares* (weighted by each voter's
+      reliability; they sum to 1), with the individual votes listed in `detailed_results_preference` (or
+      `detailed_results`). `votes` are the shares times the number of individual votes, so the winner's share
+      and the total number of votes (the binarized and confident subsets of evaluate.py) mean what they mean
+      with counts. Without a detail column the total is unknown: `votes` is None, never a share read as a count.
+    An image cell is raw bytes, an HF image struct `{"bytes", "path"}`, or a path (relative to `image_root`
+    if given). The label is the image with more votes (the larger share).
     """
     files = _expand(parquet_paths)
     counts, pairs = _counts(), []
     for file in files:
         names = _parquet_file(file).schema_arrow.names
-        v1, v2 = next((c for c in RAPIDATA_VOTE_COLUMNS if all(k in names for k in c)), (None, None))
-        if v1 is None:
-            raise DataError(f"{file}: expected vote columns {' or '.join('/'.join(c) for c in RAPIDATA_VOTE_COLUMNS)}; "
-                            f"the file has {names}")
+        shares = all(k in names for k in RAPIDATA_SHARES) and not all(k in names for k in RAPIDATA_COUNTS)
+        if not shares and not all(k in names for k in RAPIDATA_COUNTS):
+            raise DataError(f"{file}: expected vote columns {'/'.join(RAPIDATA_COUNTS)} or "
+                            f"{'/'.join(RAPIDATA_SHARES)}; the file has {names}")
+        detail = next((k for k in RAPIDATA_DETAILS if k in names), None) if shares else None
+        if shares and detail is None:
+            print(f"{file}: vote shares without a {' or '.join(RAPIDATA_DETAILS)} column: the number of votes is "
+                  f"unknown, so the binarized and confident subsets cannot be formed", file=sys.stderr)
 
-        def parse(i, row, file=file, v1=v1, v2=v2):
+        def parse(i, row, file=file, shares=shares, detail=detail):
             prompt = _prompt(row, "prompt", file, i)
-            votes = (_votes(_get(row, v1, file, i), file, i, v1), _votes(_get(row, v2, file, i), file, i, v2))
+            if shares:
+                v = _shares(row, file, i)
+                total = _vote_total(_get(row, detail, file, i), file, i, detail) if detail else None
+                votes = None if total is None else (v[0] * total, v[1] * total)
+            else:
+                v = votes = tuple(_votes(_get(row, k, file, i), file, i, k) for k in RAPIDATA_COUNTS)
             images = tuple(_image_value(_get(row, k, file, i), image_root, file, i, k) for k in ("image1", "image2"))
-            if votes[0] == votes[1]:
+            if v[0] == v[1]:
                 return None  # a tie says nothing about which image people prefer
-            return Pair(prompt, images, label=int(votes[1] > votes[0]), votes=votes)
+            return Pair(prompt, images, label=int(v[1] > v[0]), votes=votes)
 
-        rows = _parquet_rows(file, ["prompt", "image1", "image2", v1, v2], image_columns=("image1", "image2"))
+        columns = ["prompt", "image1", "image2", *(RAPIDATA_SHARES if shares else RAPIDATA_COUNTS)]
+        rows = _parquet_rows(file, columns + ([detail] if detail else []), image_columns=("image1", "image2"))
         pairs += _parse_records(file, rows, parse, skip_bad, counts, exclude)
     return _finish(", ".join(files), counts, "pairs", pairs, report)
 
@@ -738,6 +776,34 @@ def groups_to_pairs(groups: Iterable[Group], report: dict | None = None) -> list
         print(f"data: groups -> {len(pairs)} pairs; left out {ties} tied image pairs (a tie is not a preference)",
               file=sys.stderr)
     return pairs
+
+
+def random_orders(pairs: Sequence[Pair], seed: int) -> list[Pair]:
+    """Each pair shown in a seeded random order (swapped with probability 1/2; the label follows the images).
+
+    Files list images in an order that often carries the answer (`groups_to_pairs` puts image i before
+    image j, and ranked files are often sorted), and a model rewarded on such pairs can learn to name a
+    position. Shuffling the order within each pair takes that signal away; train.py does it by default.
+    """
+    rng = random.Random(seed)
+    return [swapped(p) if rng.random() < 0.5 else p for p in pairs]
+
+
+def spread_sample(examples: Sequence, n: int, seed: int) -> list:
+    """A seeded sample of `n` examples spread over prompts: one per prompt in a random order of prompts, then a
+    second per prompt, and so on. Used for the held-out set, which must not be the first prompts of a file."""
+    rng = random.Random(seed)
+    by_prompt: dict[str, list] = {}
+    for e in examples:
+        by_prompt.setdefault(e.prompt, []).append(e)
+    queues = list(by_prompt.values())
+    rng.shuffle(queues)
+    for q in queues:
+        rng.shuffle(q)
+    out = []
+    while len(out) < n and any(queues):
+        out += [q.pop() for q in queues if q][:n - len(out)]
+    return out
 
 
 def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:

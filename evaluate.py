@@ -12,14 +12,19 @@ human agreement (figure 3), Mean@j and majority vote (table 2, figure 4), expect
 listener-reasoner disagreement (figure 2), the "no thinking" ablation (table 5) and the contradiction rate
 from a text judge (table 4).
 
-Commands (one process, one device; `--model` may be any Qwen2.5-VL checkpoint: a trained reasoner, or the
-untrained instruct model for the zero-shot row of table 3):
+Commands (`--model` is any local Qwen2.5-VL checkpoint directory: a trained reasoner, or the untrained
+instruct model for the zero-shot row of table 3; every option: `python evaluate.py --help`):
 
     python evaluate.py                                    # toy model on toy data, nothing downloaded
     python evaluate.py --model PATH --data imagereward:test.json --images ROOT --out runs/eval --k 3
-    python evaluate.py --model PATH --data rapidata:a.parquet,b.parquet --out runs/ood --k 3 \\
-        --both-orders --no-thinking --listener Qwen/Qwen2.5-VL-7B-Instruct --judge Qwen/Qwen2.5-14B-Instruct
+    torchrun --nproc_per_node=8 evaluate.py --model PATH --data rapidata:a.parquet,b.parquet --out runs/ood \\
+        --k 3 --both-orders --no-thinking --listener /models/Qwen2.5-VL-7B-Instruct --judge /models/Qwen2.5-14B-Instruct
+    python evaluate.py --model PATH --scoring absolute --data imagereward:test.json --images ROOT --k 3  # --mode=score
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
+
+Under torchrun each process holds the whole model and takes every N-th comparison; each pair's rollouts are
+seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
+and the judge (table 4) on its own and writes the outputs.
 
 Choices the paper leaves open, made here:
 1. Mean@k averages probabilities (not logits). Majority vote counts the parsed answers of well-formed
@@ -134,21 +139,31 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
 def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orders: bool = False,
                   no_thinking: bool = False, max_new_tokens: int = 512, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, generator: torch.Generator | None = None,
-                  fmt: PromptFormat = PROMPT, progress: bool = False) -> list[Comparison]:
+                  seeds: Sequence[int] | None = None, fmt: PromptFormat = PROMPT,
+                  progress: bool = False) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
     With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
     p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_forward`.
     With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5).
+    `seeds` (one per pair) seed each pair's rollouts on their own, so that a pair's result does not depend on
+    the batch or the process it lands in (`compare_all`); otherwise `generator` drives the whole run.
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     stop_token_ids=stop_token_ids(processor.tokenizer), generator=generator,
                     pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
+    shown_seeds = None if seeds is None else [2 * s + o for s in seeds for o in ((0, 1) if both_orders else (0,))]
+    device = next(model.parameters()).device
     results = []
-    for start in tqdm(range(0, len(shown), batch_size), desc="compare", disable=not progress):
-        results += _compare_batch(model, processor, list(shown[start:start + batch_size]), k, no_thinking,
-                                  sampling, fmt)
+    with tqdm(total=len(shown), desc="compare", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(shown), batch_size):
+            if shown_seeds is not None:  # one generator per pair shown: its G rollouts draw from it alone
+                sampling["generator"] = [torch.Generator(device).manual_seed(s)
+                                         for s in shown_seeds[start:start + batch_size]]
+            results += _compare_batch(model, processor, list(shown[start:start + batch_size]), k, no_thinking,
+                                      sampling, fmt)
+            bar.update(len(shown[start:start + batch_size]))  # pairs/s and the time left, from tqdm
     if not both_orders:
         return results
     out = []
@@ -391,6 +406,9 @@ class Config:
     confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
     toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
     seed: int = option(0, "seed of the anchors and of the sampler", min=0)
+    scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
+                                      "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
+                                      "table 3's abs-score row)", choices=("pairwise", "absolute"))
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
@@ -512,11 +530,26 @@ class Plan:
 
 
 def plan(records: list, anchor: int, seed: int) -> Plan:
-    """Pairs are compared as they are; a group of n images becomes n - 1 comparisons against its anchor."""
+    """Pairs are compared as they are; a group of n images becomes n - 1 comparisons against its anchor.
+
+    Groups of fewer than two images have nothing to compare: they are left out, and counted on stderr. A fixed
+    `anchor` must index into every group that is left.
+    """
     if not records:
         raise ValueError("the dataset is empty")
     if isinstance(records[0], Pair):
         return Plan(records, list(range(len(records))))
+    single = sum(len(g.images) < 2 for g in records)
+    if single:
+        print(f"{single} of {len(records)} groups have fewer than two images: nothing to compare, left out",
+              file=sys.stderr)
+        records = [g for g in records if len(g.images) >= 2]
+        if not records:
+            raise ValueError("no group of the dataset has two images to compare")
+    smallest = min(range(len(records)), key=lambda i: len(records[i].images))
+    if anchor >= len(records[smallest].images):
+        fail("anchor", anchor, f"-1 (a seeded anchor per prompt) or an index below {len(records[smallest].images)}: "
+             f"group {smallest} ({records[smallest].prompt[:40]!r}) has {len(records[smallest].images)} images")
     rng = random.Random(seed)
     anchors = [anchor if anchor >= 0 else rng.randrange(len(g.images)) for g in records]
     compared, labelled = [], []
@@ -552,6 +585,146 @@ def knobs(cfg: Config) -> dict:
                 batch_size=cfg.batch_size, generator=generator)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The absolute-score variant (section 5): each image rated alone, scored by its expected rating, eq. (3)
+
+
+def rating_logits(model, processor, records: Sequence[data.Rated], reasonings: Sequence[Sequence[str]],
+                  fmt: PromptFormat = PROMPT) -> torch.Tensor:
+    """(B, G, R) logits of the R rating tokens at the answer slot, given each of the G reasonings of record b.
+
+    As `listener.answer_probs`, on the rating prompt: one prefill per image, copied to its G continuations.
+    """
+    import sample
+    from listener import answer_token_ids, continuation_ids
+    tokenizer, B, G = processor.tokenizer, len(records), len(reasonings[0])
+    ids = answer_token_ids(tokenizer, dataclasses.replace(fmt, answers=fmt.ratings))  # one token per rating
+    rows = []
+    for record, rs in zip(records, reasonings):
+        prompt = tokenizer.apply_chat_template(data.score_messages(record.prompt, fmt), tokenize=False,
+                                               add_generation_prompt=True)
+        rows += continuation_ids(tokenizer, prompt, [fmt.answer_prefix(r) for r in rs])
+    continuation = left_pad(rows, tokenizer.pad_token_id)  # (N, T)
+    device = sample.model_device(model)
+    with torch.no_grad(), sample.gathered(model):
+        prefix = sample.expand(sample.prefill(model, processor.rated(records, fmt)), G)  # B rows -> N rows
+        sample.extend(model, prefix, continuation["input_ids"].to(device), continuation["attention_mask"].to(device),
+                      logits_to_keep=1)
+    return prefix.logits[:, ids].float().view(B, G, -1)  # (B, G, R)
+
+
+def rate_images(model, processor, records: Sequence[data.Rated], k: int, seeds: Sequence[int], batch_size: int,
+                fmt: PromptFormat = PROMPT, progress: bool = False, **sampling) -> list[list[float]]:
+    """k rollouts of the rating prompt per image, then the expected rating given each reasoning (eq. (3)):
+    one list of k expected ratings per record. `seeds` (one per record) seed each record's rollouts."""
+    from reward import expected_score
+    device = next(model.parameters()).device
+    sampling.update(stop_token_ids=stop_token_ids(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    out = []
+    with tqdm(total=len(records), desc="rate", unit="image", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = list(records[start:start + batch_size])
+            batch = {key: v.to(device) for key, v in processor.rated(chunk, fmt).items()}
+            generators = [torch.Generator(device).manual_seed(s) for s in seeds[start:start + batch_size]]
+            texts = sample_rollouts(model, batch, num_samples=k, generator=generators, **sampling).texts(processor.tokenizer)
+            reasonings = [[reasoning_of(t, fmt) for t in texts[b * k:(b + 1) * k]] for b in range(len(chunk))]
+            logits = rating_logits(model, processor, chunk, reasonings, fmt)  # (B, G, R)
+            out += expected_score(logits, fmt.ratings).cpu().tolist()  # (B, G) eq. (3)
+            bar.update(len(chunk))
+    return out
+
+
+def absolute_scores(records: list, cfg: Config, model, processor) -> tuple[list, list[list[float]]]:
+    """Every image of the dataset rated (split over the processes): (the rated images, their k expected ratings).
+    A group's images come in order; a pair gives its two images."""
+    items = [data.Rated(r.prompt, im, 0) for r in records for im in r.images]
+    rank, world = distributed()
+    mine = list(range(rank, len(items), world))
+    scores = rate_images(model, processor, [items[i] for i in mine], cfg.k, [hash((cfg.seed, i)) % 2**62 for i in mine],
+                         cfg.batch_size, progress=rank == 0, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    if world > 1:
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, list(zip(mine, scores)))
+        scores = [s for _, s in sorted(x for part in parts for x in part)]
+    return items, scores
+
+
+def absolute_report(records: list, scores: list[list[float]], k: int) -> dict:
+    """Table 3's abs-score row: accuracy of the Mean@j expected ratings (j <= k), pairwise for groups (micro and
+    macro) and per pair for pairs (a tie is wrong, as everywhere)."""
+    accuracy = {}
+    for j in range(1, k + 1):
+        flat = [mean_at(s, j) for s in scores]
+        per_record, start = [], 0
+        for r in records:
+            per_record.append(flat[start:start + len(r.images)])
+            start += len(r.images)
+        if isinstance(records[0], Group):
+            result = pairwise_accuracy(records, per_record)
+            accuracy[f"mean@{j}"] = {"accuracy": result["micro"], **result}
+        else:
+            p_b = [0.5 if s[0] == s[1] else float(s[1] > s[0]) for s in per_record]
+            accuracy[f"mean@{j}"] = {"accuracy": pair_accuracy(records, p_b), "pairs": len(records)}
+    return {"scoring": "absolute", "layout": "groups" if isinstance(records[0], Group) else "pairs",
+            "records": len(records), "images": sum(len(r.images) for r in records), "k": k, "accuracy": accuracy}
+
+
+def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
+    """The absolute-score evaluation: rate every image, rank each group by expected rating, write the outputs."""
+    model, processor = load_reasoner(cfg.model, cfg)
+    items, scores = absolute_scores(records, cfg, model, processor)
+    if distributed()[0] != 0:
+        return None
+    report = {"model": cfg.model, "data": spec, **absolute_report(records, scores, cfg.k), "config": dataclasses.asdict(cfg)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False))
+    (out / "results.md").write_text(markdown_tables(report))
+    with open(out / "ratings.jsonl", "w") as f:
+        for item, s in zip(items, scores):
+            f.write(json.dumps({"prompt": item.prompt, "image": item.image if isinstance(item.image, str) else None,
+                                "expected_ratings": s}) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=N evaluate.py ...` splits the comparisons N ways
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): joins torchrun's process group when launched by torchrun, else (0, 1)."""
+    import os
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def compare_all(model, processor, pairs: Sequence[Pair], seed: int, **kwargs) -> list[Comparison]:
+    """`compare_pairs` on every pair, split over the processes (rank r takes pairs r, r + N, ...); every rank
+    gets all the results. Pair i's rollouts are seeded by (seed, i), so 1 and N processes give the same."""
+    rank, world = distributed()
+    mine = list(range(rank, len(pairs), world))
+    seeds = [hash((seed, i)) % 2**62 for i in mine]
+    results = compare_pairs(model, processor, [pairs[i] for i in mine], seeds=seeds, progress=rank == 0, **kwargs)
+    if world == 1:
+        return results
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, list(zip(mine, results)))
+    out = [None] * len(pairs)
+    for part in parts:
+        for i, r in part:
+            out[i] = r
+    return out
+
+
 def vote_metrics(p: Plan, probs: dict[str, list[float]]) -> dict:
     """Rapidata: binarized accuracy and accuracy by agreement threshold (figure 3), for each variant."""
     if p.groups is not None or any(pair.votes is None for pair in p.compared):
@@ -567,8 +740,8 @@ def vote_metrics(p: Plan, probs: dict[str, list[float]]) -> dict:
 def no_thinking_metrics(model, processor, p: Plan, results, subset: list[int], cfg: Config) -> dict:
     """Table 5: accuracy with and without the reasoning on the same pairs."""
     pairs = [p.compared[i] for i in subset]
-    plain = compare_pairs(model, processor, pairs, both_orders=cfg.both_orders, no_thinking=True,
-                          batch_size=cfg.batch_size, progress=True)
+    plain = compare_all(model, processor, pairs, cfg.seed, both_orders=cfg.both_orders, no_thinking=True,
+                        batch_size=cfg.batch_size)
     rows = {"w/ thinking, Mean@1": [mean_at(results[i].probs, 1) for i in subset],
             f"w/ thinking, Mean@{cfg.k}": [results[i].p_forward for i in subset],
             "w/o thinking": [r.p_forward for r in plain]}
@@ -608,15 +781,26 @@ def contradiction_metrics(judge_path: str, results, subset: list[int], cfg: Conf
     return {"rate": rate, "judged": len(items)}
 
 
-def run(cfg: Config) -> dict:
-    """Evaluate `cfg.model` on `cfg.data`; write results.json, results.md, rollouts.jsonl and figures to `cfg.out`."""
+def run(cfg: Config) -> dict | None:
+    """Evaluate `cfg.model` on `cfg.data`; write results.json, results.md, rollouts.jsonl and figures to `cfg.out`.
+
+    Under torchrun the comparisons are split over the processes; rank 0 computes the metrics, runs the
+    listener and the judge, writes the outputs and returns the report (the other ranks return None).
+    """
     torch.manual_seed(cfg.seed)
-    model, processor = load_reasoner(cfg.model, cfg)
+    rank, _ = distributed()
     with tempfile.TemporaryDirectory() as scratch:  # the toy data lives here while it is read
         spec, records, unreadable = load_records(cfg, scratch)
-        p = plan(records, cfg.anchor, cfg.seed)
-        results = compare_pairs(model, processor, p.compared, k=cfg.k, both_orders=cfg.both_orders,
-                                progress=True, **knobs(cfg))
+        if cfg.scoring == "absolute":
+            return run_absolute(cfg, spec, records)
+        p = plan(records, cfg.anchor, cfg.seed)  # the data is checked before the model loads
+        model, processor = load_reasoner(cfg.model, cfg)
+        sampling = {k: v for k, v in knobs(cfg).items() if k != "generator"}
+        results = compare_all(model, processor, p.compared, cfg.seed, k=cfg.k, both_orders=cfg.both_orders, **sampling)
+        subset = focus(p, cfg.min_votes, cfg.confident_top)
+        plain = no_thinking_metrics(model, processor, p, results, subset, cfg) if cfg.no_thinking else None
+        if rank != 0:
+            return None
         probs = variants(results, cfg.k)
         report = {"model": cfg.model, "data": spec, "layout": "pairs" if p.groups is None else "groups",
                   "records": len(records), "unreadable_images": unreadable, "comparisons": len(p.compared), "k": cfg.k,
@@ -625,9 +809,8 @@ def run(cfg: Config) -> dict:
                   "ece": expected_calibration_error([results[i].p_b for i in p.labelled],
                                                     [p.compared[i].label for i in p.labelled]),
                   **vote_metrics(p, probs)}
-        subset = focus(p, cfg.min_votes, cfg.confident_top)
-        if cfg.no_thinking:
-            report["no_thinking"] = no_thinking_metrics(model, processor, p, results, subset, cfg)
+        if plain is not None:
+            report["no_thinking"] = plain
         if cfg.listener:
             report["disagreement"] = disagreement_metrics(*load_reasoner(cfg.listener, cfg, seed=1), p, results, cfg)
         if cfg.judge:
@@ -653,6 +836,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 def markdown_tables(report: dict) -> str:
     """The report as markdown tables laid out like the paper's tables 2-5 (and the data of figures 2-3)."""
+    if report.get("scoring") == "absolute":
+        name, k, acc = Path(report["model"]).name or report["model"], report["k"], report["accuracy"]
+        lines = [f"# {name} on {report['data']} (absolute scores, eq. (3))", "",
+                 f"{report['records']} records, {report['images']} images rated, k = {k}", "",
+                 "## Table 3: accuracy", ""]
+        return "\n".join(lines + _table(["Method", "Accuracy (%)", "Pairs"],
+                                         [[f"{name} (abs score), Mean@{j}", _pct(acc[f"mean@{j}"]["accuracy"]),
+                                           acc[f"mean@{j}"]["pairs"]] for j in range(1, k + 1)])) + "\n"
     name, k, acc = Path(report["model"]).name or report["model"], report["k"], report["accuracy"]
     orders = [""] + ([" both orders"] if "mean@1 both orders" in acc else [])
     mk = lambda o: acc[f"mean@{k}" + o]  # Mean@k accuracy of one order setting
@@ -754,10 +945,21 @@ def write_figures(out: Path, report: dict) -> list[Path]:
     return written
 
 
+def finite(x):
+    """The report with NaN and infinities as None (null): JSON has no NaN, and an undefined metric is unknown."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def write_outputs(out: Path, report: dict, p: Plan, results: Sequence[Comparison]) -> None:
     """results.json (the report), results.md (tables), rollouts.jsonl (one line per comparison), figures."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False))
     (out / "results.md").write_text(markdown_tables(report))
     with open(out / "rollouts.jsonl", "w") as f:
         labelled = set(p.labelled)
@@ -767,7 +969,7 @@ def write_outputs(out: Path, report: dict, p: Plan, results: Sequence[Comparison
                    "votes": pair.votes, "p_b": r.p_b, "probs": r.probs, "answers": r.answers, "texts": r.texts}
             if r.reversed is not None:
                 row["reversed"] = {"probs": r.reversed.probs, "answers": r.reversed.answers, "texts": r.reversed.texts}
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite(row), allow_nan=False) + "\n")
     write_figures(out, report)
 
 
@@ -789,14 +991,23 @@ def rank_images(cfg: Config) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except cli.OptionError as e:  # found once the data is read (e.g. --anchor against the groups' sizes)
+        raise SystemExit(f"evaluate.py: error: {e}")
+
+
+def _main(argv: Sequence[str] | None) -> None:
     cfg = parse_config(argv)
     print(json.dumps(dataclasses.asdict(cfg), indent=1), file=sys.stderr)
     if cfg.prompt:
         rank_images(cfg)
         return
     report = run(cfg)
-    print(markdown_tables(report))
-    print(f"wrote {cfg.out}/results.json, results.md, rollouts.jsonl and figures")
+    if report is not None:  # rank 0
+        print(markdown_tables(report))
+        print(f"wrote {cfg.out}/results.json, results.md and "
+              f"{'ratings.jsonl' if cfg.scoring == 'absolute' else 'rollouts.jsonl and figures'}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5
 The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant
 (one image, a rating from 1 to 5, format + exact-match + distance rewards; section 5) is --mode=score. Several nodes: torchrun's
 usual --nnodes/--node_rank/--rdzv_endpoint flags. A run restarted with the same --out_dir resumes exactly from
-its last checkpoint. Every option is a field of `Config` below, set with --name=value.
+its last checkpoint. Every option is a field of `Config` below, set with --name=value or --name value
+(`python train.py --help` lists them with their defaults); bad values stop the run before anything loads.
 
 One GRPO step (section 3.3 and 4.3 of the paper): each rank takes its pairs, samples G rollouts per pair
 (sample.py), rewards them (reward.py; the listener's p_correct from listener.py), normalises the rewards
@@ -40,6 +41,10 @@ Where this departs from the paper, and why:
 6. The toy default starts from a format-only SFT cold start (answers drawn at random): a randomly
    initialised model cannot produce the `<think>`/`<answer>` format by chance; the instruct model the paper
    starts from can.
+7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
+   follows the images), since files list images in an order that often carries the answer (ranked groups
+   best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
+   held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders too.
 """
 from __future__ import annotations
 
@@ -283,7 +288,10 @@ def load_examples(spec: str, images: str, cfg: Config, train: bool) -> list:
     if cfg.mode == "score":
         examples = data.to_rated(records, len(PROMPT.ratings))
     else:
-        examples = data.groups_to_pairs(records) if records and isinstance(records[0], data.Group) else records
+        pairs = data.groups_to_pairs(records) if records and isinstance(records[0], data.Group) else records
+        examples = data.random_orders(pairs, cfg.seed)  # no answer hidden in the file's image order
+    if not train:
+        examples = data.spread_sample(examples, cfg.eval_pairs, cfg.seed)  # over prompts, in random order
     if not examples:
         raise ValueError(f"no training examples in {spec}")
     return examples
@@ -294,7 +302,7 @@ def heldout_examples(cfg: Config) -> list:
     if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
         log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
         return []
-    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)[:cfg.eval_pairs]
+    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)
     if cfg.skip_bad:  # every rank decodes the same list, so all keep the same examples
         heldout, unreadable = data.drop_unreadable(heldout)
         log(f"held-out: left out {unreadable} unreadable images")

@@ -148,7 +148,31 @@ def test_hpdv2_fraction_is_a_fixed_random_subset(tmp_path):
 # ---------------------------------------------------------------- Rapidata, Pick-a-Pic
 
 
-VOTES = [(10, 3), (2, 9), (5, 5), (0, 1)]  # the third is a tie
+VOTES = [(19, 2), (3, 18), (11, 11), (9, 13)]  # votes for (image1, image2) of 4 pairs; the third is a tie
+# The newer convention's weighted shares of the same pairs (Rapidata weighs each vote by the voter's
+# reliability, so a share is near, not equal to, the count's fraction) and the individual votes behind them.
+SHARES = [(0.9127, 0.0873), (0.1391, 0.8609), (0.5, 0.5), (0.4236, 0.5764)]
+
+
+def detailed_votes(v1, v2) -> str:
+    """A `detailed_results_preference` cell: one JSON entry per vote, as Rapidata publishes it."""
+    vote = lambda name, score: {"votedFor": name, "userDetails": {"country": "DE", "language": "en", "userScores":
+                                                                 {"global": score}, "age": "25-34"}}
+    return json.dumps([vote("a.png", 0.4 + 0.01 * i) for i in range(v1)] + [vote("b.png", 0.5) for _ in range(v2)])
+
+
+def rapidata_table(convention, variant, tmp_path):
+    rows = []
+    for i, ((v1, v2), (s1, s2)) in enumerate(zip(VOTES, SHARES)):
+        row = {"prompt": f"prompt {i}", "image1": rapidata_image(variant, RED, tmp_path, f"img/{i}_1.png"),
+               "image2": rapidata_image(variant, BLUE, tmp_path, f"img/{i}_2.png"), "model1": "m1", "model2": "m2"}
+        if convention == "counts":
+            row.update(votes_image1=v1, votes_image2=v2)
+        else:
+            row.update(weighted_results_image1_preference=s1, weighted_results_image2_preference=s2,
+                       detailed_results_preference=detailed_votes(v1, v2))
+        rows.append(row)
+    return rows
 
 
 def rapidata_image(variant, colour, tmp_path, name):
@@ -161,27 +185,46 @@ def rapidata_image(variant, colour, tmp_path, name):
     return write_png(tmp_path, name, colour)  # "path"
 
 
-@pytest.mark.parametrize("columns", [("votes_image1", "votes_image2"),
-                                     ("weighted_results_image1_preference", "weighted_results_image2_preference")])
+@pytest.mark.parametrize("convention", ["counts", "shares"])
 @pytest.mark.parametrize("variant", ["bytes", "struct", "struct_path", "path"])
-def test_rapidata(tmp_path, columns, variant):
-    rows = []
-    for i, (v1, v2) in enumerate(VOTES):
-        votes = (v1 * 0.7, v2 * 0.7) if columns[0].startswith("weighted") else (v1, v2)
-        rows.append({"prompt": f"prompt {i}", "image1": rapidata_image(variant, RED, tmp_path, f"img/{i}_1.png"),
-                     "image2": rapidata_image(variant, BLUE, tmp_path, f"img/{i}_2.png"),
-                     columns[0]: votes[0], columns[1]: votes[1], "model1": "m1", "model2": "m2"})
+def test_rapidata(tmp_path, convention, variant):
+    """Both published conventions give the same pairs, and votes whose winner's share and total mean the same."""
+    rows = rapidata_table(convention, variant, tmp_path)
     half = (write_parquet(tmp_path / "train_0001.parquet", rows[:2]),
             write_parquet(tmp_path / "train_0002.parquet", rows[2:]))
     report = {}
     pairs = load_rapidata(list(half), image_root=str(tmp_path), report=report)
     expected = [("prompt 0", 0), ("prompt 1", 1), ("prompt 3", 1)]  # from VOTES, by hand; prompt 2 is a tie
     assert [(p.prompt, p.label) for p in pairs] == expected
-    assert [p.votes for p in pairs] == [(r[columns[0]], r[columns[1]]) for r in (rows[0], rows[1], rows[3])]
+    if convention == "counts":
+        assert [p.votes for p in pairs] == [(19, 2), (3, 18), (9, 13)]
+    else:  # shares times the number of individual votes: 21, 21, 22
+        for p, (s1, s2), n in zip(pairs, (SHARES[0], SHARES[1], SHARES[3]), (21, 21, 22)):
+            assert p.votes == pytest.approx((s1 * n, s2 * n))
     assert all([colour_of(im) for im in p.images] == [RED, BLUE] for p in pairs)
     assert report == {"records": 4, "pairs": 3, "ties": 1, "skipped": 0}
     again = load(f"rapidata:{half[0]},{half[1]}", image_root=str(tmp_path))
     assert [(p.prompt, p.label) for p in again] == expected
+    from evaluate import binarized, confident
+    assert binarized(pairs) == [0, 1]  # winner >= 80% and > 15 votes: 19/2 and 3/18 (or .91 and .86 of 21)
+    assert confident(pairs, min_votes=20) == [0, 1, 2]
+
+
+def test_rapidata_shares_without_individual_votes(tmp_path, capsys):
+    """Shares alone do not say how many people voted: the votes are unknown (None), never a share read as a count."""
+    rows = rapidata_table("shares", "bytes", tmp_path)
+    for r in rows:
+        del r["detailed_results_preference"]
+    pairs = load_rapidata(write_parquet(tmp_path / "s.parquet", rows))
+    assert [p.label for p in pairs] == [0, 1, 1] and all(p.votes is None for p in pairs)
+    assert "the number of votes is unknown" in capsys.readouterr().err
+
+
+def test_rapidata_counts_in_share_columns_are_refused(tmp_path):
+    rows = rapidata_table("shares", "bytes", tmp_path)
+    rows[1].update(weighted_results_image1_preference=3.0, weighted_results_image2_preference=18.0)
+    with pytest.raises(DataError, match=r"s\.parquet: record 1: field 'weighted_results_image1_preference/.*shares"):
+        load_rapidata(write_parquet(tmp_path / "s.parquet", rows))
 
 
 def test_rapidata_needs_vote_columns(tmp_path):

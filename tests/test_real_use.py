@@ -1,0 +1,157 @@
+"""Real use, as the README's "Real use" commands run it, on the real-layout checkpoint (tests/real_layout.py)
+and on datasets written here in their published layouts: which pairs training and its held-out set see,
+then train.py and evaluate.py launched the way users launch them.
+"""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import data
+import train
+from real_layout import real_checkpoint  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 220), (230, 200, 40), (120, 60, 160), (40, 170, 170),
+           (240, 130, 30), (90, 90, 90), (250, 250, 250)]
+
+
+def write_imagereward(root: Path, prompts: int, per_group: int = 9) -> Path:
+    """ImageReward's test.json layout, each group's images listed best first (ranking 1..n): a rank-sorted file."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(COLOURS[:per_group]):
+        Image.new("RGB", (28, 28), c).save(root / "images" / f"{i}.png")
+    records = [{"id": f"g{g}", "prompt": f"prompt {g}", "generations": [f"images/{i}.png" for i in range(per_group)],
+                "ranking": list(range(1, per_group + 1))} for g in range(prompts)]
+    (root / "test.json").write_text(json.dumps(records))
+    return root / "test.json"
+
+
+def test_heldout_pairs_are_a_seeded_sample_spread_over_prompts(tmp_path):
+    """Not the first pairs of the file: 64 held-out pairs come from 32 prompts (2 each), in random order with
+    labels near half and half, though the file lists every group's images best first."""
+    path = write_imagereward(tmp_path, prompts=32)
+    cfg = train.Config(mode="grpo", model="toy", eval_data=f"imagereward:{path}", eval_pairs=64, seed=0)
+    heldout = train.heldout_examples(cfg)
+    assert len(heldout) == 64
+    per_prompt = [sum(p.prompt == f"prompt {g}" for p in heldout) for g in range(32)]
+    assert per_prompt == [2] * 32
+    labels = [p.label for p in heldout]
+    assert 0.35 <= statistics.fmean(labels) <= 0.65
+    assert [p.prompt for p in heldout[:32]] != [f"prompt {g}" for g in range(32)]  # prompts in a random order
+    again = train.heldout_examples(cfg)
+    assert [(p.prompt, p.images, p.label) for p in again] == [(p.prompt, p.images, p.label) for p in heldout]
+    other = train.heldout_examples(train.Config(**{**cfg.__dict__, "seed": 1}))
+    assert [(p.prompt, p.images) for p in other] != [(p.prompt, p.images) for p in heldout]
+
+
+def test_training_pairs_come_in_random_orders(tmp_path):
+    """Position bias: the file's order puts the better image first in every pair; training sees each pair in
+    a seeded random order, the label following the images."""
+    path = write_imagereward(tmp_path, prompts=8)
+    cfg = train.Config(mode="grpo", model="toy", seed=0)
+    pairs = train.load_examples(f"imagereward:{path}", "", cfg, train=True)
+    plain = data.groups_to_pairs(data.load(f"imagereward:{path}"))
+    assert statistics.fmean(p.label for p in plain) == 0.0  # what the file order alone would teach
+    assert len(pairs) == len(plain) == 8 * 36
+    assert 0.4 <= statistics.fmean(p.label for p in pairs) <= 0.6
+    for p, q in zip(pairs, plain):  # the same pair, in one order or the other, the label following the images
+        assert (p.images, p.label) in ((q.images, q.label), (q.images[::-1], 1 - q.label))
+
+
+# ---------------------------------------------------------------- evaluate.py: processes, bad input, outputs
+
+
+def run_script(args, nproc=1, timeout=900):
+    """python SCRIPT ... (one process) or torchrun --standalone --nproc_per_node=N SCRIPT ... (gloo on CPU)."""
+    import os
+    import subprocess
+    import sys
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    for attempt in range(2):  # a start-up SIGABRT of torchrun's workers is retried once
+        run = subprocess.run(launcher + [str(ROOT / args[0]), *args[1:]], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=timeout)
+        if run.returncode == 0 or "SIGABRT" not in run.stdout + run.stderr or attempt:
+            return run
+
+
+def rollouts(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_two_processes_equal_one(tmp_path):
+    """torchrun x2 splits the comparisons; with per-pair seeds every rollout, probability and metric equals the
+    one-process run's, whatever the batch size."""
+    common = ["evaluate.py", "--k=2", "--both-orders", "--max-new-tokens=8", "--toy-prompts=3"]
+    one = run_script(common + [f"--out={tmp_path / 'one'}", "--batch-size=4"])
+    two = run_script(common + [f"--out={tmp_path / 'two'}", "--batch-size=3"], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = rollouts(tmp_path / "one"), rollouts(tmp_path / "two")
+    assert len(a) == len(b) == 9  # 3 prompts of 4 images, 3 anchor comparisons each
+    for x, y in zip(a, b):
+        assert x["texts"] == y["texts"] and x["reversed"]["texts"] == y["reversed"]["texts"]
+        assert x["probs"] == pytest.approx(y["probs"], abs=1e-5)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert ra["accuracy"] == rb["accuracy"] and ra["comparisons"] == rb["comparisons"]
+
+
+def test_evaluate_bad_groups_and_anchor(tmp_path, capsys):
+    """One-image groups are left out and counted; --anchor beyond the smallest group is named; no NaN in JSON."""
+    import evaluate
+    records = [{"id": "a", "prompt": "one image", "generations": ["images/0.png"], "ranking": [1]},
+               {"id": "b", "prompt": "three images", "generations": [f"images/{i}.png" for i in range(3)],
+                "ranking": [1, 1, 1]}]  # all tied: no labelled pair, so the accuracies are undefined
+    write_imagereward(tmp_path, prompts=1, per_group=3)
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    argv = ["--data", f"imagereward:{tmp_path / 'test.json'}", "--images", str(tmp_path), "--max-new-tokens=2"]
+    with pytest.raises(SystemExit, match="--anchor=3.*below 3.*three images"):
+        evaluate.main(argv + ["--anchor=3"])
+    evaluate.main(argv + ["--anchor=0", f"--out={tmp_path / 'out'}"])
+    assert "1 of 2 groups have fewer than two images" in capsys.readouterr().err
+    text = (tmp_path / "out" / "results.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
+    assert report["comparisons"] == 2 and report["accuracy"]["mean@1"]["accuracy"] is None
+
+
+def test_rating_logits_equal_a_full_forward():
+    """eq. (3)'s inputs: the rating logits read over a shared prefill equal those of one plain forward pass over
+    the rating prompt + `<think>reasoning</think>\\n<answer>` for each reasoning."""
+    import torch
+    import evaluate
+    import toy
+    processor = data.Processor.toy()
+    model = toy.make_model(processor.tokenizer, seed=0)
+    record = data.Rated("a red circle", Image.new("RGB", (56, 56), (200, 40, 40)), 0)
+    reasonings = ["it is red", "a circle, and red too"]
+    logits = evaluate.rating_logits(model, processor, [record], [reasonings])  # (1, 2, R)
+    ids = [processor.tokenizer.convert_tokens_to_ids(r) for r in data.PROMPT.ratings]
+    for g, reasoning in enumerate(reasonings):
+        batch = processor([data.score_messages(record.prompt)], [[record.image]],
+                          suffixes=[data.PROMPT.answer_prefix(reasoning)])
+        with torch.no_grad():
+            full = model(**batch).logits[0, -1, ids]  # (R,)
+        assert torch.allclose(logits[0, g], full, atol=1e-4)
+
+
+def test_absolute_scores_rank_groups_by_expected_rating(tmp_path):
+    """evaluate.py --scoring absolute: results.json's accuracy equals the pairwise accuracy of the expected
+    ratings in ratings.jsonl, counted here by hand over each group's pairs (ranking 1..4: no ties)."""
+    from itertools import combinations
+    path = write_imagereward(tmp_path, prompts=2, per_group=4)
+    run = run_script(["evaluate.py", "--scoring=absolute", "--k=2", "--max-new-tokens=6", f"--data=imagereward:{path}",
+                      f"--out={tmp_path / 'out'}"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "out" / "ratings.jsonl").read_text().splitlines()]
+    assert len(rows) == report["images"] == 8 and all(len(r["expected_ratings"]) == 2 for r in rows)
+    for j in (1, 2):
+        scores = [statistics.fmean(r["expected_ratings"][:j]) for r in rows]
+        right = [scores[g * 4 + a] > scores[g * 4 + b] for g in range(2) for a, b in combinations(range(4), 2)]
+        assert report["accuracy"][f"mean@{j}"]["accuracy"] == pytest.approx(statistics.fmean(right))
+    assert "(abs score), Mean@2" in (tmp_path / "out" / "results.md").read_text()
