@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -62,10 +61,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import checkpoint
 import cli
 import data
 import grpo
@@ -138,6 +137,9 @@ class Config:
     eval_every: int = option(50, "held-out evaluation every N steps (0: before and after only)", min=0)
     save_every: int = option(100, "checkpoint every N steps", min=1)
     keep_last: int = option(2, "checkpoints kept", min=1)
+    export_every: int = option(0, "a from_pretrained export every N steps (0: only the one at the end)", min=0)
+    allow_config_change: bool = option(False, "resume a checkpoint whose run had other values of options that "
+                                              "change training (listed when refused)")
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
@@ -217,15 +219,22 @@ def load_model(path: str, device: torch.device, trainable: bool):
     """A checkpoint directory (or "toy") -> `Qwen2_5_VLForConditionalGeneration` on CPU.
 
     Trainable weights load in fp32 (the optimiser's master copy; FSDP2 computes in bf16 on GPU); frozen ones
-    in bf16 on GPU. Weights load from safetensors; no remote code.
+    in bf16 on GPU. Weights load from safetensors; no remote code. Only rank 0 reads them: the other ranks
+    build the model on the meta device, and `shard` broadcasts rank 0's weights into their shards (one copy
+    of the checkpoint in host memory per node, not one per process).
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
     if path == "toy":
         import toy
         return toy.make_model(seed=0).train(trainable)
     dtype = torch.float32 if trainable or device.type == "cpu" else torch.bfloat16
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                               use_safetensors=True, local_files_only=True)
+    if dist.get_rank() == 0:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                                   use_safetensors=True, local_files_only=True)
+    else:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                                    dtype=dtype, attn_implementation="sdpa")
     return model.train(trainable)
 
 
@@ -238,7 +247,12 @@ def checkpoint_blocks(model) -> None:
 
 
 def shard(model, device: torch.device, checkpointing: bool = False):
-    """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, then the root."""
+    """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, then the root.
+
+    Ranks that built the model on the meta device (`load_model`) receive rank 0's weights, shard by shard.
+    """
+    meta = bool(all_sum(torch.tensor(float(any(p.is_meta for p in model.parameters())), device=device)) > 0)
+    full = model.state_dict() if meta and dist.get_rank() == 0 else {}  # rank 0's full weights, to broadcast
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kw = {"mp_policy": mp} if mp is not None else {}
     if checkpointing:
@@ -249,8 +263,14 @@ def shard(model, device: torch.device, checkpointing: bool = False):
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    if device.type == "cuda":
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    elif device.type == "cuda":
         model.to(device)
+    if meta:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's are the computed ones
+            dist.broadcast(buffer, src=0)
     return model
 
 
@@ -347,12 +367,14 @@ def grpo_step(cfg: Config, state: "Trainer", pairs: list, step: int) -> dict:
                              generator=state.generators(pairs, step))
     texts = rollouts.texts(tok)
     t1 = time.time()
+    state.boundary()  # a stop request abandons the step here, or at the next boundary
     micro = state.micro_batches(pairs, cfg.group_size)
     ref_logp, known = reference_pass(cfg, state, pairs, texts, micro, rollouts)  # (N, T), (N, 2)
     rewards, p_correct = score(cfg, state, pairs, texts, known)
     advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
     mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
     t2 = time.time()
+    state.boundary()
     metrics = policy_update(cfg, state, micro, rollouts, ref_logp, advantages, mask)
     metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, known))
     metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
@@ -428,8 +450,10 @@ def policy_update(cfg: Config, state: "Trainer", micro, rollouts, ref_logp, adva
     num_tokens, num_sequences = (all_sum(c.to(state.device).float()) for c in grpo.loss_counts(mask))
     metrics: dict = {}
     share = 1 / (len(micro) * cfg.num_iterations)
-    for _ in range(cfg.num_iterations):
-        for mb, rows in micro:
+    for iteration in range(cfg.num_iterations):
+        for i, (mb, rows) in enumerate(micro):
+            if iteration == 0 and i > 0:
+                state.boundary()  # after the first optimiser step the step runs to its end
             logp = grpo.completion_logprobs(state.policy, mb, rollouts.tokens[rows], mask[rows], cfg.temperature)
             loss, m = grpo.grpo_loss(logp, rollouts.logprobs[rows], None if ref_logp is None else ref_logp[rows],
                                      advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
@@ -469,7 +493,9 @@ def sft_step(cfg: Config, state: "Trainer", pairs: list[Pair], step: int) -> dic
     tokens, mask = sft_targets(state.processor.tokenizer, pairs, cfg, step, state.device)
     num_tokens = all_sum(mask.sum().float())
     loss_total = 0
-    for mb, rows in state.micro_batches(pairs, 1):
+    for i, (mb, rows) in enumerate(state.micro_batches(pairs, 1)):
+        if i > 0:
+            state.boundary()
         logp = grpo.completion_logprobs(state.policy, mb, tokens[rows], mask[rows])  # (n, T)
         loss = -(logp * mask[rows]).sum() / num_tokens
         (loss * state.world).backward()
@@ -485,11 +511,9 @@ class Trainer:
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        resume = latest_checkpoint(self.out)
-        start = str(resume) if resume else cfg.model
-        self.processor = self._processor(start)
-        self.policy = load_model(start, device, trainable=True)
+        self.lock, resume, saved = open_run(cfg, rank, world)  # before anything heavy loads
+        self.processor = self._processor(cfg.model)
+        self.policy = load_model(cfg.model, device, trainable=True)
         if cfg.freeze_vision:
             self.policy.model.visual.requires_grad_(False)
         self.policy = shard(self.policy, device, cfg.activation_checkpointing)
@@ -507,9 +531,10 @@ class Trainer:
                                  decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg)
         self.heldout, self.heldout_total, self.spare = heldout[rank::world], len(heldout), heldout[:1]
-        self.step, self.optimizer_steps, self.skipped = 0, 0, 0
+        self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
+        self.stop = None  # a Stop, checked at the phase boundaries of a step (train() sets it)
         if resume:
-            self._load(resume)
+            self._load(resume, saved)
 
     def _processor(self, path: str):
         if path == "toy":
@@ -546,65 +571,83 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": norm.detach(), "lr": torch.tensor(self.lr()), "skipped": torch.tensor(float(self.skipped))}
 
-    # -- checkpoints: a save_pretrained directory of safetensors + trainer state, written atomically --------
+    def boundary(self) -> None:
+        """A phase boundary inside a step, before the first optimiser step: abandon the step if a stop was asked."""
+        if self.stop is not None and self.stop.agreed(self.device):
+            raise StepAbandoned
+
+    # -- checkpoints (checkpoint.py): sharded DCP saves of the policy and AdamW, exports for from_pretrained --
+
+    def trainer_state(self) -> dict:
+        size = self.processor.image_processor.size  # {shortest,longest}_edge: the pixel bounds in transformers 5
+        return {"step": self.step, "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
+                "stream": self.stream.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
+                "global_batch": self.cfg.pairs_per_rank * self.world,
+                "pixels": {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}}
 
     def save(self) -> Path:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        t = time.time()
         replaced = int(all_sum(torch.tensor(float(self.stream.replaced), device=self.device)))  # over all ranks
-        weights = get_model_state_dict(self.policy, options=options)
-        optim = get_optimizer_state_dict(self.policy, self.optimizer, options=options)
-        final = self.out / f"step_{self.step:07d}"
-        if self.rank == 0:
-            from safetensors.torch import save_file
-            tmp = self.out / f".tmp_step_{self.step:07d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            config = self.policy.config
-            config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-            config.save_pretrained(tmp)
-            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-            self.processor.save_pretrained(str(tmp))
-            tensors, meta = flatten_optimizer_state(optim)
-            save_file(tensors, tmp / "optimizer.safetensors")
-            trainer = {"step": self.step, "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
-                       "stream": {**self.stream.state_dict(), "replaced": replaced}, "param_groups": meta,
-                       "config": dataclasses.asdict(self.cfg)}
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1))
-            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-            for old in sorted(self.out.glob("step_*"))[:-self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return final
+        state = self.trainer_state()
+        state["stream"]["replaced"] = replaced
+        path = checkpoint.save(self.out, self.step, self.policy, self.optimizer, state, self.cfg.keep_last)
+        self.saved_step = self.step
+        log(f"saved {path} in {time.time() - t:.1f} s")
+        return path
 
-    def _load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-        trainer = json.loads((path / "trainer_state.json").read_text())
-        optim = unflatten_optimizer_state(load_file(path / "optimizer.safetensors"), trainer["param_groups"])
-        set_optimizer_state_dict(self.policy, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
-        self.step, self.optimizer_steps, self.skipped = trainer["step"], trainer["optimizer_steps"], trainer["skipped"]
-        stream = dict(trainer["stream"])  # its count of replaced examples is summed over ranks: rank 0 carries it
+    def export(self) -> Path:
+        return checkpoint.export(checkpoint.export_dir(self.out, self.step), self.policy, self.processor, self.cfg.model)
+
+    def _load(self, path: Path, saved: dict) -> None:
+        t = time.time()
+        checkpoint.load(path, self.policy, self.optimizer)
+        self.step, self.optimizer_steps, self.skipped = saved["step"], saved["optimizer_steps"], saved["skipped"]
+        self.saved_step = self.step
+        stream = dict(saved["stream"])  # its count of replaced examples is summed over ranks: rank 0 carries it
         stream["replaced"] = stream.get("replaced", 0) if self.rank == 0 else 0
+        if saved["global_batch"] != self.cfg.pairs_per_rank * self.world:  # allowed by --allow_config_change
+            stream["index"] = min(stream["index"] * saved["global_batch"] // (self.cfg.pairs_per_rank * self.world),
+                                  self.stream.steps_per_epoch)
         self.stream.load_state_dict(stream)
-        log(f"resumed from {path} at step {self.step}")
+        log(f"resumed from {path} at step {self.step} ({time.time() - t:.1f} s)")
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(out.glob("step_*"))  # only complete checkpoints: partial ones are still named .tmp_*
-    return done[-1] if done else None
+class StepAbandoned(Exception):
+    """A stop request seen inside a step, before the step touched the weights."""
 
 
-def flatten_optimizer_state(optim: dict) -> tuple[dict[str, torch.Tensor], list]:
-    """AdamW's full state dict -> flat safetensors tensors + JSON param groups (no pickle in checkpoints)."""
-    tensors = {f"{name}::{k}": torch.as_tensor(v).contiguous() for name, s in optim["state"].items() for k, v in s.items()}
-    return tensors, optim["param_groups"]
+def open_run(cfg: Config, rank: int, world: int) -> tuple:
+    """Lock out_dir (one live run), check every rank sees it, pick the checkpoint to resume (rank 0 chooses,
+    all check they can read it; a damaged one is reported and the previous used) and refuse a changed config.
 
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    state: dict[str, dict] = {}
-    for key, v in tensors.items():
-        name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = v
-    return {"state": state, "param_groups": param_groups}
+    Returns (the lock, or None off rank 0; the checkpoint or None; its trainer_state or None).
+    """
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    held, error = None, None
+    if rank == 0:
+        try:
+            held = checkpoint.lock(out)
+        except RuntimeError as e:
+            error = str(e)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise SystemExit(message[0])
+    checkpoint.check_shared(out, rank, world)
+    resume = checkpoint.pick(out, rank, world)
+    if resume is None:
+        return held, None, None
+    saved = json.loads((resume / "trainer_state.json").read_text())
+    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world)
+    if diffs and not cfg.allow_config_change:
+        raise SystemExit(f"{resume} was written by a run with another config; resuming it with this one would not "
+                         f"continue that run:\n  " + "\n  ".join(diffs) +
+                         "\npass --allow_config_change=true to resume anyway, or use another --out_dir")
+    if diffs:
+        log(f"warning: resuming {resume} with a changed config (--allow_config_change):\n  " + "\n  ".join(diffs))
+    return held, resume, saved
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -640,14 +683,6 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
     return {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
 
 
-def open_metrics(path: Path, step: int):
-    """The JSONL metrics file, for appending after `step`: rows of steps a resumed run will redo are dropped."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in rows))
-    return open(path, "a")
-
-
 def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
     """Per-rank step metrics -> global ones: sums for the loss and token counts, maxima for maxima, means else."""
     names = sorted(metrics)
@@ -662,7 +697,12 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
 
 
 class Stop:
-    """SIGTERM / Ctrl-C: finish the current step, save, and exit cleanly (all ranks agree on when)."""
+    """SIGTERM / Ctrl-C: abandon the current step at its next phase boundary, save the last finished one, exit.
+
+    torchrun kills its workers --shutdown-timeout seconds after forwarding SIGTERM (default 30; SLURM's KillWait
+    is also 30): so the step is not finished first. Boundaries are after sampling, after scoring, and between
+    micro-batches up to the first optimiser step (`Trainer.boundary`); all ranks agree on each (one all-reduce).
+    """
 
     def __init__(self):
         self.requested = False
@@ -677,23 +717,29 @@ class Stop:
 
 
 def train(cfg: Config) -> dict:
-    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after."""
+    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after, and the final export."""
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     state = Trainer(cfg, rank, world, device)
     step_fn = sft_step if cfg.mode == "sft" else grpo_step  # the score mode is GRPO with other rewards
-    stop = Stop()
+    state.stop = stop = Stop()
     before = heldout_accuracy(state)
     log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
-    metrics_file = open_metrics(state.out / "metrics.jsonl", state.step) if rank == 0 else None
+    metrics_file = checkpoint.open_metrics(state.out / "metrics.jsonl", state.step) if rank == 0 else None
     bar = None
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=state.step, desc=f"{cfg.mode} {Path(cfg.out_dir).name}", dynamic_ncols=True)
     while state.step < cfg.steps:
         t = time.time()
+        position = state.stream.state_dict()
         pairs = next(state.stream)
-        metrics = step_fn(cfg, state, pairs, state.step)
+        try:
+            metrics = step_fn(cfg, state, pairs, state.step)
+        except StepAbandoned:  # the weights are those of the last finished step; so is the stream, again
+            state.optimizer.zero_grad(set_to_none=True)
+            state.stream.load_state_dict(position)
+            stop_run(state, f"stop requested during step {state.step + 1}: abandoned")
         metrics["replaced_examples"] = torch.tensor(float(state.stream.replaced))  # unreadable, so far (skip_bad)
         state.step += 1
         row = reduce_metrics(metrics, world, device)  # two collectives and one host sync per step
@@ -707,12 +753,15 @@ def train(cfg: Config) -> dict:
             metrics_file.flush()
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "reward_accuracy", "heldout_accuracy") if k in row})
-        stopping = stop.agreed(device)
-        if stopping or state.step % cfg.save_every == 0 or state.step == cfg.steps:
+        if stop.agreed(device):
+            stop_run(state, f"stop requested after step {state.step}")
+        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
             state.save()
-        if stopping:
-            log(f"stopped at step {state.step}: checkpoint saved in {cfg.out_dir}")
-            sys.exit(0)
+        if cfg.export_every and state.step % cfg.export_every == 0 and state.step < cfg.steps:
+            state.export()
+    final = checkpoint.export_dir(state.out, state.step)
+    if not (final / "config.json").exists():
+        state.export()
     after = heldout_accuracy(state)
     if rank == 0:
         bar.close()
@@ -722,7 +771,16 @@ def train(cfg: Config) -> dict:
     replaced = int(all_sum(torch.tensor(float(state.stream.replaced), device=device)))
     log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
         f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
-    return {"before": before, "after": after, "final": str(latest_checkpoint(state.out)), "replaced_examples": replaced}
+    return {"before": before, "after": after, "final": str(final), "replaced_examples": replaced}
+
+
+def stop_run(state: Trainer, why: str) -> None:
+    """Save the last finished step (unless saved already, or none), then exit cleanly."""
+    if state.step > state.saved_step:
+        state.save()
+    log(f"{why}; the checkpoint of step {state.step} is in {state.out}")
+    dist.destroy_process_group()
+    sys.exit(0)
 
 
 # ----------------------------------------------------------------------------------------------------------

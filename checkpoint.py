@@ -1,0 +1,333 @@
+"""Checkpoints that survive a cluster: sharded saves every rank writes in parallel, a manifest written last,
+fallback to the last good checkpoint, a lock on the run directory, and `from_pretrained` exports.
+
+    out_dir/
+      step_0000100/          one checkpoint of the run (policy + AdamW + data stream), complete once its
+        __0_0.distcp ...     manifest exists: each rank's shards of the fp32 weights and AdamW moments
+        .metadata            (torch.distributed.checkpoint, DCP); .metadata is DCP's index of the shards
+        trainer_state.json   step, stream position, config, world size, global batch, pixel bounds used
+        manifest.json        every file's size and sha256; written last (fsync, then rename)
+      export_0000100/        a from_pretrained directory: config, safetensors in the starting checkpoint's
+                             dtype, and the starting checkpoint's tokenizer, preprocessor and generation configs
+      metrics.jsonl
+      .lock                  flock held by rank 0 of the live run
+
+No rank ever holds the full optimiser state: each reads and writes its own shards, and DCP reshards when the
+number of ranks changes. DCP's `.metadata` is a pickle (its format, not ours); it is read only from the run's
+own out_dir, and only after its sha256 matched the manifest. Weights handed to others (exports) are safetensors.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_DIR = re.compile(r"step_(\d{7})")
+# Config fields that do not change what is trained: how long, where, how often to evaluate or save, and how
+# the global batch is split over ranks and micro-batches (the stream and the sampling seeds are global).
+NOT_TRAINING = {"out_dir", "steps", "eval_every", "eval_pairs", "eval_data", "eval_images", "save_every",
+                "keep_last", "export_every", "allow_config_change", "activation_checkpointing", "micro_pairs",
+                "pairs_per_rank"}
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / f"step_{step:07d}"
+
+
+def export_dir(out: Path, step: int) -> Path:
+    return out / f"export_{step:07d}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory: one live run, visible to every rank
+
+
+def lock(out: Path):
+    """Rank 0: hold an flock on out_dir/.lock for the life of the process, or raise naming the holder.
+
+    The kernel drops an flock when its process dies, so a lock left by a killed run is taken over.
+    """
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(f"{out} is in use by a live run ({holder}); stop it first or pick another --out_dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def check_shared(out: Path, rank: int, world: int) -> None:
+    """Every rank must see the files rank 0 writes in out_dir (checkpoints are written and read by all)."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = out / f".shared_{token[0]}"
+    if rank == 0:
+        write_synced(probe, token[0].encode())
+    dist.barrier()
+    sees = probe.exists() and probe.read_bytes() == token[0].encode()
+    blind = [None] * world
+    dist.all_gather_object(blind, None if sees else f"rank {rank} on {socket.gethostname()}")
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    blind = [b for b in blind if b]
+    if blind:
+        raise RuntimeError(f"--out_dir={out} is not shared between the nodes: {', '.join(blind)} cannot see a file "
+                           f"rank 0 wrote there; put out_dir on a filesystem every node mounts")
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write through a temporary name, fsync, rename: the file is complete or absent."""
+    tmp = path.with_name(f".tmp_{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and load: every rank its own shards
+
+
+def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last: int) -> Path:
+    """Write step_{step}/ collectively: DCP shards by every rank, then trainer_state.json, then the manifest.
+
+    Each rank hashes the files it wrote; rank 0 writes the manifest last and renames the directory into place.
+    An older directory of the same name (a damaged checkpoint the run fell back from) is renamed `*.damaged`.
+    """
+    rank = dist.get_rank()
+    final = step_dir(out, step)
+    tmp = out / f".tmp_{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)  # this rank's shards (DTensors), fp32
+    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.glob(f"__{rank}_*"))}
+    if rank == 0:
+        write_synced(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
+        mine.update({name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
+                     for name in (".metadata", "trainer_state.json")})
+    files = [None] * dist.get_world_size()
+    dist.all_gather_object(files, mine)
+    if rank == 0:
+        manifest = {"step": step, "files": {k: v for f in files for k, v in sorted(f.items())}}
+        write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        if final.exists():
+            shutil.rmtree(final.with_name(final.name + ".damaged"), ignore_errors=True)
+            os.replace(final, final.with_name(final.name + ".damaged"))
+        os.replace(tmp, final)  # atomic: a step_* directory is complete, or absent, or damaged later
+        sync_dir(out)
+        for old in checkpoints(out)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load(path: Path, policy, optimizer) -> dict:
+    """Read step_*/ into the (sharded) policy and optimiser, each rank its own shards; return trainer_state."""
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The step_NNNNNNN directories, oldest first; other names (step_notes.txt, *.damaged, .tmp_*) are ignored."""
+    return sorted(p for p in out.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
+
+
+def problem(path: Path, rank: int, world: int) -> str | None:
+    """What is wrong with checkpoint `path` as this rank sees it, or None.
+
+    Every rank checks that each file exists with its manifest size; the sha256 sums are split over ranks.
+    """
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "no manifest.json (an interrupted save, or not a checkpoint)"
+    except (ValueError, OSError) as e:
+        return f"manifest.json unreadable ({e})"
+    files = sorted(manifest.get("files", {}).items())
+    if not any(name.endswith(".distcp") for name, _ in files) or "trainer_state.json" not in dict(files):
+        return "manifest.json lists no shards or no trainer_state.json"
+    for i, (name, entry) in enumerate(files):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
+        if i % world == rank and sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in manifest.json"
+    return None
+
+
+def pick(out: Path, rank: int, world: int) -> Path | None:
+    """The newest checkpoint every rank can read, chosen by rank 0 and checked by all; damaged ones are reported
+    and skipped. None when out_dir has no checkpoint; an error when it has some and none is usable."""
+    names = [[p.name for p in checkpoints(out)] if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    damaged = []
+    for name in reversed(names[0]):
+        seen = [None] * world
+        dist.all_gather_object(seen, problem(out / name, rank, world))
+        bad = [f"rank {r}: {p}" for r, p in enumerate(seen) if p]
+        if not bad:
+            return out / name
+        damaged.append(f"{out / name}: {'; '.join(bad)}")
+        if rank == 0:
+            print(f"warning: checkpoint {out / name} is damaged ({'; '.join(bad)}); trying the previous one", flush=True)
+    if damaged:
+        raise RuntimeError(f"no usable checkpoint in {out}:\n  " + "\n  ".join(damaged) +
+                           "\nmove them away to start this run afresh")
+    return None
+
+
+def config_differences(saved: dict, saved_world: int, current: dict, world: int) -> list[str]:
+    """Fields that change training and differ between a checkpoint's run and this one (global batch included)."""
+    diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+             if k not in NOT_TRAINING and k in saved and saved[k] != v]
+    diffs += [f"--{k}: new option (default {current[k]!r})" for k in current if k not in saved and k not in NOT_TRAINING]
+    before, after = saved["pairs_per_rank"] * saved_world, current["pairs_per_rank"] * world
+    if before != after:
+        diffs.append(f"global batch (pairs_per_rank x world size): {saved['pairs_per_rank']} x {saved_world} = "
+                     f"{before} -> {current['pairs_per_rank']} x {world} = {after}")
+    return diffs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exports: what evaluate.py and from_pretrained read
+
+
+WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.safetensors\.index\.json$|config\.json$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def start_dtype(start: str) -> torch.dtype:
+    """The dtype the starting checkpoint stores its weights in (its config's dtype); the toy is fp32."""
+    if start == "toy":
+        return torch.float32
+    config = json.loads((Path(start) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or config.get("text_config", {}).get("dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 30) -> Path:
+    """A from_pretrained directory of the policy, collectively: each weight gathered in turn and cast to the
+    starting checkpoint's dtype on rank 0 (its host holds the bf16 model, 16 GB at 7B, not the fp32 one).
+
+    The tokenizer, preprocessor_config.json and generation_config.json are the starting checkpoint's files,
+    copied unchanged (a run's --max_pixels is recorded in trainer_state.json, not here).
+    """
+    rank, dtype = dist.get_rank(), start_dtype(start)
+    weights = {}
+    for name, value in policy.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value  # collective
+        if rank == 0:
+            weights[name.replace("_checkpoint_wrapped_module.", "")] = value.detach().to("cpu", dtype).clone()
+    if rank == 0:
+        tmp = final.with_name(f".tmp_{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = policy.config
+        config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        save_weights(weights, tmp, shard_bytes)
+        if start == "toy":
+            processor.save_pretrained(str(tmp))
+        else:
+            for f in sorted(Path(start).iterdir()):
+                if f.is_file() and not WEIGHTS.fullmatch(f.name) and f.name != "trainer_state.json":
+                    shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        sync_dir(final.parent)
+    dist.barrier()
+    return final
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path, shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger than shard_bytes (as published)."""
+    from safetensors.torch import save_file
+    shards, size = [{}], 0
+    for name, t in weights.items():
+        if size and size + t.nbytes > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t, size + t.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    index = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        index.update(dict.fromkeys(shard, name))
+    total = sum(t.nbytes for t in weights.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": index}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def open_metrics(path: Path, step: int):
+    """The JSONL metrics file, for appending after `step`. Rows of steps a resumed run will redo are dropped,
+    and so is a partial last line (a kill mid-write), with a warning; the file is rewritten atomically."""
+    if path.exists():
+        lines = path.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    print(f"warning: {path}: dropping a partial last line {i + 1} ({line[:60]!r})", flush=True)
+                    continue
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+            if row["step"] <= step:
+                rows.append(line)
+        write_synced(path, "".join(line + "\n" for line in rows).encode())
+    return open(path, "a")
