@@ -635,8 +635,11 @@ def open_run(cfg: Config, rank: int, world: int) -> tuple:
     dist.broadcast_object_list(message, src=0)
     if message[0]:
         raise SystemExit(message[0])
-    checkpoint.check_shared(out, rank, world)
-    resume = checkpoint.pick(out, rank, world)
+    try:
+        checkpoint.check_shared(out, rank, world)
+        resume = checkpoint.pick(out, rank, world)
+    except RuntimeError as e:  # an out_dir not shared between nodes; no usable checkpoint
+        raise SystemExit(str(e)) from None
     if resume is None:
         return held, None, None
     saved = json.loads((resume / "trainer_state.json").read_text())

@@ -200,3 +200,16 @@ def test_export_keeps_the_starting_checkpoints_files_and_dtype(run, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
     assert model.dtype == torch.bfloat16 and list(model.generation_config.eos_token_id) == [2, 1]
+
+
+def test_out_dir_not_shared_between_ranks_is_reported(tmp_path):
+    """Two ranks whose --out_dir resolves to different directories (as on two nodes without a shared
+    filesystem): both stop at start with a message naming the rank that cannot see rank 0's files."""
+    script = tmp_path / "two_views.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                      f"os.makedirs(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']), exist_ok=True)\n"
+                      f"os.chdir(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']))\n"
+                      "import train\ntrain.main()\n")
+    run = launch([*SFT, "--out_dir=run"], nproc=2, script=script, check=False)
+    assert run.returncode != 0
+    assert "--out_dir=run is not shared between the nodes: rank 1 on" in run.stdout + run.stderr, run.stderr[-3000:]
