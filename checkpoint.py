@@ -221,11 +221,13 @@ def pick(out: Path, rank: int, world: int) -> Path | None:
     return None
 
 
-def config_differences(saved: dict, saved_world: int, current: dict, world: int) -> list[str]:
-    """Fields that change training and differ between a checkpoint's run and this one (global batch included)."""
+def config_differences(saved: dict, saved_world: int, current: dict, world: int, defaults: dict) -> list[str]:
+    """Fields that change training and differ between a checkpoint's run and this one (global batch included).
+    An option newer than the checkpoint counts only when it is set to other than its default."""
     diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
              if k not in NOT_TRAINING and k in saved and saved[k] != v]
-    diffs += [f"--{k}: new option (default {current[k]!r})" for k in current if k not in saved and k not in NOT_TRAINING]
+    diffs += [f"--{k}: not an option when the checkpoint was written; now {current[k]!r}" for k in current
+              if k not in saved and k not in NOT_TRAINING and current[k] != defaults.get(k)]
     before, after = saved["pairs_per_rank"] * saved_world, current["pairs_per_rank"] * world
     if before != after:
         diffs.append(f"global batch (pairs_per_rank x world size): {saved['pairs_per_rank']} x {saved_world} = "

@@ -643,7 +643,8 @@ def open_run(cfg: Config, rank: int, world: int) -> tuple:
     if resume is None:
         return held, None, None
     saved = json.loads((resume / "trainer_state.json").read_text())
-    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world)
+    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world,
+                                          dataclasses.asdict(Config()))
     if diffs and not cfg.allow_config_change:
         raise SystemExit(f"{resume} was written by a run with another config; resuming it with this one would not "
                          f"continue that run:\n  " + "\n  ".join(diffs) +

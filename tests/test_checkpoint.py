@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
+from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, real_checkpoint  # noqa: E402, F401
 from test_train import launch  # noqa: E402
 
 SFT = ["--mode=sft", "--train_data=toy", "--eval_data=toy", "--sft_answers=random", "--pairs_per_rank=4", "--micro_pairs=4", "--lr=1e-3", "--steps=2",
@@ -133,11 +134,16 @@ def test_changed_config_is_refused_unless_allowed(run, tmp_path):
 
 def test_config_differences():
     cfg = {"seed": 0, "lr": 1e-3, "pairs_per_rank": 2, "micro_pairs": 1, "steps": 10, "out_dir": "a"}
+    defaults = dict(cfg, skip_bad=False)
     same_batch = dict(cfg, pairs_per_rank=4, micro_pairs=4, steps=20, out_dir="b")
-    assert checkpoint.config_differences(cfg, 2, same_batch, 1) == []
-    assert checkpoint.config_differences(cfg, 2, dict(cfg, lr=1e-4), 2) == ["--lr: 0.001 -> 0.0001"]
-    assert checkpoint.config_differences(cfg, 2, cfg, 1) == [
+    assert checkpoint.config_differences(cfg, 2, same_batch, 1, defaults) == []
+    assert checkpoint.config_differences(cfg, 2, dict(cfg, lr=1e-4), 2, defaults) == ["--lr: 0.001 -> 0.0001"]
+    assert checkpoint.config_differences(cfg, 2, cfg, 1, defaults) == [
         "global batch (pairs_per_rank x world size): 2 x 2 = 4 -> 2 x 1 = 2"]
+    # an option added after the checkpoint was written: fine at its default, a difference when set
+    assert checkpoint.config_differences(cfg, 2, dict(cfg, skip_bad=False), 2, defaults) == []
+    assert checkpoint.config_differences(cfg, 2, dict(cfg, skip_bad=True), 2, defaults) == [
+        "--skip_bad: not an option when the checkpoint was written; now True"]
 
 
 def test_metrics_partial_last_line_is_dropped(tmp_path, capsys):
@@ -172,34 +178,31 @@ def test_one_live_run_per_out_dir(run, tmp_path):
     checkpoint.lock(out).close()
 
 
-def test_export_keeps_the_starting_checkpoints_files_and_dtype(run, tmp_path):
-    """From a bf16 start with a generation config and a published-size preprocessor config, a run with
-    --max_pixels: its export holds bf16 weights and those two files unchanged; the bounds used are in
-    trainer_state.json."""
-    start = tmp_path / "start"
-    shutil.copytree(run / "export_0000002", start)
-    weights = load_file(start / "model.safetensors")
-    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, start / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((start / "config.json").read_text())
-    (start / "config.json").write_text(json.dumps(dict(config, dtype="bfloat16")))
-    pre = json.loads((start / "preprocessor_config.json").read_text())
-    pre["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}
-    (start / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    (start / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "pad_token_id": 1,
-                                                              "do_sample": True, "temperature": 0.1}))
+def test_export_of_a_published_layout_start(real_checkpoint, tmp_path):
+    """From a directory laid out like the Qwen2.5-VL-7B-Instruct download (bf16 shards with an index, published
+    preprocessor and generation configs, real vocabulary), on 2 processes (rank 0 reads the weights and
+    broadcasts them), with --max_pixels and lr 0: the export holds the starting weights bit for bit, in bf16, and
+    the starting checkpoint's preprocessor, generation and tokenizer files unchanged; the pixel bounds the run
+    used are in trainer_state.json."""
     out = tmp_path / "out"
-    launch([*SFT, "--steps=1", f"--model={start}", "--max_pixels=50176", f"--out_dir={out}"])
+    launch([*SFT, "--steps=1", "--lr=0", "--pairs_per_rank=2", "--micro_pairs=2", f"--model={real_checkpoint}",
+            "--max_pixels=50176", f"--out_dir={out}"], nproc=2)
     export = out / "export_0000001"
-    for name in ("preprocessor_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        assert (export / name).read_bytes() == (start / name).read_bytes(), name
+    for name in ("preprocessor_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.json"):
+        assert (export / name).read_bytes() == (real_checkpoint / name).read_bytes(), name
     exported = load_file(export / "model.safetensors")
-    assert exported.keys() == weights.keys() and {v.dtype for v in exported.values()} == {torch.bfloat16}
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}
     assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
     state = json.loads((out / "step_0000001/trainer_state.json").read_text())
-    assert state["pixels"] == {"min_pixels": 3136, "max_pixels": 50176}
+    assert state["pixels"] == {"min_pixels": PREPROCESSOR_CONFIG["min_pixels"], "max_pixels": 50176}
     from transformers import Qwen2_5_VLForConditionalGeneration
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export)
-    assert model.dtype == torch.bfloat16 and list(model.generation_config.eos_token_id) == [2, 1]
+    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(real_checkpoint, use_safetensors=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, use_safetensors=True)
+    assert model.dtype == torch.bfloat16 and model.generation_config.eos_token_id == GENERATION_CONFIG["eos_token_id"]
+    expected = start.state_dict()
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, expected[name]), name
 
 
 def test_out_dir_not_shared_between_ranks_is_reported(tmp_path):
