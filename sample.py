@@ -262,8 +262,8 @@ class StaticDecoder:
         self.mask[:, self.column] = live  # outside the step: the column index changes every step
         if self.compile and self.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        logits = self.step(self.text, self.lm_head, self.cache, token, self.next_position, self.rope_deltas,
-                           self.mask)  # (N, V)
+        logits = self.step(self.text, self.lm_head, self.cache, token.contiguous(), self.next_position,
+                           self.rope_deltas, self.mask)  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
         return logits

@@ -108,6 +108,8 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the rollouts", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    compile: bool = option(False, "decode on a static KV cache with a compiled step (sample.StaticDecoder; CUDA "
+                                  "graphs on GPU); false: the eager reference decode")
     num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
     clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
     clip_high: float = option(0.2, "PPO clip range above 1 (eq. (2))", min=0.0)
@@ -364,7 +366,7 @@ def grpo_step(cfg: Config, state: "Trainer", pairs: list, step: int) -> dict:
     rollouts = sample.sample(state.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                              stop_token_ids=sample.stop_token_ids(tok), pad_token_id=tok.pad_token_id,
-                             generator=state.generators(pairs, step))
+                             generator=state.generators(pairs, step), decoder=state.decoder)
     texts = rollouts.texts(tok)
     t1 = time.time()
     state.boundary()  # a stop request abandons the step here, or at the next boundary
@@ -525,6 +527,9 @@ class Trainer:
             model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
             self.listener = listener.Listener(model, self.processor)
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        # --compile: the decode runs on a plain copy of the gathered text weights (bf16 on GPU), see sample.py
+        self.decoder = sample.StaticDecoder(compile=True, dtype=torch.bfloat16 if device.type == "cuda" else None) \
+            if cfg.compile else None
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.stream = PairStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
@@ -676,7 +681,7 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
         batch = to_device(state.processor.encode(pairs or state.spare), device)
         rollouts = sample.sample(state.policy, batch, num_samples=1, max_new_tokens=state.cfg.max_new_tokens,
                                  temperature=0.0, stop_token_ids=sample.stop_token_ids(tok),
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, decoder=state.decoder)
         for example, text in zip(pairs, rollouts.texts(tok)):
             if isinstance(example, data.Rated):  # the score mode: the exact rating
                 answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]

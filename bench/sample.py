@@ -1,5 +1,7 @@
 """Benchmark: `sample.sample` (one prefill per prompt, KV cache copied to the G rollouts) against
 `model.generate(num_return_sequences=G, do_sample=True)`, on the same model, inputs and number of new tokens.
+`sample.sample` runs three ways: its eager reference decode (`sample`), the static KV cache run eagerly
+(`static`) and compiled (`compiled`, `torch.compile`; CUDA graphs on GPU), each at every `--new_tokens` length.
 
 Both ignore EOS (stop_token_ids=[]; generate with eos_token_id=None) so both write exactly `new_tokens`
 tokens per row, both block the vision special tokens (a sampled <|image_pad|> breaks the next forward), both
@@ -10,8 +12,13 @@ model; each method's memory is measured in a fresh subprocess, after a warm-up, 
   before the timed run) minus its resident size at that moment: what the run added, torch's allocations
   included (tracemalloc does not see them), with freed heap pages given back to the OS first (malloc_trim)
   so that reused pages count; on GPU: torch.cuda.max_memory_allocated minus what was allocated before.
-- time: the fastest of `repeats` runs, the two methods taking turns; prefill time: a run with one new token;
-  decode time per step: (full run - that) / (new_tokens - 1).
+- time: the fastest of `repeats` runs, the methods taking turns; prefill time: a run with one new token.
+  Decode time per step: the median interval between successive token choices (timestamps taken where each
+  method picks its next token: `sample.choose`, a logits processor in `generate`), over all steps of all
+  repeats; a median of hundreds of steps resists the bursts of load of a shared machine, which the
+  difference of two end-to-end times does not. Compile time: the first compiled run at a length minus the
+  fastest one, reported apart (it is paid once per shape of the step, not per run).
+- peak memory: at the longest `new_tokens` only.
 
 `--shape=7b` builds a randomly initialised model with Qwen2.5-VL-7B's dimensions (GPU only) and compares the
 decode step with its memory-bandwidth floor: every decode step reads all text weights once, so it cannot take
@@ -29,6 +36,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -50,13 +58,13 @@ class Config:
     shape: str = "small"  # small: hidden 512, 4 layers, 4 vision blocks | 7b: Qwen2.5-VL-7B's dimensions (GPU)
     prompts: int = 2  # B
     group: int = 8  # G rollouts per prompt
-    new_tokens: int = 64
+    new_tokens: str = "64,256"  # comma-separated lengths, each timed
     image: int = 448  # images are image x image pixels: (image / 28)^2 tokens each after the 2x2 merge
     threads: int = 2  # torch CPU threads
     bandwidth: float = 3.35e12  # GPU memory bandwidth in bytes/s (H100 SXM), for the --shape=7b floor
     seed: int = 0
     repeats: int = 3  # timings are the fastest of this many runs
-    worker: str = ""  # internal: "sample" or "generate" runs one method in this process
+    worker: str = ""  # internal: one method's peak memory, measured in this process
 
 
 SMALL = dict(hidden=512, layers=4, heads=8, kv_heads=2, vision_hidden=256, vision_depth=4, vision_heads=4)
@@ -102,20 +110,46 @@ def build_batch(cfg: Config, tok) -> dict:
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 
-def run_sample(model, batch, cfg: Config, new_tokens: int) -> int:
+DECODERS = {}  # method -> sample.StaticDecoder, built once per process so that its compiled step is kept
+
+
+STAMPS: list[float] = []  # perf_counter() at each token choice of the current run
+
+
+def stamp(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # the step's kernels are done: the interval is the step's time
+    STAMPS.append(time.perf_counter())
+
+
+def stamped_choose(choose):
+    """`sample.choose`, recording the time at which each step's logits are ready."""
+    def wrapper(logits, *args, **kwargs):
+        stamp(str(logits.device))
+        return choose(logits, *args, **kwargs)
+    return wrapper
+
+
+def run_sample(model, batch, cfg: Config, new_tokens: int, method: str = "sample") -> int:
     rollouts = sample.sample(model, batch, num_samples=cfg.group, max_new_tokens=new_tokens, temperature=1.0,
-                             stop_token_ids=[])
+                             stop_token_ids=[], decoder=DECODERS.get(method))
     return rollouts.mask.sum().item()
 
 
-def run_generate(model, batch, cfg: Config, new_tokens: int) -> int:
-    from transformers import GenerationConfig
+def run_generate(model, batch, cfg: Config, new_tokens: int, method: str = "generate") -> int:
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):  # called once per step, with that step's logits
+        def __call__(self, input_ids, scores):
+            stamp(str(scores.device))
+            return scores
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=cfg.group,
                               max_new_tokens=new_tokens, eos_token_id=None,
                               pad_token_id=model.config.text_config.pad_token_id,
                               suppress_tokens=[getattr(model.config, k) for k in sample.VISION_TOKEN_KEYS])
     with torch.no_grad():
-        out = model.generate(**batch, generation_config=config)  # (N, T_prompt + new_tokens)
+        out = model.generate(**batch, generation_config=config,
+                             logits_processor=LogitsProcessorList([Stamp()]))  # (N, T_prompt + new_tokens)
     return out[:, batch["input_ids"].shape[1]:].numel()
 
 
@@ -165,16 +199,27 @@ def timed(fn, device: str) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-METHODS = {"sample": run_sample, "generate": run_generate}
+METHODS = {"sample": run_sample, "static": run_sample, "compiled": run_sample, "generate": run_generate}
+
+
+def lengths(cfg: Config) -> list[int]:
+    return [int(n) for n in cfg.new_tokens.split(",")]
 
 
 def setup(cfg: Config):
+    """The model, the batch, and the compile time of each length (seconds); every method warmed up."""
     torch.set_num_threads(cfg.threads)
+    DECODERS.update(static=sample.StaticDecoder(), compiled=sample.StaticDecoder(compile=True))
+    sample.choose = stamped_choose(sample.choose)
     tok = toy.make_tokenizer()
     model, batch = build_model(cfg, tok), build_batch(cfg, tok)
-    for run in METHODS.values():
-        run(model, batch, cfg, 2)  # warm-up: kernels, allocator, lazy initialisation
-    return model, batch
+    compile_seconds = {}
+    for method, run in METHODS.items():
+        if method != "compiled":  # its first run at each length is timed below
+            run(model, batch, cfg, 2, method)  # warm-up: kernels, allocator, lazy initialisation
+    for n in lengths(cfg):  # the first compiled run at each length compiles the step for its cache shape
+        compile_seconds[n], _ = timed(lambda: run_sample(model, batch, cfg, n, "compiled"), cfg.device)
+    return model, batch, compile_seconds
 
 
 def peak_memory(cfg: Config) -> dict:
@@ -182,10 +227,11 @@ def peak_memory(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     tok = toy.make_tokenizer()
     model, batch = build_model(cfg, tok), build_batch(cfg, tok)
-    run = METHODS[cfg.worker]
-    run(model, batch, cfg, 2)  # warm-up
+    DECODERS.update(static=sample.StaticDecoder(), compiled=sample.StaticDecoder(compile=True))
+    run, n = METHODS[cfg.worker], max(lengths(cfg))
+    run(model, batch, cfg, n, cfg.worker)  # warm-up (and compile)
     before = memory_now(cfg.device)
-    run(model, batch, cfg, cfg.new_tokens)
+    run(model, batch, cfg, n, cfg.worker)
     return {"peak_bytes": memory_peak(cfg.device) - before}
 
 
@@ -201,15 +247,22 @@ def launch(cfg: Config, method: str) -> dict:
 
 
 def timings(cfg: Config, model, batch) -> dict:
-    """Fastest of `cfg.repeats` runs of each method, the methods taking turns, so that load from other
-    processes on a shared machine (which only ever adds time) hits both alike."""
-    best = {m: {"seconds": float("inf"), "prefill_seconds": float("inf")} for m in METHODS}
+    """Fastest of `cfg.repeats` runs of each (method, length), the methods taking turns, so that load from
+    other processes on a shared machine (which only ever adds time) hits them alike."""
+    best = {(m, n): {"seconds": float("inf"), "prefill_seconds": float("inf"), "steps": []}
+            for n in lengths(cfg) for m in METHODS}
     for _ in range(cfg.repeats):
-        for method, run in METHODS.items():
-            prefill_s, _ = timed(lambda: run(model, batch, cfg, 1), cfg.device)
-            seconds, tokens = timed(lambda: run(model, batch, cfg, cfg.new_tokens), cfg.device)
-            best[method] = {"seconds": min(seconds, best[method]["seconds"]), "tokens": tokens,
-                            "prefill_seconds": min(prefill_s, best[method]["prefill_seconds"])}
+        for n in lengths(cfg):
+            for method, run in METHODS.items():
+                prefill_s, _ = timed(lambda: run(model, batch, cfg, 1, method), cfg.device)
+                STAMPS.clear()
+                seconds, tokens = timed(lambda: run(model, batch, cfg, n, method), cfg.device)
+                b = best[method, n]
+                b["steps"] += [later - earlier for earlier, later in zip(STAMPS, STAMPS[1:])]  # n - 1 steps
+                best[method, n].update(seconds=min(seconds, b["seconds"]), tokens=tokens,
+                                       prefill_seconds=min(prefill_s, b["prefill_seconds"]))
+    for r in best.values():
+        r["decode_step"] = statistics.median(r.pop("steps"))
     return best
 
 
@@ -219,23 +272,27 @@ def device_name(cfg: Config) -> str:
     return f"CPU, {os.cpu_count()} cores, torch threads {cfg.threads}"
 
 
-def report(cfg: Config, results: dict, text_bytes: int) -> None:
+def report(cfg: Config, results: dict, compile_seconds: dict, text_bytes: int) -> None:
+    """One table per length: each method's time, and its decode step against `generate`'s."""
     rows = cfg.prompts * cfg.group
-    print(f"{'method':<10}{'seconds':>9}{'tokens/s':>10}{'prefill s':>11}{'decode ms/step':>16}{'peak MiB':>10}")
-    for method, r in results.items():
-        decode_step = (r["seconds"] - r["prefill_seconds"]) / max(cfg.new_tokens - 1, 1)
-        r["decode_step"] = decode_step
-        print(f"{method:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.1f}{r['prefill_seconds']:>11.2f}"
-              f"{decode_step * 1e3:>16.1f}{r['peak_bytes'] / 2**20:>10.0f}")
-    s, g = results["sample"], results["generate"]
-    print(f"speed-up of sample over generate: {g['seconds'] / s['seconds']:.2f}x   "
-          f"peak memory ratio generate / sample: {g['peak_bytes'] / max(s['peak_bytes'], 1):.2f}")
+    floor = text_bytes / cfg.bandwidth  # seconds per decode step, weights read once (GPU)
+    for n in lengths(cfg):
+        print(f"\n{n} new tokens per row, {rows} rows")
+        print(f"{'method':<10}{'seconds':>9}{'tokens/s':>10}{'prefill s':>11}{'decode ms/step':>16}"
+              f"{'decode tok/s':>14}{'step vs generate':>18}{'peak MiB':>10}")
+        for method in METHODS:
+            r, g = results[method, n], results["generate", n]
+            peak = f"{r['peak_bytes'] / 2**20:>10.0f}" if "peak_bytes" in r else f"{'':>10}"
+            print(f"{method:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.1f}{r['prefill_seconds']:>11.2f}"
+                  f"{r['decode_step'] * 1e3:>16.2f}{rows / r['decode_step']:>14.0f}"
+                  f"{g['decode_step'] / r['decode_step']:>17.2f}x{peak}")
+            if cfg.device.startswith("cuda"):
+                print(f"{'':<10}decode step {r['decode_step'] / floor:.2f}x the bandwidth floor")
+        print(f"compile time of the decode step (first compiled run - fastest): "
+              f"{compile_seconds[n] - results['compiled', n]['seconds']:.1f} s")
     if cfg.device.startswith("cuda"):
-        floor = text_bytes / cfg.bandwidth  # seconds per decode step, weights read once
-        print(f"bandwidth floor: {text_bytes / 1e9:.2f} GB of text weights / {cfg.bandwidth / 1e12:.2f} "
-              f"TB/s = {floor * 1e3:.2f} ms/step ({rows / floor:.0f} tokens/s at {rows} rows); "
-              f"sample's decode step is {s['decode_step'] / floor:.2f}x the floor "
-              f"({rows / s['decode_step']:.0f} tokens/s in decode)")
+        print(f"bandwidth floor: {text_bytes / 1e9:.2f} GB of text weights / {cfg.bandwidth / 1e12:.2f} TB/s = "
+              f"{floor * 1e3:.2f} ms/step ({rows / floor:.0f} tokens/s at {rows} rows)")
 
 
 def parse() -> Config:
@@ -250,18 +307,18 @@ def main() -> None:
     if cfg.worker:
         print("RESULT " + json.dumps(peak_memory(cfg)), flush=True)
         return
-    print(f"device: {device_name(cfg)}\nconfig: {cfg}")
+    print(f"device: {device_name(cfg)}\nconfig: {cfg}", flush=True)
     memory = {method: launch(cfg, method) for method in METHODS}  # first, while this process holds no model
-    model, batch = setup(cfg)
+    model, batch, compile_seconds = setup(cfg)
     results = timings(cfg, model, batch)
     for method in METHODS:
-        results[method].update(memory[method])
+        results[method, max(lengths(cfg))].update(memory[method])
     text = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     text_bytes = sum(p.numel() * p.element_size() for p in text)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; B={cfg.prompts} prompts of "
           f"{batch['input_ids'].shape[1]} tokens (two {cfg.image}x{cfg.image} images each), G={cfg.group}, "
-          f"{cfg.new_tokens} new tokens per row, {cfg.dtype}")
-    report(cfg, results, text_bytes)
+          f"{cfg.dtype}; decode step: median time between two token choices")
+    report(cfg, results, compile_seconds, text_bytes)
 
 
 if __name__ == "__main__":

@@ -275,15 +275,18 @@ def test_static_decoder_reused_across_batches(model, batch):
 
 def test_compiled_decoder_matches_eager(tok, model, batch):
     """The one compiled case of the suite (torch.compile takes about 20 s on this CPU): greedy and sampled
-    rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included."""
+    rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included; the
+    second call reuses the compiled step (same rows, same cache length) without recompiling."""
     decoder = sample.StaticDecoder(compile=True)
     gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]
     free = sample.sample(model, batch, num_samples=2, max_new_tokens=10, stop_token_ids=[], generator=gens())
     stop = [int(free.tokens[1, 4])]  # row 1 stops at step 4, the others run on unless they draw it too
-    for temperature in (0.0, 1.0):
+    for temperature, stance in ((0.0, "default"), (1.0, "fail_on_recompile")):  # compiled once, then reused
         run = lambda d: sample.sample(model, batch, num_samples=2, max_new_tokens=10, temperature=temperature,
                                       stop_token_ids=stop, generator=gens(), decoder=d)
-        expected, got = run(None), run(decoder)
+        expected = run(None)
+        with torch.compiler.set_stance(stance):
+            got = run(decoder)
         assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.stopped, expected.stopped)
         torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
     assert expected.stopped[1] and not expected.stopped.all()
