@@ -155,3 +155,61 @@ def test_absolute_scores_rank_groups_by_expected_rating(tmp_path):
         right = [scores[g * 4 + a] > scores[g * 4 + b] for g in range(2) for a, b in combinations(range(4), 2)]
         assert report["accuracy"][f"mean@{j}"]["accuracy"] == pytest.approx(statistics.fmean(right))
     assert "(abs score), Mean@2" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- the README's real-use commands, on the fixture
+
+
+def exported(out_dir: Path) -> Path:
+    """The newest from_pretrained directory a run wrote (config.json next to safetensors weights)."""
+    dirs = [c.parent for c in out_dir.rglob("config.json") if any(c.parent.glob("*.safetensors"))]
+    assert dirs, f"no checkpoint under {out_dir}"
+    return sorted(dirs)[-1]
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    return write_imagereward(tmp_path_factory.mktemp("real_data"), prompts=4, per_group=3)
+
+
+TINY_REAL = ["--max_pixels=3136", "--max_new_tokens=8", "--group_size=2", "--pairs_per_rank=1", "--steps=2",
+             "--eval_pairs=2", "--eval_every=0", "--lr=1e-4", "--warmup_steps=1"]
+
+
+def test_grpo_with_listener_on_two_processes_then_evaluate(real_checkpoint, real_data, tmp_path):
+    """README: torchrun train.py --mode=grpo on a published-layout checkpoint (no pad id in its config), with the
+    listener, 2 processes, 2 steps; then evaluate.py on the checkpoint it saved, on a dataset and as a reward
+    model (--prompt ... --images)."""
+    out = tmp_path / "grpo"
+    run = run_script(["train.py", "--mode=grpo", f"--model={real_checkpoint}", f"--train_data=imagereward:{real_data}",
+                      f"--eval_data=imagereward:{real_data}", *TINY_REAL, f"--out_dir={out}"], nproc=2)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("listener_p_correct" in r for r in rows)
+    checkpoint = exported(out)
+    run = run_script(["evaluate.py", "--model", str(checkpoint), "--data", f"imagereward:{real_data}",
+                      "--max-pixels", "3136", "--max-new-tokens", "8", "--k", "2", "--both-orders",
+                      "--out", str(tmp_path / "eval")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["comparisons"] == 4 * 2 and "mean@2 both orders" in report["accuracy"]
+    images = [str(real_data.parent / "images" / f"{i}.png") for i in range(3)]
+    run = run_script(["evaluate.py", "--model", str(checkpoint), "--prompt", "a red fox", "--images", *images,
+                      "--max-pixels", "3136", "--max-new-tokens", "8"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "best: " in run.stdout and len([ln for ln in run.stdout.splitlines() if ln[:1].isdigit()]) == 3
+
+
+def test_score_mode_then_absolute_evaluation(real_checkpoint, real_data, tmp_path):
+    """README: train.py --mode=score (section 5) on the published-layout checkpoint, then evaluate.py
+    --scoring absolute on what it saved: table 3's abs-score row."""
+    out = tmp_path / "score"
+    run = run_script(["train.py", "--mode=score", f"--model={real_checkpoint}", f"--train_data=imagereward:{real_data}",
+                      *TINY_REAL, f"--out_dir={out}"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_script(["evaluate.py", "--model", str(exported(out)), "--scoring", "absolute", "--data",
+                      f"imagereward:{real_data}", "--max-pixels", "3136", "--max-new-tokens", "8",
+                      "--out", str(tmp_path / "eval")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["scoring"] == "absolute" and report["images"] == 12 and report["accuracy"]["mean@1"]["pairs"] == 12
