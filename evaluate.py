@@ -69,7 +69,7 @@ import cli
 import data
 from cli import fail, option
 from data import PROMPT, Group, Pair, PromptFormat, left_pad, swapped
-from listener import Listener, answer_probs, reasoning_of
+from listener import Listener, answer_probs, answer_slots, answer_token_ids, reasoning_of
 from reward import parse_completion
 from sample import sample as sample_rollouts, stop_token_ids
 
@@ -111,8 +111,23 @@ def vote_share(answers: Sequence[int | None]) -> float:
     return sum(readable) / len(readable) if readable else 0.5
 
 
+def sampled_p_b(processor, pairs: list[Pair], texts: list[str], rollouts, fmt: PromptFormat) -> torch.Tensor:
+    """(B, G) p(b) read from the sampler's own answer logits, NaN where it cannot be.
+
+    Where a completion's first tokens are exactly what the second pass would read (`listener_prefix` of its
+    reasoning, as the tokenizer writes it: `listener.answer_slots`), the logits the sampler computed at that
+    slot are the second pass's, so eq. (4) is read from them with no second prefill.
+    """
+    slots = answer_slots(processor.tokenizer, pairs, texts, rollouts.tokens, rollouts.mask, fmt).cpu()  # (N,)
+    watched = rollouts.watched.cpu()  # (N, T, 2)
+    ok = (slots >= 0) & (slots < watched.shape[1])  # (N,)
+    rows = torch.arange(len(slots))
+    p = watched[rows, slots.clamp(0, watched.shape[1] - 1)].softmax(-1)[:, 1]  # (N,) eq. (4)
+    return torch.where(ok, p, torch.nan).view(len(pairs), -1)  # (B, G)
+
+
 def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: bool, sampling: dict,
-                   fmt: PromptFormat) -> list[Comparison]:
+                   fmt: PromptFormat, reuse: bool = True) -> list[Comparison]:
     """k rollouts per pair, then p(b) given each rollout's reasoning, read by the reasoner itself (eq. (4))."""
     if no_thinking:  # table 5: the reasoning is a fixed sentence, so one "rollout" says everything
         reasonings = [[fmt.no_thinking] for _ in pairs]
@@ -121,13 +136,17 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
     else:
         device = next(model.parameters()).device
         batch = {key: value.to(device) for key, value in processor.pairs(pairs, fmt).items()}
-        rollouts = sample_rollouts(model, batch, num_samples=k, **sampling)  # tokens (N, T), rows b*G + g
+        answer_ids = answer_token_ids(processor.tokenizer, fmt) if reuse else None
+        rollouts = sample_rollouts(model, batch, num_samples=k, watch_ids=answer_ids, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
         reasonings = [[reasoning_of(t) for t in row] for row in texts]
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
-    probs = answer_probs(model, processor, pairs, reasonings, fmt=fmt)  # (B, G, 2)
-    p_b = probs[..., 1].float().cpu()  # (B, G) eq. (4): sigma(f(b) - f(a)) = softmax over the two answers
+    p_b = sampled_p_b(processor, pairs, flat, rollouts, fmt) if reuse and not no_thinking else None  # (B, G)
+    if p_b is None or bool(p_b.isnan().any()):  # a second pass where the sampler did not read the answer slot
+        probs = answer_probs(model, processor, pairs, reasonings, fmt=fmt)  # (B, G, 2)
+        read = probs[..., 1].float().cpu()  # (B, G) eq. (4): sigma(f(b) - f(a)) = softmax over the two answers
+        p_b = read if p_b is None else torch.where(p_b.isnan(), read, p_b)
     out = []
     for b in range(len(pairs)):
         row = p_b[b].tolist()
@@ -140,12 +159,14 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                   no_thinking: bool = False, max_new_tokens: int = 512, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, generator: torch.Generator | None = None,
                   seeds: Sequence[int] | None = None, fmt: PromptFormat = PROMPT,
-                  progress: bool = False) -> list[Comparison]:
+                  progress: bool = False, reuse_logits: bool = True) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
     With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
     p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_forward`.
     With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5).
+    p(b) is read from the sampler's own logits at the answer slot where it can be (`sampled_p_b`), else by a
+    second pass over prompt + reasoning (`reuse_logits=False`: always the second pass).
     `seeds` (one per pair) seed each pair's rollouts on their own, so that a pair's result does not depend on
     the batch or the process it lands in (`compare_all`); otherwise `generator` drives the whole run.
     """
@@ -162,7 +183,7 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                 sampling["generator"] = [torch.Generator(device).manual_seed(s)
                                          for s in shown_seeds[start:start + batch_size]]
             results += _compare_batch(model, processor, list(shown[start:start + batch_size]), k, no_thinking,
-                                      sampling, fmt)
+                                      sampling, fmt, reuse_logits)
             bar.update(len(shown[start:start + batch_size]))  # pairs/s and the time left, from tqdm
     if not both_orders:
         return results

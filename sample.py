@@ -379,6 +379,7 @@ class Rollouts:
     mask: Tensor  # (N, T) bool: the completion's tokens, stop token included, padding excluded
     stopped: Tensor  # (N,) bool: emitted a stop token (else cut at max_new_tokens)
     num_samples: int = 1  # G
+    watched: Tensor | None = None  # (N, T, K) float32 logits of `watch_ids` at each step (the step's next token)
 
     def texts(self, tokenizer) -> list[str]:
         """Each completion's text up to, not including, its stop token. Special tokens inside a completion stay
@@ -407,7 +408,8 @@ def default_stop_ids(model) -> list[int]:
 def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, blocked_token_ids: Sequence[int] | None = None,
-           pad_token_id: int | None = None, check_every: int = 8, decoder: StaticDecoder | None = None) -> Rollouts:
+           pad_token_id: int | None = None, check_every: int = 8, decoder: StaticDecoder | None = None,
+           watch_ids: Sequence[int] | None = None) -> Rollouts:
     """Sample `num_samples` (G) completions of each prompt in `batch` (a `data.Processor` batch of B prompts).
 
     `stop_token_ids` defaults to the model's EOS ids; `[]` never stops early. The vision special tokens
@@ -417,6 +419,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
     `check_every` steps, the loop's only host sync, so up to `check_every - 1` extra all-pad steps may run.
     `decoder` (a `StaticDecoder`, kept by the caller across calls) runs the decode steps on a static cache,
     compiled if it was built so; without it they run eagerly through `extend`, the reference.
+    `watch_ids` (K token ids): the logits of these tokens at every step are kept in `Rollouts.watched`.
     """
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
@@ -448,8 +451,12 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
         mask = torch.zeros((N, max_new_tokens), dtype=torch.bool, device=device)  # (N, T)
         finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
         stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+        watch = None if not watch_ids else torch.tensor(list(watch_ids), device=device)  # (K,)
+        watched = None if watch is None else torch.zeros((N, max_new_tokens, len(watch)), device=device)  # (N, T, K)
         steps = 0
         for t in range(max_new_tokens):
+            if watched is not None:  # e.g. the answer tokens' logits, read later at the answer slot (evaluate.py)
+                watched[:, t] = logits[:, watch].float()
             token, logp = choose(logits, bias, temperature, top_k, top_p, generator)  # (N,), (N,)
             live = ~finished  # (N,) rows still writing; their token is part of the completion
             tokens[:, t] = torch.where(live, token, pad)
@@ -462,4 +469,5 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
             if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
                 break
             logits = step(tokens[:, t], live)  # one decode step: (N,) -> (N, V)
-    return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped, num_samples)
+    return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped, num_samples,
+                    None if watched is None else watched[:, :steps])

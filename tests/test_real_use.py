@@ -213,3 +213,52 @@ def test_score_mode_then_absolute_evaluation(real_checkpoint, real_data, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["scoring"] == "absolute" and report["images"] == 12 and report["accuracy"]["mean@1"]["pairs"] == 12
+
+
+# ---------------------------------------------------------------- p(b) without a second prefill
+
+
+def test_sampler_logits_give_p_b_without_a_second_pass():
+    """The sampler keeps the answer tokens' logits at each step (`watch_ids`); at the answer slot of a completion
+    that reads like the second pass's input, p(b) from them equals `answer_probs` (the second pass)."""
+    import torch
+    import evaluate
+    import sample
+    import toy
+    from listener import answer_probs, answer_token_ids
+    processor = data.Processor.toy()
+    model = toy.make_model(processor.tokenizer, seed=0)
+    tok = processor.tokenizer
+    pairs = [data.Pair(f"a {c} square", (Image.new("RGB", (56, 56), (200, 40, 40)),
+                                         Image.new("RGB", (56, 56), (40, 40, 200))), 0) for c in ("red", "blue")]
+    batch = processor.pairs(pairs)
+    ids = answer_token_ids(tok)
+    rollouts = sample.sample(model, batch, num_samples=2, max_new_tokens=6, temperature=1.0, watch_ids=ids,
+                             pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    # (1) what the sampler kept at step 0 is a full forward's next-token logits after each prompt
+    with torch.no_grad():
+        first = model(**batch).logits[:, -1, ids].repeat_interleave(2, 0)  # (4, 2)
+    assert rollouts.watched.shape == (4, rollouts.tokens.shape[1], 2)
+    assert torch.allclose(rollouts.watched[:, 0], first, atol=1e-4)
+    # (2) hand-written well-formed completions: their answer-slot logits, read as the sampler reads them
+    texts = [data.PROMPT.completion(r, "1") for r in ("it is red", "blue, I think", "red", "both squares")]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    tokens = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    enc = processor.pairs([p for p in pairs for _ in range(2)], suffixes=[tok.decode(r[:-1]) for r in rows])
+    with torch.no_grad():
+        logits = model(**enc).logits  # (4, T_prompt + T, V), left-padded: completions end at the right
+    watched = torch.zeros((4, width, 2))
+    for i, r in enumerate(rows):  # logits before completion token t = position (end - len(r) + 1 + t - 1)
+        n = len(r) - 1
+        watched[i, :n] = logits[i, -n - 1:-1][:, ids]
+    fake = sample.Rollouts(tokens, torch.zeros(4, width), mask, torch.ones(4, dtype=torch.bool), 2, watched)
+    p_b = evaluate.sampled_p_b(processor, pairs, [t.split("<answer>")[0] + "<answer>1</answer>" for t in texts],
+                               fake, data.PROMPT)
+    reasonings = [["it is red", "blue, I think"], ["red", "both squares"]]
+    second = answer_probs(model, processor, pairs, reasonings)[..., 1]
+    assert not p_b.isnan().any()
+    assert torch.allclose(p_b, second, atol=1e-4)
