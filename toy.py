@@ -1,8 +1,9 @@
-"""The toy world: a tiny Qwen2.5-VL and a synthetic preference task, built in-process with no download.
+"""The toy world: a tiny Qwen2.5-VL, a synthetic preference task and a small language to reason in, built
+in-process with no download.
 
-The embedded default of `train.py`, the tests and the benchmarks run here, on a CPU, in minutes. Nothing is
-simplified away: the model is the real `Qwen2_5_VLForConditionalGeneration` (vision tower with window
-attention, patch merger, mRoPE), only small; the tokenizer carries Qwen2.5-VL's special tokens and chat
+The embedded default of `train.py` (demo.py), the tests and the benchmarks run here, on a CPU, in minutes.
+Nothing is simplified away: the model is the real `Qwen2_5_VLForConditionalGeneration` (vision tower with
+window attention, patch merger, mRoPE), only small; the tokenizer carries Qwen2.5-VL's special tokens and chat
 template; the images go through the real `Qwen2VLImageProcessor`; and the synthetic data is written to disk in
 the published ImageReward and HPDv2 layouts, so the toy path reads it through the same loaders as real data.
 
@@ -10,12 +11,28 @@ The task: a prompt names a coloured shape ("a red circle"); each image shows a s
 people prefer the image in the colour the prompt names, which is also vividly drawn, over images in other
 colours, which are faded (as a poor generation is). Shapes are distractors.
 
+The language: a reasoning says which image shows the colour the prompt names and that the other does not,
+"The second image is blue. The other image is not.", and so argues for that image (`supports`). (A richer
+language, "The first image is red. The second image is blue.", needs the reader to bind each colour to its
+image; the tiny model did not learn that within a few hundred SFT steps. Here the supported image is named.) Because it says something
+checkable, a rule can judge it (`judge`): does the answer contradict the reasoning (table 4 of the paper in
+miniature), and do the descriptions match the images (faithfulness)?
+
+The cold start (`cold_start_reasoning`, `caption_example`): its SFT targets name an image at *random*, the
+answer consistent with the reasoning, so the cold start learns to read (reasoning -> answer: the competent
+listener of section 4.3) but not what people prefer (its held-out accuracy is chance). Captions of the same
+pairs ("Which of the two images above is green?" -> "The first image is green.", about either image alike)
+teach it where colours are, not which image people prefer: GRPO then learns the preference, and whether
+its reasoning keeps up with its answers.
+
     python toy.py OUT_DIR    # write a toy dataset to OUT_DIR and print what was written
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -51,7 +68,8 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-COLD_START_REASONING = "I compare the colour of each image with the prompt."
+ORDINALS = ("first", "second")  # how the reasoning names image 0 and image 1
+CAPTION_QUESTION = "Which of the two images above is {colour}?"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,12 +79,13 @@ COLD_START_REASONING = "I compare the colour of each image with the prompt."
 def _corpus() -> list[str]:
     """Text the toy tokenizer's byte-level BPE is trained on: every string the toy world ever writes."""
     from data import PROMPT, reasoner_messages, score_messages
-    texts = [PROMPT.question, PROMPT.score_question, PROMPT.no_thinking, COLD_START_REASONING,
+    texts = [PROMPT.question, PROMPT.score_question, PROMPT.no_thinking,
              "You are a helpful assistant.", "system user assistant"]
     for colour in COLOURS:
+        texts += [CAPTION_QUESTION.format(colour=colour), caption(colour, 0), caption(colour, 1)]
         for shape in SHAPES:
             texts.append(f"a {colour} {shape}")
-            texts.append(f"The first image is {colour}. The second image is {colour}. It is a {shape}.")
+        texts += [describe(colour, 0), describe(colour, 1)]
     texts += [m["content"][-1]["text"] for m in reasoner_messages("a red circle") + score_messages("a red circle")]
     texts += list("0123456789") + [" ".join(PROMPT.answers), " ".join(PROMPT.ratings)]
     return texts * 4
@@ -138,18 +157,25 @@ def make_model(tokenizer=None, seed: int = 0, **config_overrides):
 # The synthetic task
 
 
+GREY = (128, 128, 128)
+
+
+def shade(colour: str, faded: bool) -> tuple[int, int, int]:
+    """The RGB a `colour` shape is drawn in: vivid, or faded 90% of the way towards the grey background."""
+    return tuple(int(0.1 * c + 0.9 * g) if faded else c for c, g in zip(COLOURS[colour], GREY))
+
+
 def draw(colour: str, shape: str, rng: random.Random, faded: bool = False, size: int = IMAGE_SIZE) -> Image.Image:
     """One toy image: a `colour` `shape` on a grey background, jittered in position and size.
 
     `faded` washes the colour out towards the grey background: the poorly rendered kind of image.
     """
-    grey = (128, 128, 128)
-    image = Image.new("RGB", (size, size), grey)
+    image = Image.new("RGB", (size, size), GREY)
     pen = ImageDraw.Draw(image)
     r = rng.randint(size // 4, size // 3)
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     box = (cx - r, cy - r, cx + r, cy + r)
-    fill = tuple(int(0.1 * c + 0.9 * g) if faded else c for c, g in zip(COLOURS[colour], grey))
+    fill = shade(colour, faded)
     if shape == "circle":
         pen.ellipse(box, fill=fill)
     elif shape == "square":
@@ -175,6 +201,116 @@ def make_group(rng: random.Random, n_images: int = 4):
     images = [draw(c, rng.choice(SHAPES), rng, faded=c != colour) for c in colours]
     ranking = [1 if c == colour else 2 for c in colours]
     return f"a {colour} {shape}", images, ranking
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The toy language: reasoning that says something, and a rule-based judge of it
+
+
+def describe(colour: str, image: int) -> str:
+    """A reasoning in the toy language: "The second image is blue. The other image is not." (`image` = 1)."""
+    return f"The {ORDINALS[image]} image is {colour}. The other image is not."
+
+
+def caption(colour: str, image: int) -> str:
+    """The answer to `CAPTION_QUESTION` when image `image` (0 or 1) shows `colour`."""
+    return f"The {ORDINALS[image]} image is {colour}."
+
+
+def prompt_colour(prompt: str) -> str:
+    """The colour a toy prompt names: "a red circle" -> "red"."""
+    words = prompt.split()
+    if len(words) != 3 or words[1] not in COLOURS:
+        raise ValueError(f"toy prompt {prompt!r}: expected 'a COLOUR SHAPE' with COLOUR one of {list(COLOURS)}")
+    return words[1]
+
+
+_REASONING = re.compile(r"The (first|second) image is (\w+)\.\s+The other image is not\.")
+
+
+def read_description(reasoning: str) -> tuple[str, int] | None:
+    """(colour, image) for a reasoning saying that image (0 or 1) shows that colour and the other does not,
+    or None if the reasoning is not exactly that in the toy language (stripped; the colour one of `COLOURS`)."""
+    m = _REASONING.fullmatch(reasoning.strip())
+    if m is None or m.group(2) not in COLOURS:
+        return None
+    return m.group(2), ORDINALS.index(m.group(1))
+
+
+def supports(reasoning: str) -> int | None:
+    """The image (0 or 1) a reasoning argues for: the one it says shows the colour it names; None if unreadable.
+
+    The reasoning is read on its own terms, as the listener reads it; whether it names the prompt's colour
+    and tells the truth about the images is `judge`'s faithfulness.
+    """
+    said = read_description(reasoning)
+    return None if said is None else said[1]
+
+
+def judge(prompt: str, reasoning: str | None, answer: int | None, true_colours: tuple[str, str]) -> dict:
+    """The rule-based judge of one rollout: what its reasoning supports, and two verdicts on it.
+
+    `answer`: the image the rollout answered (0, 1, or None when unreadable); `true_colours`: the colours the
+    two images really show (`colour_of`). Returns
+      supports       the image the reasoning argues for (`supports`), or None;
+      contradiction  the reasoning argues for one image and the answer names the other (table 4's judge asks
+                     the same of a 14B LLM: "does the final answer contradict the reasoning?");
+      faithful       what the reasoning says is true: the colour it names is the prompt's, the image it says
+                     shows that colour does, and the other does not.
+    """
+    said = None if reasoning is None else read_description(reasoning)
+    k = None if said is None else said[1]
+    named = prompt_colour(prompt)
+    faithful = said is not None and said[0] == named and [c == named for c in true_colours] == [k == 0, k == 1]
+    return {"supports": k, "contradiction": k is not None and answer is not None and answer != k,
+            "faithful": faithful}
+
+
+@functools.lru_cache(maxsize=65536)
+def _colour_of_file(path: str) -> str:
+    with Image.open(path) as image:
+        return colour_of(image.convert("RGB"))
+
+
+def colour_of(image) -> str:
+    """The colour a toy image shows, read from its pixels: the shade (vivid or faded) nearest its shape's pixels.
+
+    `image`: a PIL image or the path of one (paths are read once and remembered).
+    """
+    if not isinstance(image, Image.Image):
+        return _colour_of_file(str(image))
+    counts = [(n, rgb) for n, rgb in image.convert("RGB").getcolors(image.width * image.height) if rgb != GREY]
+    if not counts:
+        raise ValueError(f"toy image {image} shows no shape: every pixel is the grey background")
+    _, rgb = max(counts)  # the shape's fill (drawn without anti-aliasing: one colour)
+    distance = lambda c, faded: sum((a - b) ** 2 for a, b in zip(rgb, shade(c, faded)))
+    return min(COLOURS, key=lambda c: min(distance(c, False), distance(c, True)))
+
+
+def cold_start_reasoning(prompt: str, answer: int) -> str:
+    """An SFT target's reasoning for the cold start: UNGROUNDED, consistent with `answer`.
+
+    It says image `answer` shows the prompt's colour and the other does not, whatever the images show (the
+    answers are drawn at random): the cold start learns to read such a description (which image does it argue for?) and to
+    write one, not to see.
+    """
+    return describe(prompt_colour(prompt), answer)
+
+
+def caption_example(images, rng: random.Random) -> tuple[list[dict], str]:
+    """The cold start's perception task on two images of different colours: (chat messages, target answer).
+
+    It asks where one of the two colours is, drawn at random, the preferred image's or the other's alike:
+    it teaches where colours are, not which image people prefer.
+    """
+    colours = [colour_of(im) for im in images]
+    if colours[0] == colours[1]:
+        raise ValueError(f"caption_example needs two images of different colours, got {colours}")
+    k = rng.randrange(2)
+    question = CAPTION_QUESTION.format(colour=colours[k])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}]
+    return messages, caption(colours[k], k)
 
 
 def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, seed: int = 0) -> dict[str, Path]:

@@ -1,7 +1,8 @@
 """Train a vision-language preference reasoner with listener-augmented GRPO (or the paper's baselines).
 
-The toy world, on a CPU, in minutes (no download): a format-only SFT cold start, then GRPO, then GRPO with
-the listener, each printing held-out pairwise accuracy before and after:
+The toy world, on a CPU, in minutes (no download): an SFT cold start that can read but not see, then GRPO
+and GRPO with the listener from it, and a table of held-out accuracy, contradictions, faithfulness, listener
+agreement and no-thinking accuracy (demo.py):
 
     torchrun --nproc_per_node=2 train.py
 
@@ -38,9 +39,9 @@ Where this departs from the paper, and why:
 5. Sampling randomness is a function of (seed, step, pair): the rollouts of a pair do not depend on how many
    processes share the batch, so 1 and 2 processes train identically, and a resumed run samples exactly
    what the uninterrupted run sampled.
-6. The toy default starts from a format-only SFT cold start (answers drawn at random): a randomly
-   initialised model cannot produce the `<think>`/`<answer>` format by chance; the instruct model the paper
-   starts from can.
+6. The toy default starts from an SFT cold start (demo.py, toy.py): a randomly initialised model cannot
+   write the `<think>`/`<answer>` format, nor read a reasoning, by chance; the instruct model the paper
+   starts from can. Its targets' answers are drawn at random, so it does not know the preference.
 7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
    follows the images), since files list images in an order that often carries the answer (ranked groups
    best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
@@ -52,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import socket
 import sys
@@ -78,7 +80,7 @@ from data import PROMPT, Pair, PairStream
 class Config:
     """Every option of `train.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
     # what to train
-    mode: str = option("demo", "demo: the toy world's three stages (no other option needed); sft | grpo | score "
+    mode: str = option("demo", "demo: the toy world's three stages (demo.py; no other option needed); sft | grpo | score "
                                "(absolute ratings, section 5) train --model", choices=("demo", "sft", "grpo", "score"))
     model: str = option("toy", "the starting checkpoint, a local save_pretrained directory with safetensors weights "
                                "(also the KL reference and the listener); 'toy' builds the tiny toy model")
@@ -122,9 +124,12 @@ class Config:
     w_acc: float = option(0.5, "weight of the accuracy reward (eq. (5))")
     w_list: float = option(0.5, "weight of the listener reward (eq. (5)); 0 = the paper's GRPO baseline")
     # SFT (the paper's baseline, and the toy world's cold start)
-    sft_answers: str = option("label", "answers of the SFT targets: the label, or random (a format-only cold start)",
-                              choices=("label", "random"))
-    sft_reasoning: str = option("", "the reasoning written in every SFT target")
+    sft_answers: str = option("label", "answers of the SFT targets: the label, or random (a cold start that does not "
+                                       "know the preference)", choices=("label", "random"))
+    sft_reasoning: str = option("", "the reasoning written in every SFT target; 'toy': the toy world's cold start "
+                                    "(toy.cold_start_reasoning)")
+    sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
+                                  "(toy.caption_example)", min=0)
     # optimisation
     steps: int = option(1000, "training steps", min=1)
     lr: float = option(1e-6, "AdamW learning rate", min=0.0)
@@ -336,19 +341,49 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised completions `<think>{sft_reasoning}</think>\\n<answer>{answer}</answer><|im_end|>`, right-padded."""
+    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>`, right-padded.
+
+    The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
+    the target answer (toy.cold_start_reasoning).
+    """
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    rows = []
+    texts = []
     for pair in pairs:
         label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
-        text = PROMPT.completion(cfg.sft_reasoning, PROMPT.answers[label])
-        rows.append(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        if cfg.sft_reasoning == "toy":
+            import toy
+            reasoning = toy.cold_start_reasoning(pair.prompt, label)
+        else:
+            reasoning = cfg.sft_reasoning
+        texts.append(PROMPT.completion(reasoning, PROMPT.answers[label]))
+    return completion_tokens(tokenizer, texts, device)
+
+
+def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts -> right-padded tokens ending in EOS, and their mask: (N, T) each."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
     width = max(map(len, rows))
     tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
         tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
     return tokens.to(device), mask.to(device)
+
+
+def caption_batches(state: "Trainer", pairs: list[Pair], step: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
+    "The first image is green." (toy.caption_example). It teaches where colours are, not which image people
+    prefer. Returns micro-batches of (model inputs, target tokens, their mask)."""
+    import toy
+    rng = random.Random(state.cfg.seed * 1_000_003 + step)
+    out, m = [], 4 * state.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
+    for i in range(0, len(pairs), m):
+        chunk = pairs[i:i + m]
+        messages, targets = zip(*(toy.caption_example(pair.images, rng) for pair in chunk))
+        batch = state.processor(list(messages), [pair.images for pair in chunk])
+        tokens, mask = completion_tokens(state.processor.tokenizer, list(targets), state.device)
+        out.append((to_device(batch, state.device), tokens, mask))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,13 +528,16 @@ def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, kno
 def sft_step(cfg: Config, state: "Trainer", pairs: list[Pair], step: int) -> dict:
     """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
     tokens, mask = sft_targets(state.processor.tokenizer, pairs, cfg, step, state.device)
-    num_tokens = all_sum(mask.sum().float())
+    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in state.micro_batches(pairs, 1)]
+    if cfg.sft_captions:
+        batches += caption_batches(state, pairs * cfg.sft_captions, step)
+    num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
     loss_total = 0
-    for i, (mb, rows) in enumerate(state.micro_batches(pairs, 1)):
+    for i, (mb, t, m) in enumerate(batches):
         if i > 0:
             state.boundary()
-        logp = grpo.completion_logprobs(state.policy, mb, tokens[rows], mask[rows])  # (n, T)
-        loss = -(logp * mask[rows]).sum() / num_tokens
+        logp = grpo.completion_logprobs(state.policy, mb, t, m)  # (n, T)
+        loss = -(logp * m).sum() / num_tokens
         (loss * state.world).backward()
         loss_total = loss_total + loss.detach()
     return {"loss": loss_total, **state.optimizer_step()}
@@ -666,7 +704,8 @@ def open_run(cfg: Config, rank: int, world: int) -> tuple:
 @torch.no_grad()
 def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
     """Greedy rollouts on the held-out examples: the fraction answered right (the preferred image; in the score
-    mode the exact rating), and the fraction well formed.
+    mode the exact rating), and the fraction well formed. On the toy task also the judge's verdicts
+    (toy.judge): the fraction of contradictions and of faithful reasonings.
 
     Every rank runs the same number of batches (sampling under FSDP2 is collective); a rank whose shard is
     shorter re-scores a pair it does not count.
@@ -674,7 +713,10 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
     tok, device = state.processor.tokenizer, state.device
     if not state.heldout_total:
         return {"accuracy": math.nan, "format": math.nan}
-    counts = torch.zeros(3, device=device)  # right, well-formed, scored
+    judged = state.cfg.mode == "grpo" and state.cfg.eval_data in ("", "toy")  # the toy task: toy.judge reads it
+    if judged:
+        from demo import verdict
+    counts = torch.zeros(5, device=device)  # right, well-formed, scored, contradictions, faithful
     batches = math.ceil(math.ceil(state.heldout_total / state.world) / batch_pairs)
     for i in range(batches):
         pairs = state.heldout[i * batch_pairs:(i + 1) * batch_pairs]
@@ -687,9 +729,14 @@ def heldout_accuracy(state: Trainer, batch_pairs: int = 16) -> dict:
                 answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
             else:
                 answer, target = reward.parse_completion(text)[1], PROMPT.answers[example.label]
-            counts += torch.tensor([answer == target, answer is not None, 1.0], device=device)
-    right, formatted, n = all_sum(counts).tolist()
-    return {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
+            judge = verdict(example, text) if judged else {"contradiction": 0, "faithful": 0}
+            counts += torch.tensor([answer == target, answer is not None, 1.0, judge["contradiction"],
+                                    judge["faithful"]], device=device)
+    right, formatted, n, contradictions, faithful = all_sum(counts).tolist()
+    out = {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
+    if judged:
+        out.update(contradiction_rate=contradictions / max(n, 1), faithfulness=faithful / max(n, 1))
+    return out
 
 
 def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
@@ -792,41 +839,6 @@ def stop_run(state: Trainer, why: str) -> None:
     sys.exit(0)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The embedded default: the toy world's three stages
-
-
-def demo(cfg: Config) -> dict:
-    """The toy world: a format-only SFT cold start, then GRPO and GRPO with the listener, both from the cold start.
-
-    Global batches are fixed (16 pairs), so 1 and 2 processes train alike. Both GRPO stages show every pair
-    in both orders in the same batch: a tiny model's first guess is a preference for a position, and the two
-    orders cancel it (see data.PairStream).
-    """
-    import toy
-    _, world, _ = setup_distributed()
-    root = Path(cfg.out_dir)
-    common = dict(model="toy", train_data="toy", eval_data="toy", max_new_tokens=24, eval_pairs=256,
-                  save_every=100, eval_every=100, seed=cfg.seed)
-    cold = Config(**common, mode="sft", sft_answers="random", sft_reasoning=toy.COLD_START_REASONING, steps=100,
-                  pairs_per_rank=16 // world, micro_pairs=16 // world, lr=1e-3, out_dir=str(root / "cold_start"))
-    results = {"cold start (SFT, format only)": train(cold)}
-    # From a format-only start the answer stays at chance for about 300 steps, while the vision tower learns
-    # to tell the images apart; then accuracy rises within a few dozen steps. The KL term (beta) keeps the
-    # answer from collapsing onto one position meanwhile; without it, lr 5e-4 collapsed in our runs.
-    grpo = dict(common, mode="grpo", model=results["cold start (SFT, format only)"]["final"], steps=500,
-                group_size=8, pairs_per_rank=16 // world, micro_pairs=16 // world, both_orders=True, lr=5e-4,
-                beta=0.04, warmup_steps=1)
-    results["GRPO"] = train(Config(**grpo, w_list=0.0, out_dir=str(root / "grpo")))
-    results["GRPO + listener"] = train(Config(**grpo, w_list=0.5, out_dir=str(root / "grpo_listener")))
-    log("\nheld-out pairwise accuracy on the toy task (greedy answers):")
-    for name, r in results.items():
-        log(f"  {name:30s} before {r['before']['accuracy']:6.1%}   after {r['after']['accuracy']:6.1%}"
-            f"   (well-formed after: {r['after']['format']:.0%})")
-    return results
-
-
-
 def parse_args(argv: list[str]) -> Config:
     """The command line -> a checked Config (cli.py: `--name=value` or `--name value`, `--help`)."""
     return cli.parse(Config, argv, __doc__)
@@ -838,7 +850,8 @@ def main() -> None:
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"world size {world}, device {device.type}")
     if cfg.mode == "demo":
-        demo(cfg)
+        import demo
+        demo.run(cfg, train)
     else:
         train(cfg)
     dist.destroy_process_group()

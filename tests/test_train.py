@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--train_data=toy", "--eval_data=toy", "--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
-COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I compare the colour of each image with the prompt.",
-        "--pairs_per_rank=16", "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
+COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I have finished thinking.", "--pairs_per_rank=16",
+        "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
 
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

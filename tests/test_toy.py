@@ -1,0 +1,155 @@
+"""The toy world's language, judge and cold start (toy.py), and the demo's summary (demo.py).
+
+The judge is checked on reasonings written by hand; the cold start's SFT targets against the images they
+are about (read from the pixels); the demo end to end on tiny sizes, for every field of summary.json.
+"""
+import json
+import random
+import socket
+
+import pytest
+import torch
+
+import toy
+from data import PROMPT, Pair
+
+RED_BLUE = ("red", "blue")  # the true colours of image 0 and image 1 in the hand-written cases below
+
+
+@pytest.mark.parametrize("reasoning, supports", [
+    ("The first image is blue. The other image is not.", 0),
+    ("The second image is blue. The other image is not.", 1),
+    ("  The second image is red.  The other image is not. ", 1),  # read on its own terms, spaces aside
+    ("The first image is blue.", None),  # the other image unmentioned
+    ("The first image is blue. The second image is not.", None),  # not the toy language
+    ("The second image is blue. The first image is blue. The other image is not.", None),  # both
+    ("The first image is purple. The other image is not.", None),  # not a colour of the toy world
+    ("The first image is blue. The other image is not. So 1.", None),  # anything else
+    ("The third image is blue. The other image is not.", None),
+    (PROMPT.no_thinking, None),
+    ("", None),
+])
+def test_judge_reads_what_a_reasoning_supports(reasoning, supports):
+    assert toy.supports(reasoning) == supports
+    verdict = toy.judge("a blue circle", reasoning, answer=supports, true_colours=RED_BLUE)
+    assert verdict["supports"] == supports and not verdict["contradiction"]
+
+
+def test_judge_contradiction_and_faithfulness():
+    grounded = "The second image is blue. The other image is not."  # true of (red, blue) for "a blue circle"
+    wrong = "The first image is blue. The other image is not."
+    judge = lambda reasoning, answer, prompt="a blue circle": toy.judge(prompt, reasoning, answer, RED_BLUE)
+    assert judge(grounded, 1) == {"supports": 1, "contradiction": False, "faithful": True}
+    assert judge(grounded, 0) == {"supports": 1, "contradiction": True, "faithful": True}  # says 2, answers 1
+    # the right answer against an unfaithful reasoning: the paper's failure mode (figure 1)
+    assert judge(wrong, 1) == {"supports": 0, "contradiction": True, "faithful": False}
+    assert judge(wrong, 0) == {"supports": 0, "contradiction": False, "faithful": False}
+    assert judge(grounded, None)["contradiction"] is False  # no readable answer: nothing to contradict
+    assert judge(None, 1) == {"supports": None, "contradiction": False, "faithful": False}  # malformed completion
+    unreadable = "The first image is blue."
+    assert judge(unreadable, 0) == {"supports": None, "contradiction": False, "faithful": False}
+    # faithfulness covers the colour the prompt names: true of the images, but about the wrong colour
+    red = "The first image is red. The other image is not."
+    assert judge(red, 0, prompt="a red square")["faithful"] and not judge(red, 0)["faithful"]
+    assert toy.describe("blue", 1) == grounded and toy.read_description(grounded) == ("blue", 1)
+
+
+def test_colour_of_reads_every_drawn_colour_vivid_and_faded(tmp_path):
+    rng = random.Random(0)
+    for colour in toy.COLOURS:
+        for shape in toy.SHAPES:
+            for faded in (False, True):
+                image = toy.draw(colour, shape, rng, faded=faded)
+                assert toy.colour_of(image) == colour
+                path = tmp_path / f"{colour}_{shape}_{faded}.png"
+                image.save(path)
+                assert toy.colour_of(str(path)) == colour
+
+
+def test_cold_start_targets_describe_at_random_and_answer_what_they_say(tmp_path):
+    """The SFT targets (train.sft_targets with the toy cold start): every one well formed, about the prompt's
+    colour, supporting exactly the image it answers. They do not look at the images: about half answer the
+    preferred image, and a target is faithful exactly when its (random) answer happens to be right."""
+    import data
+    import train
+    paths = toy.write_dataset(tmp_path, n_train=400, n_test=1, seed=3)
+    pairs = data.load(f"hpdv2:{paths['train']}", str(paths["train_images"]))
+    cfg = train.Config(sft_answers="random", sft_reasoning="toy")
+    tokenizer = toy.make_tokenizer()
+    tokens, mask = train.sft_targets(tokenizer, pairs, cfg, step=0, device="cpu")
+    right = 0
+    for pair, row, m in zip(pairs, tokens, mask):
+        text = tokenizer.decode(row[m])
+        assert text.endswith(tokenizer.eos_token)
+        reasoning, answer = __import__("reward").parse_completion(text[:-len(tokenizer.eos_token)])
+        index = PROMPT.answers.index(answer)
+        verdict = toy.judge(pair.prompt, reasoning, index, tuple(map(toy.colour_of, pair.images)))
+        assert toy.read_description(reasoning)[0] == toy.prompt_colour(pair.prompt)
+        assert verdict["supports"] == index and not verdict["contradiction"]
+        assert verdict["faithful"] == (index == pair.label)
+        right += index == pair.label
+    assert 0.4 < right / len(pairs) < 0.6
+    # a different step draws other answers and descriptions
+    again, _ = train.sft_targets(tokenizer, pairs, cfg, step=1, device="cpu")
+    assert not torch.equal(tokens, again)
+
+
+def test_captions_say_where_a_colour_is_not_which_image_is_preferred(tmp_path):
+    """The cold start's perception task (train.caption_batches): one caption per pair, asking where one of its
+    two colours is. The answer is true of the pixels, and it is about the preferred image only half the time."""
+    import data
+    import train
+    paths = toy.write_dataset(tmp_path, n_train=40, n_test=1, seed=4)
+    pairs = data.load(f"hpdv2:{paths['train']}", str(paths["train_images"]))
+
+    class State:  # what caption_batches reads from a Trainer
+        cfg = train.Config(micro_pairs=4)  # caption micro-batches of 16
+        processor = data.Processor.toy()
+        device = torch.device("cpu")
+
+    batches = train.caption_batches(State, pairs, step=0)
+    assert [tokens.shape[0] for _, tokens, _ in batches] == [16, 16, 8]
+    tok = State.processor.tokenizer
+    texts = [tok.decode(row[m]) for _, tokens, mask in batches for row, m in zip(tokens, mask)]
+    questions = [tok.decode(batch["input_ids"][i]) for batch, _, _ in batches for i in range(batch["input_ids"].shape[0])]
+    preferred = 0
+    for pair, text, question in zip(pairs, texts, questions):
+        assert text.endswith(tok.eos_token)
+        words = text[:-len(tok.eos_token)].split()  # The first|second image is COLOUR.
+        image, colour = toy.ORDINALS.index(words[1]), words[-1].rstrip(".")
+        assert toy.colour_of(pair.images[image]) == colour != toy.colour_of(pair.images[1 - image])
+        assert toy.CAPTION_QUESTION.format(colour=colour) in question
+        preferred += image == pair.label
+    assert 10 <= preferred <= 30
+    for batch, tokens, _ in batches:
+        assert batch["image_grid_thw"].shape[0] == 2 * tokens.shape[0]  # both images of each pair
+
+
+def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
+    """The demo on tiny sizes, in this process (a group of one): the table's every column for every stage,
+    the listener's reading accuracy and the time, all in [0, 1] (seconds > 0), and the learning curve PNG."""
+    import demo
+    import train
+    from PIL import Image
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k, v in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), ("0", "1", "0", "127.0.0.1", str(port))):
+        monkeypatch.setenv(k, v)
+    train.setup_distributed()
+    cfg = train.Config(out_dir=str(tmp_path / "default"))
+    sizes = demo.Settings(sft_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2, eval_every=1,
+                          eval_pairs=6, n_train=16, n_test=3)
+    demo.run(cfg, train.train, sizes)
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert set(summary) == {"stages", "listener_reading_accuracy", "seconds"}
+    assert list(summary["stages"]) == list(demo.STAGES)
+    for name, row in summary["stages"].items():
+        assert set(row) == {"accuracy", "contradiction_rate", "faithfulness", "listener_agreement",
+                            "no_thinking_accuracy"}, name
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row.values()), (name, row)
+    assert 0.0 <= summary["listener_reading_accuracy"] <= 1.0 and summary["seconds"] > 0
+    with Image.open(tmp_path / "default" / "learning_curve.png") as image:
+        assert image.format == "PNG"
+    rows = [json.loads(line) for line in (tmp_path / "default" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert "heldout_contradiction_rate" in rows[0] and "heldout_faithfulness" in rows[0]
