@@ -78,7 +78,7 @@ def stage_configs(cfg, s: Settings) -> dict:
     cold = dataclasses.replace(cfg, **common, mode="sft", sft_answers="random", sft_reasoning="toy",
                                sft_captions=s.captions, steps=s.sft_steps, lr=2e-3, warmup_steps=10, eval_every=0,
                                out_dir=str(root / "cold_start"))
-    grpo = dict(common, mode="grpo", model=str(root / "cold_start" / f"step_{s.sft_steps:07d}"), steps=s.grpo_steps,
+    grpo = dict(common, mode="grpo", model=str(root / "cold_start"), steps=s.grpo_steps,  # run() sets the export
                 group_size=s.group_size, both_orders=True, lr=s.lr, beta=s.beta, warmup_steps=1,
                 eval_every=s.eval_every)
     return {STAGES[0]: cold,
@@ -96,7 +96,10 @@ def run(cfg, train_stage, s: Settings = Settings()) -> dict:
         toy.write_dataset(root, n_train=s.n_train, n_test=s.n_test, seed=0)
     dist.barrier()
     configs = stage_configs(cfg, s)
-    trained = {name: train_stage(c) for name, c in configs.items()}
+    trained = {STAGES[0]: train_stage(configs[STAGES[0]])}
+    for name in STAGES[1:]:  # both from the cold start's final export
+        configs[name] = dataclasses.replace(configs[name], model=trained[STAGES[0]]["final"])
+        trained[name] = train_stage(configs[name])
     checkpoints = {name: trained[name]["final"] for name in STAGES}
     log("\nevaluating each stage on the held-out pairs (greedy rollouts)...")
     stages, reading = evaluate_stages(checkpoints, configs[STAGES[1]], s)
