@@ -50,7 +50,8 @@ COLUMNS = {"accuracy": "accuracy", "contradiction_rate": "contradiction", "faith
 
 @dataclasses.dataclass
 class Settings:
-    """The demo's sizes: the command line's --seed and --out_dir apply, the other train.Config fields do not."""
+    """The demo's sizes: the command line's --seed, --out_dir and --steps (the GRPO stages' length) apply, the
+    other train.Config fields do not."""
     sft_steps: int = 200
     captions: int = 1  # caption examples per SFT pair (train.caption_batches)
     grpo_steps: int = 100
@@ -90,6 +91,8 @@ def run(cfg, train_stage, s: Settings = Settings()) -> dict:
     """Train the three stages with `train_stage` (train.train), evaluate them, print the table, write
     summary.json, learning_curve.png and its numbers (learning_curve.json) under cfg.out_dir. Returns the summary."""
     start = time.time()
+    if cfg.steps != next(f.default for f in dataclasses.fields(cfg) if f.name == "steps"):
+        s = dataclasses.replace(s, grpo_steps=cfg.steps)  # --steps=N: each GRPO stage runs N steps
     log(f"the toy world, three stages: {dataclasses.asdict(s)}")
     root = Path(cfg.out_dir).parent / "toy_data"  # where train.toy_data looks for it
     if dist.get_rank() == 0 and not (root / "imagereward" / "test.json").exists():

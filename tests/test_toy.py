@@ -137,7 +137,7 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     for k, v in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), ("0", "1", "0", "127.0.0.1", str(port))):
         monkeypatch.setenv(k, v)
     train.setup_distributed()
-    cfg = train.Config(out_dir=str(tmp_path / "default"))
+    cfg = train.Config(out_dir=str(tmp_path / "default"), steps=3)  # --steps: the GRPO stages' length
     sizes = demo.Settings(sft_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2, eval_every=1,
                           eval_pairs=6, n_train=16, n_test=3)
     demo.run(cfg, train.train, sizes)
@@ -153,3 +153,4 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
         assert image.format == "PNG"
     rows = [json.loads(line) for line in (tmp_path / "default" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert "heldout_contradiction_rate" in rows[0] and "heldout_faithfulness" in rows[0]
+    assert max(row["step"] for row in rows) == 3  # --steps=3, not the 2 of `sizes`
