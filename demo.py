@@ -54,7 +54,7 @@ class Settings:
     other train.Config fields do not."""
     sft_steps: int = 200
     captions: int = 1  # caption examples per SFT pair (train.caption_batches)
-    grpo_steps: int = 100
+    grpo_steps: int = 400  # the preference is learnt at about step 250-300 (README)
     global_pairs: int = 16  # pairs per step over all ranks (GRPO: 8 pairs in both orders)
     group_size: int = 8  # G
     lr: float = 5e-4

@@ -131,7 +131,7 @@ class Config:
     sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
                                   "(toy.caption_example)", min=0)
     # optimisation
-    steps: int = option(1000, "training steps (--mode=demo: each GRPO stage's steps, 100 unless given)", min=1)
+    steps: int = option(1000, "training steps (--mode=demo: each GRPO stage's steps, 400 unless given)", min=1)
     lr: float = option(1e-6, "AdamW learning rate", min=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = option(10, "linear warm-up steps", min=0)
