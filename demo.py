@@ -91,7 +91,7 @@ def run(cfg, train_stage, s: Settings = Settings()) -> dict:
     """Train the three stages with `train_stage` (train.train), evaluate them, print the table, write
     summary.json, learning_curve.png and its numbers (learning_curve.json) under cfg.out_dir. Returns the summary."""
     start = time.time()
-    if cfg.steps != next(f.default for f in dataclasses.fields(cfg) if f.name == "steps"):
+    if cfg.steps != type(cfg).steps:  # given on the command line (its default is for real training)
         s = dataclasses.replace(s, grpo_steps=cfg.steps)  # --steps=N: each GRPO stage runs N steps
     log(f"the toy world, three stages: {dataclasses.asdict(s)}")
     root = Path(cfg.out_dir).parent / "toy_data"  # where train.toy_data looks for it
