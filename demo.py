@@ -94,7 +94,7 @@ def run(cfg, train_stage, s: Settings = Settings()) -> dict:
     if cfg.steps != type(cfg).steps:  # given on the command line (its default is for real training)
         s = dataclasses.replace(s, grpo_steps=cfg.steps)  # --steps=N: each GRPO stage runs N steps
     log(f"the toy world, three stages: {dataclasses.asdict(s)}")
-    root = Path(cfg.out_dir).parent / "toy_data"  # where train.toy_data looks for it
+    root = Path(cfg.out_dir).parent / "toy_data"  # where trainer.toy_data looks for it
     if dist.get_rank() == 0 and not (root / "imagereward" / "test.json").exists():
         toy.write_dataset(root, n_train=s.n_train, n_test=s.n_test, seed=0)
     dist.barrier()

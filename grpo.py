@@ -287,7 +287,9 @@ def completion_logits(model, batch: dict, completions: torch.Tensor, completion_
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                    chunk: int = 1024) -> torch.Tensor:
     """log_softmax(logits / temperature) at `tokens`: (N, T, V), (N, T) -> (N, T) float32, `chunk` positions
-    at a time, so that no (N, T, V) float32 tensor is ever whole (the logits may be bf16)."""
+    at a time (the logits may be bf16). Without autograd (the reference pass) this bounds the fp32 copy to one
+    chunk; with autograd it does not: each chunk's fp32 logits are kept for the backward pass, so the saved
+    tensors add up to a whole (N, T, V) in fp32 whatever the chunk."""
     out = []
     for t in range(0, tokens.shape[1], chunk):
         part = logits[:, t:t + chunk].float() / max(temperature, 1e-6)  # (N, t', V)

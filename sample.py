@@ -20,8 +20,9 @@ the text position counts the real (non-pad) tokens before it and the delta (one 
 pass these positions explicitly: left padding makes them differ from row to row, and the model's own
 cached `rope_deltas` belongs to whichever call ran last.
 
-`prefill`, `expand` and `extend` are also how the listener scores reasoning and how a training forward can
-reuse one prompt cache for G completions; they follow the caller's grad mode. `sample` runs under
+`prefill`, `expand` and `extend` are also how the listener scores reasoning (listener.py); they follow the
+caller's grad mode. (The training forward reads each prompt once for its G completions too, but with its own
+cache that activation checkpointing can recompute: grpo.PromptCache.) `sample` runs under
 `torch.no_grad()` in whatever train/eval mode the caller set (call `model.eval()`; Qwen2.5-VL has no
 dropout by default, so the two agree anyway). Under FSDP2, `sample` gathers the weights once for the
 whole rollout (`gathered`), not once per decode step.

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import toy  # noqa: E402
-import train  # noqa: E402
+import parallel  # noqa: E402
 
 
 def rss() -> int:
@@ -54,7 +54,7 @@ class PeakRSS:
 
 def build(args, device):
     model = toy.make_model(seed=0, hidden=args.hidden, layers=args.layers).train()
-    model = train.shard(model, device)
+    model = parallel.shard(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, optimizer
 
@@ -65,7 +65,7 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", default="/tmp/bench_checkpoint")
     args = parser.parse_args()
-    rank, world, device = train.setup_distributed()
+    rank, world, device = parallel.setup_distributed()
     out = Path(args.out)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)

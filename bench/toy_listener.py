@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch.distributed as dist  # noqa: E402
 
 import demo  # noqa: E402
+import parallel  # noqa: E402
 import train  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main() -> None:
             settings = dataclasses.replace(settings, **{name: (float if types[name] == "float" else int)(value)})
         else:
             raise SystemExit(f"expected --seeds=0,1,2 or --FIELD=VALUE with FIELD one of {list(types)}, got {arg!r}")
-    train.setup_distributed()
+    parallel.setup_distributed()
     rows = {name: [] for name in demo.STAGES}
     reading, seconds = [], []
     for seed in seeds:

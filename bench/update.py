@@ -59,7 +59,7 @@ class Config:
     groups: str = "4,8,16"  # the values of G to run
     new_tokens: int = 128  # T, every completion this long
     image: int = 448
-    checkpointing: bool = False  # activation checkpointing (train.checkpoint_blocks)
+    checkpointing: bool = False  # activation checkpointing (parallel.checkpoint_blocks)
     threads: int = 2
     seed: int = 0
     repeats: int = 2
@@ -74,8 +74,8 @@ def setup(cfg: Config):
     tok = toy.make_tokenizer()
     model, batch = bench_sample.build_model(cfg, tok), bench_sample.build_batch(cfg, tok)
     if cfg.checkpointing:
-        import train
-        train.checkpoint_blocks(model)
+        import parallel
+        parallel.checkpoint_blocks(model)
     return model.train(), batch
 
 

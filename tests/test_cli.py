@@ -10,6 +10,7 @@ import pytest
 import cli
 import evaluate
 import train
+import trainer
 from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +108,7 @@ def test_misuse_with_a_real_checkpoint(real_checkpoint, tmp_path, capsys):
     train_json = tmp_path / "train.json"
     train_json.write_text("[]")
     cfg = train.parse_args(["--mode=grpo", model, f"--train_data=hpdv2:{train_json}"])
-    assert cfg.eval_data == "" and train.heldout_examples(cfg) == []  # no held-out evaluation, never toy data
+    assert cfg.eval_data == "" and trainer.heldout_examples(cfg) == []  # no held-out evaluation, never toy data
     refused(evaluate.parse_config, [model], capsys, "--data")
 
 

@@ -310,15 +310,15 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
     over prompt + completion per row. With activation checkpointing each layer is recomputed in the backward
     pass: the prompt cache must neither grow nor change then.
     """
+    import parallel
     import toy
-    import train
     from grpo import completion_logprobs
     from repeated import completion_logprobs_repeated
 
     processor, batch, completions, mask = grpo_toy_batch()
     model = toy.make_model(processor.tokenizer, seed=0).train()
     if checkpointing:
-        train.checkpoint_blocks(model)
+        parallel.checkpoint_blocks(model)
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
     results = []
     for fn in (completion_logprobs, completion_logprobs_repeated):

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 import train
+import trainer
 from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +35,16 @@ def test_heldout_pairs_are_a_seeded_sample_spread_over_prompts(tmp_path):
     labels near half and half, though the file lists every group's images best first."""
     path = write_imagereward(tmp_path, prompts=32)
     cfg = train.Config(mode="grpo", model="toy", eval_data=f"imagereward:{path}", eval_pairs=64, seed=0)
-    heldout = train.heldout_examples(cfg)
+    heldout = trainer.heldout_examples(cfg)
     assert len(heldout) == 64
     per_prompt = [sum(p.prompt == f"prompt {g}" for p in heldout) for g in range(32)]
     assert per_prompt == [2] * 32
     labels = [p.label for p in heldout]
     assert 0.35 <= statistics.fmean(labels) <= 0.65
     assert [p.prompt for p in heldout[:32]] != [f"prompt {g}" for g in range(32)]  # prompts in a random order
-    again = train.heldout_examples(cfg)
+    again = trainer.heldout_examples(cfg)
     assert [(p.prompt, p.images, p.label) for p in again] == [(p.prompt, p.images, p.label) for p in heldout]
-    other = train.heldout_examples(train.Config(**{**cfg.__dict__, "seed": 1}))
+    other = trainer.heldout_examples(train.Config(**{**cfg.__dict__, "seed": 1}))
     assert [(p.prompt, p.images) for p in other] != [(p.prompt, p.images) for p in heldout]
 
 
@@ -52,7 +53,7 @@ def test_training_pairs_come_in_random_orders(tmp_path):
     a seeded random order, the label following the images."""
     path = write_imagereward(tmp_path, prompts=8)
     cfg = train.Config(mode="grpo", model="toy", seed=0)
-    pairs = train.load_examples(f"imagereward:{path}", "", cfg, train=True)
+    pairs = trainer.load_examples(f"imagereward:{path}", "", cfg, train=True)
     plain = data.groups_to_pairs(data.load(f"imagereward:{path}"))
     assert statistics.fmean(p.label for p in plain) == 0.0  # what the file order alone would teach
     assert len(pairs) == len(plain) == 8 * 36

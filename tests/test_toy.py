@@ -129,6 +129,7 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     """The demo on tiny sizes, in this process (a group of one): the table's every column for every stage,
     the listener's reading accuracy and the time, all in [0, 1] (seconds > 0), and the learning curve PNG."""
     import demo
+    import parallel
     import train
     from PIL import Image
     with socket.socket() as sock:
@@ -136,7 +137,7 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
         port = sock.getsockname()[1]
     for k, v in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"), ("0", "1", "0", "127.0.0.1", str(port))):
         monkeypatch.setenv(k, v)
-    train.setup_distributed()
+    parallel.setup_distributed()
     cfg = train.Config(out_dir=str(tmp_path / "default"), steps=3)  # --steps: the GRPO stages' length
     sizes = demo.Settings(sft_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2, eval_every=1,
                           eval_pairs=6, n_train=16, n_test=3)

@@ -193,6 +193,8 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
 def test_nan_gradient_step_is_skipped(cold_start, runs, monkeypatch):
     """A NaN in any gradient: the optimiser step is skipped and counted; the weights stay as they were."""
     import train
+    from parallel import setup_distributed
+    from trainer import Trainer
     cfg = train.Config(mode="sft", model=str(cold_start), out_dir=str(runs / "nan"), eval_pairs=2,
                        pairs_per_rank=2, micro_pairs=2)
     import socket
@@ -201,18 +203,18 @@ def test_nan_gradient_step_is_skipped(cold_start, runs, monkeypatch):
         port = sock.getsockname()[1]
     for k, v in zip(DIST_VARS, ("0", "1", "0", "127.0.0.1", str(port))):  # a group of one, undone after the test
         monkeypatch.setenv(k, v)
-    rank, world, device = train.setup_distributed()
-    state = train.Trainer(cfg, rank, world, device)
-    before = {k: v.detach().clone() for k, v in state.policy.state_dict().items()}
-    metrics = train.sft_step(cfg, state, next(state.stream), 0)  # a normal step moves the weights
-    assert metrics["skipped"] == 0 and state.optimizer_steps == 1
-    moved = {k: v.detach().clone() for k, v in state.policy.state_dict().items()}
+    rank, world, device = setup_distributed()
+    trainer = Trainer(cfg, rank, world, device)
+    before = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+    metrics = train.sft_step(cfg, trainer, next(trainer.stream), 0)  # a normal step moves the weights
+    assert metrics["skipped"] == 0 and trainer.optimizer_steps == 1
+    moved = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
     assert any(not torch.equal(moved[k], before[k]) for k in before)
     original = train.grpo.completion_logprobs
     monkeypatch.setattr(train.grpo, "completion_logprobs", lambda *a, **k: original(*a, **k) * float("nan"))
-    metrics = train.sft_step(cfg, state, next(state.stream), 1)
-    assert metrics["skipped"] == 1 and state.optimizer_steps == 1
-    for k, v in state.policy.state_dict().items():
+    metrics = train.sft_step(cfg, trainer, next(trainer.stream), 1)
+    assert metrics["skipped"] == 1 and trainer.optimizer_steps == 1
+    for k, v in trainer.policy.state_dict().items():
         assert torch.equal(v, moved[k]), k
 
 
@@ -234,8 +236,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     import random
 
     import grpo
+    import parallel
     import toy
-    import train
     from data import Pair, Processor
 
     processor = Processor.toy()
@@ -249,7 +251,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     for checkpointing in (False, True):
         model = toy.make_model(processor.tokenizer, seed=0).train()
         if checkpointing:
-            train.checkpoint_blocks(model)
+            parallel.checkpoint_blocks(model)
             wrapped = [m for m in model.modules() if type(m).__name__ == "CheckpointWrapper"]
             assert len(wrapped) == len(model.model.visual.blocks) + len(model.model.language_model.layers)
         logp = grpo.completion_logprobs(model, batch, completions, mask)

@@ -1,0 +1,138 @@
+"""Processes, devices and FSDP2: the one place that knows about torchrun and how the models are sharded.
+
+`setup_distributed` joins torchrun's process group (or makes a group of one for a plain `python train.py`);
+everything else asks for `rank`/`world_size`, and only rank 0 prints (`log`). `load_model` reads a checkpoint
+on rank 0 only; `shard` applies FSDP2's `fully_shard` block by block, bottom-up, root last (as torchtitan's
+parallelize.py does), with bf16 compute and fp32 gradient reduction on GPU, and broadcasts rank 0's weights
+into every rank's shards.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes and devices: the one place that knows about torchrun.
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU); a plain `python train.py` is a group of one."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def log(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def join_listener_pass(known: torch.Tensor) -> torch.Tensor:
+    """`known` with row 0 set to NaN, to be scored again, when this rank has no row left for the listener's own
+    pass but another rank has: that pass gathers the FSDP2 weights, a collective every rank must join."""
+    here = torch.isnan(known).any()
+    if bool(all_sum(here.float()) > 0) and not bool(here):
+        known = known.clone()
+        known[0] = float("nan")
+    return known
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(path: str, device: torch.device, trainable: bool):
+    """A checkpoint directory (or "toy") -> `Qwen2_5_VLForConditionalGeneration` in host memory (rank 0) or
+    on the meta device (the other ranks); `shard` puts it on `device`.
+
+    Trainable weights load in fp32 (the optimiser's master copy; FSDP2 computes in bf16 on GPU); frozen ones
+    load in bf16 when `device` is a GPU (fp32 on CPU). Weights load from safetensors; no remote code. Only
+    rank 0 reads them: the other ranks build the model on the meta device, and `shard` broadcasts rank 0's
+    weights into their shards (one copy of the checkpoint in host memory per node, not one per process).
+    """
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    if path == "toy":
+        import toy
+        return toy.make_model(seed=0).train(trainable)
+    dtype = torch.float32 if trainable or device.type == "cpu" else torch.bfloat16
+    if dist.get_rank() == 0:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                                   use_safetensors=True, local_files_only=True)
+    else:
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                                    dtype=dtype, attn_implementation="sdpa")
+    return model.train(trainable)
+
+
+def checkpoint_blocks(model) -> None:
+    """Activation checkpointing: each vision block and decoder layer keeps only its input for the backward
+    pass and recomputes the rest (memory for compute; needed for 7B with G=10, see README)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    blocks = {id(b) for b in list(model.model.visual.blocks) + list(model.model.language_model.layers)}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+
+
+def shard(model, device: torch.device, checkpointing: bool = False):
+    """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, then the root.
+
+    Ranks that built the model on the meta device (`load_model`) receive rank 0's weights, shard by shard.
+    """
+    meta = bool(all_sum(torch.tensor(float(any(p.is_meta for p in model.parameters())), device=device)) > 0)
+    full = model.state_dict() if meta and dist.get_rank() == 0 else {}  # rank 0's full weights, to broadcast
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    if checkpointing:
+        checkpoint_blocks(model)
+    for block in model.model.visual.blocks:
+        fully_shard(block, **kw)
+    fully_shard(model.model.visual, **kw)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    elif device.type == "cuda":
+        model.to(device)
+    if meta:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's are the computed ones
+            dist.broadcast(buffer, src=0)
+    return model
+
+
+def frozen(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,349 @@
+"""A training run's state and bookkeeping, apart from the method: train.py holds the method (one GRPO step,
+one SFT step, the loop), this file what it runs on. `cfg` is a train.Config throughout.
+
+- data: the training examples of a dataset spec, and the held-out sample scored during training;
+- `Trainer`: the run's state (policy, reference model, listener, AdamW, the data stream, the step counters),
+  built by loading and sharding the models (parallel.py); its optimiser step, and its checkpoints
+  (checkpoint.py is the on-disk format; `open_run` locks out_dir and picks what to resume);
+- metrics: held-out accuracy, each step's metrics reduced over ranks, metrics.jsonl;
+- stopping: `Stop` turns SIGTERM/Ctrl-C into a clean exit with the last finished step saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import data
+import reward
+import sample
+from data import PROMPT, Pair, PairStream
+from parallel import all_sum, frozen, load_model, log, shard, to_device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def toy_data(cfg) -> Path:
+    """Where the toy task lives: next to the run's directory, written once by rank 0 (toy.py)."""
+    root = Path(cfg.out_dir).parent / "toy_data"
+    if dist.get_rank() == 0 and not (root / "imagereward" / "test.json").exists():
+        import toy
+        toy.write_dataset(root, n_train=4000, n_test=128, seed=0)
+    dist.barrier()
+    return root
+
+
+def load_examples(spec: str, images: str, cfg, train: bool) -> list:
+    """A dataset spec ("hpdv2:PATH", ...; "toy") -> training examples for cfg.mode.
+
+    Preference modes take pairs (a ranked group gives all its untied pairs); the score mode takes single
+    images with ratings (`data.to_rated`).
+    """
+    if spec in ("", "toy"):  # training pairs in the HPDv2 layout, held-out groups in the ImageReward layout
+        root = toy_data(cfg)
+        spec, images = (f"hpdv2:{root / 'hpdv2/train.json'}", str(root / "hpdv2")) if train else \
+            (f"imagereward:{root / 'imagereward/test.json'}", str(root / "imagereward"))
+    kwargs = {"fraction": cfg.fraction, "seed": cfg.seed} if train else {}
+    records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, **kwargs)
+    if cfg.mode == "score":
+        examples = data.to_rated(records, len(PROMPT.ratings))
+    else:
+        pairs = data.groups_to_pairs(records) if records and isinstance(records[0], data.Group) else records
+        examples = data.random_orders(pairs, cfg.seed)  # no answer hidden in the file's image order
+    if not train:
+        examples = data.spread_sample(examples, cfg.eval_pairs, cfg.seed)  # over prompts, in random order
+    if not examples:
+        raise ValueError(f"no training examples in {spec}")
+    return examples
+
+
+def heldout_examples(cfg) -> list:
+    """The held-out examples scored during training: none without --eval_data for a real model."""
+    if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
+        log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
+        return []
+    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)
+    if cfg.skip_bad:  # every rank decodes the same list, so all keep the same examples
+        heldout, unreadable = data.drop_unreadable(heldout)
+        log(f"held-out: left out {unreadable} unreadable images")
+    return heldout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run's state: models, optimiser, data stream, checkpoints
+
+
+class Trainer:
+    """One run's state: loads and shards the models, builds AdamW and the data stream, resumes from out_dir."""
+
+    def __init__(self, cfg, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.out = Path(cfg.out_dir)
+        self.lock, resume, saved = open_run(cfg, rank, world)  # before anything heavy loads
+        self.processor = self._processor(cfg.model)
+        self.policy = load_model(cfg.model, device, trainable=True)
+        if cfg.freeze_vision:
+            self.policy.model.visual.requires_grad_(False)
+        self.policy = shard(self.policy, device, cfg.activation_checkpointing)
+        self.reference = self.listener = None
+        if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
+            self.reference = frozen(shard(load_model(cfg.model, device, trainable=False), device))
+        if cfg.mode == "grpo" and cfg.w_list > 0:
+            import listener
+            model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
+            self.listener = listener.Listener(model, self.processor)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        # --compile: the decode runs on a plain copy of the gathered text weights (bf16 on GPU), see sample.py
+        self.decoder = sample.StaticDecoder(compile=True, dtype=torch.bfloat16 if device.type == "cuda" else None) \
+            if cfg.compile else None
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.stream = PairStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
+                                 rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
+                                 decode=True, skip_bad=cfg.skip_bad)
+        heldout = heldout_examples(cfg)
+        self.heldout, self.heldout_total, self.spare = heldout[rank::world], len(heldout), heldout[:1]
+        self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
+        self.stop = None  # a Stop, checked at the phase boundaries of a step (train.train sets it)
+        if resume:
+            self._load(resume, saved)
+
+    def _processor(self, path: str):
+        if path == "toy":
+            return data.Processor.toy()
+        return data.Processor.from_pretrained(path, self.cfg.min_pixels or None, self.cfg.max_pixels or None)
+
+    def generators(self, pairs: list[Pair], step: int) -> list[torch.Generator]:
+        """One generator per pair, seeded by (seed, step, the pair's place in the global batch): train.py's departure 5."""
+        first = self.rank * len(pairs)
+        return [torch.Generator(self.device).manual_seed(hash((self.cfg.seed, step, first + i)) % 2**62)
+                for i in range(len(pairs))]
+
+    def micro_batches(self, pairs: list[Pair], group_size: int):
+        """[(processor batch of micro_pairs prompts, slice of their rows in the (B*G) rollout batch)]."""
+        m = self.cfg.micro_pairs
+        return [(to_device(self.processor.encode(pairs[i:i + m]), self.device),
+                 slice(i * group_size, (i + len(pairs[i:i + m])) * group_size)) for i in range(0, len(pairs), m)]
+
+    def lr(self) -> float:
+        return self.cfg.lr * min(1.0, (self.optimizer_steps + 1) / max(1, self.cfg.warmup_steps))
+
+    def optimizer_step(self) -> dict:
+        """Clip, then step, unless the loss or a gradient is NaN/inf: then skip the step and count it."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if torch.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr()
+            self.optimizer.step()
+            self.optimizer_steps += 1
+        else:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm.detach(), "lr": torch.tensor(self.lr()), "skipped": torch.tensor(float(self.skipped))}
+
+    def boundary(self) -> None:
+        """A phase boundary inside a step, before the first optimiser step: abandon the step if a stop was asked."""
+        if self.stop is not None and self.stop.agreed(self.device):
+            raise StepAbandoned
+
+    # -- checkpoints (checkpoint.py): sharded DCP saves of the policy and AdamW, exports for from_pretrained --
+
+    def trainer_state(self) -> dict:
+        size = self.processor.image_processor.size  # {shortest,longest}_edge: the pixel bounds in transformers 5
+        return {"step": self.step, "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
+                "stream": self.stream.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
+                "global_batch": self.cfg.pairs_per_rank * self.world,
+                "pixels": {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}}
+
+    def save(self) -> Path:
+        t = time.time()
+        replaced = int(all_sum(torch.tensor(float(self.stream.replaced), device=self.device)))  # over all ranks
+        state = self.trainer_state()
+        state["stream"]["replaced"] = replaced
+        path = checkpoint.save(self.out, self.step, self.policy, self.optimizer, state, self.cfg.keep_last)
+        self.saved_step = self.step
+        log(f"saved {path} in {time.time() - t:.1f} s")
+        return path
+
+    def export(self) -> Path:
+        return checkpoint.export(checkpoint.export_dir(self.out, self.step), self.policy, self.processor, self.cfg.model)
+
+    def _load(self, path: Path, saved: dict) -> None:
+        t = time.time()
+        checkpoint.load(path, self.policy, self.optimizer)
+        self.step, self.optimizer_steps, self.skipped = saved["step"], saved["optimizer_steps"], saved["skipped"]
+        self.saved_step = self.step
+        stream = dict(saved["stream"])  # its count of replaced examples is summed over ranks: rank 0 carries it
+        stream["replaced"] = stream.get("replaced", 0) if self.rank == 0 else 0
+        if saved["global_batch"] != self.cfg.pairs_per_rank * self.world:  # allowed by --allow_config_change
+            stream["index"] = min(stream["index"] * saved["global_batch"] // (self.cfg.pairs_per_rank * self.world),
+                                  self.stream.steps_per_epoch)
+        self.stream.load_state_dict(stream)
+        log(f"resumed from {path} at step {self.step} ({time.time() - t:.1f} s)")
+
+
+class StepAbandoned(Exception):
+    """A stop request seen inside a step, before the step touched the weights."""
+
+
+def open_run(cfg, rank: int, world: int) -> tuple:
+    """Lock out_dir (one live run), check every rank sees it, pick the checkpoint to resume (rank 0 chooses,
+    all check they can read it; a damaged one is reported and the previous used) and refuse a changed config.
+
+    Returns (the lock, or None off rank 0; the checkpoint or None; its trainer_state or None).
+    """
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    held, error = None, None
+    if rank == 0:
+        try:
+            held = checkpoint.lock(out)
+        except RuntimeError as e:
+            error = str(e)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise SystemExit(message[0])
+    try:
+        checkpoint.check_shared(out, rank, world)
+        resume = checkpoint.pick(out, rank, world)
+    except RuntimeError as e:  # an out_dir not shared between nodes; no usable checkpoint
+        raise SystemExit(str(e)) from None
+    if resume is None:
+        return held, None, None
+    saved = json.loads((resume / "trainer_state.json").read_text())
+    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world,
+                                          dataclasses.asdict(type(cfg)()))
+    if diffs and not cfg.allow_config_change:
+        raise SystemExit(f"{resume} was written by a run with another config; resuming it with this one would not "
+                         f"continue that run:\n  " + "\n  ".join(diffs) +
+                         "\npass --allow_config_change=true to resume anyway, or use another --out_dir")
+    if diffs:
+        log(f"warning: resuming {resume} with a changed config (--allow_config_change):\n  " + "\n  ".join(diffs))
+    return held, resume, saved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: held-out accuracy, each step's metrics reduced over ranks, and their record
+
+
+@torch.no_grad()
+def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
+    """Greedy rollouts on the held-out examples: the fraction answered right (the preferred image; in the score
+    mode the exact rating), and the fraction well formed. On the toy task also the judge's verdicts
+    (toy.judge): the fraction of contradictions and of faithful reasonings.
+
+    Every rank runs the same number of batches (sampling under FSDP2 is collective); a rank whose shard is
+    shorter re-scores a pair it does not count.
+    """
+    tok, device = trainer.processor.tokenizer, trainer.device
+    if not trainer.heldout_total:
+        return {"accuracy": math.nan, "format": math.nan}
+    judged = trainer.cfg.mode == "grpo" and trainer.cfg.eval_data in ("", "toy")  # the toy task: toy.judge reads it
+    if judged:
+        from demo import verdict
+    counts = torch.zeros(5, device=device)  # right, well-formed, scored, contradictions, faithful
+    batches = math.ceil(math.ceil(trainer.heldout_total / trainer.world) / batch_pairs)
+    for i in range(batches):
+        pairs = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
+        batch = to_device(trainer.processor.encode(pairs or trainer.spare), device)
+        rollouts = sample.sample(trainer.policy, batch, num_samples=1, max_new_tokens=trainer.cfg.max_new_tokens,
+                                 temperature=0.0, stop_token_ids=sample.stop_token_ids(tok),
+                                 pad_token_id=tok.pad_token_id, decoder=trainer.decoder)
+        for example, text in zip(pairs, rollouts.texts(tok)):
+            if isinstance(example, data.Rated):  # the score mode: the exact rating
+                answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
+            else:
+                answer, target = reward.parse_completion(text)[1], PROMPT.answers[example.label]
+            judge = verdict(example, text) if judged else {"contradiction": 0, "faithful": 0}
+            counts += torch.tensor([answer == target, answer is not None, 1.0, judge["contradiction"],
+                                    judge["faithful"]], device=device)
+    right, formatted, n, contradictions, faithful = all_sum(counts).tolist()
+    out = {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
+    if judged:
+        out.update(contradiction_rate=contradictions / max(n, 1), faithfulness=faithful / max(n, 1))
+    return out
+
+
+def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
+    """Per-rank step metrics -> global ones: sums for the loss and token counts, maxima for maxima, means else."""
+    names = sorted(metrics)
+    values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device).reshape(()) for k in names])
+    summed, largest = values.clone(), values.clone()
+    dist.all_reduce(summed)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    row = {}
+    for k, s_, m in zip(names, summed.tolist(), largest.tolist()):
+        row[k] = s_ if k in ("loss", "tokens", "replaced_examples") else m if k in ("length_max", "skipped") else s_ / world
+    return row
+
+
+class Progress:
+    """Rank 0's record of the run: a row of metrics.jsonl per step (rows past a resumed step cut, see
+    `checkpoint.open_metrics`) and a progress bar; on the other ranks it does nothing."""
+
+    def __init__(self, cfg, step: int, rank: int):
+        self.file = self.bar = None
+        if rank == 0:
+            from tqdm import tqdm
+            self.file = checkpoint.open_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
+            self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.mode} {Path(cfg.out_dir).name}", dynamic_ncols=True)
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "reward_accuracy", "heldout_accuracy") if k in row})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.bar.close()
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stopping: a signal ends the run at a safe point, with its last finished step saved
+
+
+class Stop:
+    """SIGTERM / Ctrl-C: abandon the current step at its next phase boundary, save the last finished one, exit.
+
+    torchrun kills its workers --shutdown-timeout seconds after forwarding SIGTERM (default 30; SLURM's KillWait
+    is also 30): so the step is not finished first. Boundaries are after sampling, after scoring, and between
+    micro-batches up to the first optimiser step (`Trainer.boundary`); all ranks agree on each (one all-reduce).
+    """
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        return bool(all_sum(torch.tensor(float(self.requested), device=device)) > 0)
+
+
+def stop_run(trainer: Trainer, why: str) -> None:
+    """Save the last finished step (unless saved already, or none), then exit cleanly."""
+    if trainer.step > trainer.saved_step:
+        trainer.save()
+    log(f"{why}; the checkpoint of step {trainer.step} is in {trainer.out}")
+    dist.destroy_process_group()
+    sys.exit(0)
+
