@@ -224,7 +224,7 @@ def curve(run_dir: Path, trained: dict) -> dict:
 
 def plot(path: Path, curves: dict) -> None:
     """Held-out accuracy and contradiction rate against step, one pair of lines per GRPO stage."""
-    from evaluate import line_plot
+    from report import line_plot
     series = {}
     for name, points in curves.items():
         steps = list(points)

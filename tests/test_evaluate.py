@@ -1,4 +1,5 @@
-"""Tests for evaluate.py: metrics against hand counts, scoring against its definition, the CLI end to end.
+"""Tests for evaluate.py, metrics.py and eval_inputs.py: metrics against hand counts, scoring against its
+definition, the CLI end to end.
 
 The metrics are checked on hand-made groups, pairs and votes whose answers are counted by hand in the
 comments. Scoring runs the tiny random toy model: `score_group` is counted (prefill rows, pairs sampled), the
@@ -19,13 +20,16 @@ import pytest
 import torch
 from PIL import Image
 
+import eval_inputs
 import evaluate
+import metrics
 import sample
 import toy
 from data import PROMPT, Group, Pair
-from evaluate import (Comparison, accuracy_by_agreement, accuracy_by_bin, binarized, compare, compare_pairs,
-                      confident, contradiction_rate, expected_calibration_error, judge_margins, judge_verdicts,
-                      majority, mean_at, pair_accuracy, pairwise_accuracy, score_distance, score_group, vote_share)
+from evaluate import Comparison, compare, compare_pairs, majority, mean_at, score_group, vote_share
+from metrics import (accuracy_by_agreement, accuracy_by_bin, binarized, confident, contradiction_rate,
+                     expected_calibration_error, judge_margins, judge_verdicts, pair_accuracy, pairwise_accuracy,
+                     score_distance)
 from listener import answer_probs, reasoning_of
 
 FAST = dict(max_new_tokens=6, batch_size=8)
@@ -34,7 +38,7 @@ FAST = dict(max_new_tokens=6, batch_size=8)
 @pytest.fixture(scope="module")
 def world():
     torch.set_num_threads(1)
-    processor = evaluate.toy_processor()
+    processor = eval_inputs.toy_processor()
     model = toy.make_model(processor.tokenizer)
     rng = random.Random(0)
     prompt, images, _ = toy.make_group(rng, n_images=4)
@@ -192,13 +196,13 @@ def test_no_thinking_reads_the_fixed_sentence(world, monkeypatch):
 
 def test_disagreement_against_direct_listener_scores(world):
     model, processor, prompt, images = world
-    p = evaluate.plan([Group(prompt, images, [1, 2, 2, 1])], anchor=0, seed=0)  # labelled: images 1 and 2
+    p = eval_inputs.dataset_pairs([Group(prompt, images, [1, 2, 2, 1])], anchor=0, seed=0)  # labelled: images 1 and 2
     results = compare_pairs(model, processor, p.compared, k=2, generator=torch.Generator().manual_seed(0), **FAST)
-    cfg = evaluate.Config(batch_size=2)
-    same = evaluate.disagreement_metrics(model, processor, p, results, cfg)  # the reasoner as its own listener
+    cfg = eval_inputs.Config(batch_size=2)
+    same = metrics.disagreement_metrics(model, processor, p, results, cfg)  # the reasoner as its own listener
     assert same["bins"][0]["n"] == 4 and same["mean_distance"] < 1e-5
     other = toy.make_model(processor.tokenizer, seed=1)
-    out = evaluate.disagreement_metrics(other, processor, p, results, cfg)
+    out = metrics.disagreement_metrics(other, processor, p, results, cfg)
     expected = []
     for i in p.labelled:  # ||(1 - q_l, q_l) - (1 - q_r, q_r)|| = sqrt(2) |q_l - q_r|, each rollout on its own
         for reasoning, q_r in zip(results[i].reasonings, results[i].probs):
@@ -212,7 +216,7 @@ def test_disagreement_against_direct_listener_scores(world):
 
 def test_contradiction_rate_against_plain_loop():
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tokenizer = evaluate.toy_processor().tokenizer
+    tokenizer = eval_inputs.toy_processor().tokenizer
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -253,10 +257,10 @@ def test_contradiction_metrics_judges_each_well_formed_rollout():
     results = [Comparison(0.5, [0.5] * 2, [good[0], "no tags"], ["", ""], [0, None], 0),
                Comparison(0.5, [0.5] * 2, [good[1], good[2]], ["", ""], [1, 1], 1),
                Comparison(0.5, [0.5], [good[0]], [""], [0], 0)]
-    cfg = evaluate.Config(judge="toy", judge_batch_size=2)
+    cfg = eval_inputs.Config(judge="toy", judge_batch_size=2)
     out = evaluate.contradiction_metrics("toy", results, [0, 1], cfg)  # pair 2 is outside the subset
     assert out["judged"] == 3
-    judge, tokenizer = evaluate.load_judge("toy")
+    judge, tokenizer = eval_inputs.load_judge("toy")
     expected = contradiction_rate(judge, tokenizer, ["red", "blue", "x"], [
         "1 (the first image)", "2 (the second image)", "2 (the second image)"])
     assert out["rate"] == pytest.approx(expected)
