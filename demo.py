@@ -40,8 +40,8 @@ import data
 import reward
 import sample
 import toy
-from data import PROMPT, Pair
 from listener import answer_probs, reasoning_of
+from prompt import PROMPT, Pair, Processor
 
 STAGES = ("cold start (SFT)", "GRPO", "GRPO + listener")
 COLUMNS = {"accuracy": "accuracy", "contradiction_rate": "contradiction", "faithfulness": "faithful",
@@ -70,7 +70,7 @@ def stage_configs(cfg, s: Settings) -> dict:
     """The three stages' train.Config, made from the command line's `cfg`: name -> config.
 
     Global batches are fixed, so 1 and 2 processes train alike. GRPO shows every pair in both orders in the
-    same batch, so that no preference for a position can earn reward (data.PairStream).
+    same batch, so that no preference for a position can earn reward (data.ExampleStream).
     """
     world, root = dist.get_world_size(), Path(cfg.out_dir)
     common = dict(model="toy", train_data="toy", eval_data="toy", max_new_tokens=s.max_new_tokens,
@@ -158,7 +158,7 @@ def evaluate_stages(checkpoints: dict, cfg, s: Settings, batch_pairs: int = 32) 
     """Every column of the table for each stage, and the listener's reading accuracy (see the top of the file)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     pairs = heldout_pairs(cfg)[rank::world]
-    processor = data.Processor.from_pretrained(checkpoints[STAGES[0]])
+    processor = Processor.from_pretrained(checkpoints[STAGES[0]])
     listener = load(checkpoints[STAGES[0]])  # the frozen cold start, as in training
     labels = torch.tensor([p.label for p in pairs])  # (P,)
     true = [[truth(p)] for p in pairs]

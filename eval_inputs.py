@@ -23,8 +23,8 @@ import torch
 import cli
 import data
 from cli import fail, option
-from data import Group, Pair
 from metrics import confident, make_toy_judge
+from prompt import Group, Pair, Processor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +97,8 @@ def device_and_dtype() -> tuple[str, torch.dtype]:
 @functools.lru_cache(maxsize=1)
 def toy_processor():
     """The toy processor, built once per process (training its tokenizer takes a second or two)."""
-    return data.Processor.toy()
+    import toy
+    return toy.make_processor()
 
 
 def load_reasoner(path: str, cfg: Config, seed: int = 0):
@@ -110,7 +111,7 @@ def load_reasoner(path: str, cfg: Config, seed: int = 0):
     from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                                local_files_only=True).to(device).eval()
-    return model, data.Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
+    return model, Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
 
 
 def load_judge(path: str):

@@ -50,12 +50,11 @@ import torch
 from tqdm import tqdm
 
 import cli
-import data
 import metrics
-from data import PROMPT, Group, Pair, PromptFormat, left_pad, swapped
 from eval_inputs import (Config, DatasetPairs, anchor_pairs, confident_or_labelled, dataset_pairs, load_judge,
                          load_reasoner, load_records, sampling_args)
 from listener import answer_probs, answer_slots, answer_token_ids, reasoning_of
+from prompt import PROMPT, Group, Pair, PromptFormat, Rated, left_pad, score_messages, swapped
 from reward import parse_completion
 from report import markdown_tables, write_outputs, write_ratings
 from sample import sample as sample_rollouts, stop_token_ids
@@ -217,7 +216,7 @@ def score_group(model, processor, prompt: str, images: Sequence, k: int = 1, anc
 # The absolute-score variant (section 5): each image rated alone, scored by its expected rating, eq. (3)
 
 
-def rating_logits(model, processor, records: Sequence[data.Rated], reasonings: Sequence[Sequence[str]],
+def rating_logits(model, processor, records: Sequence[Rated], reasonings: Sequence[Sequence[str]],
                   fmt: PromptFormat = PROMPT) -> torch.Tensor:
     """(B, G, R) logits of the R rating tokens at the answer slot, given each of the G reasonings of record b.
 
@@ -229,7 +228,7 @@ def rating_logits(model, processor, records: Sequence[data.Rated], reasonings: S
     ids = answer_token_ids(tokenizer, dataclasses.replace(fmt, answers=fmt.ratings))  # one token per rating
     rows = []
     for record, rs in zip(records, reasonings):
-        prompt = tokenizer.apply_chat_template(data.score_messages(record.prompt, fmt), tokenize=False,
+        prompt = tokenizer.apply_chat_template(score_messages(record.prompt, fmt), tokenize=False,
                                                add_generation_prompt=True)
         rows += continuation_ids(tokenizer, prompt, [fmt.answer_prefix(r) for r in rs])
     continuation = left_pad(rows, tokenizer.pad_token_id)  # (N, T)
@@ -241,7 +240,7 @@ def rating_logits(model, processor, records: Sequence[data.Rated], reasonings: S
     return prefix.logits[:, ids].float().view(B, G, -1)  # (B, G, R)
 
 
-def rate_images(model, processor, records: Sequence[data.Rated], k: int, seeds: Sequence[int], batch_size: int,
+def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Sequence[int], batch_size: int,
                 fmt: PromptFormat = PROMPT, progress: bool = False, **sampling) -> list[list[float]]:
     """k rollouts of the rating prompt per image, then the expected rating given each reasoning (eq. (3)):
     one list of k expected ratings per record. `seeds` (one per record) seed each record's rollouts."""
@@ -399,7 +398,7 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
     """The absolute-score evaluation: rate every image (split over the processes; a group's images in order, a
     pair's two), score each by its Mean@j expected rating, rank each group by it, write the outputs."""
     model, processor = load_reasoner(cfg.model, cfg)
-    items = [data.Rated(r.prompt, im, 0) for r in records for im in r.images]
+    items = [Rated(r.prompt, im, 0) for r in records for im in r.images]
     scores = split_over_processes(lambda mine, seeds, progress: rate_images(
         model, processor, mine, cfg.k, seeds, cfg.batch_size, progress=progress, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k), items, cfg.seed)  # (images, k)

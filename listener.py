@@ -4,8 +4,8 @@ Section 4.3 of the paper. A reasoner trained with plain GRPO can write fluent re
 its own answer. The listener is an independent, frozen copy of the instruct checkpoint the policy starts from
 (pi_ref; it may be the very same object as the KL reference model). For each rollout it reads
 
-    the two images, the reasoner's prompt (`data.reasoner_messages`), then the assistant turn
-    `<think>{reasoning}</think>\\n<answer>`                                   (`data.listener_prefix`)
+    the two images, the reasoner's prompt (`prompt.reasoner_messages`), then the assistant turn
+    `<think>{reasoning}</think>\\n<answer>`                                   (`prompt.listener_prefix`)
 
 and we take its next-token logits f over the answer vocabulary (`PROMPT.answers`, one token each, naming
 image 0 and image 1). A softmax over those tokens gives the probability of each image; for two answers
@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 import sample
-from data import PROMPT, Pair, PromptFormat, left_pad, listener_prefix, reasoner_messages
+from prompt import PROMPT, Pair, PromptFormat, left_pad, listener_prefix, reasoner_messages
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: what the listener reads

@@ -29,8 +29,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from data import Group, Pair, left_pad
 from listener import Listener
+from prompt import Group, Pair, left_pad
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Rewards: a completion's text (and the listener's confidence) -> numbers, one per reward component.
 
 Pairwise preference (section 4.3). A completion is `<think>reasoning</think>\\n<answer>1|2</answer>`, with the
-tags and the answer vocabulary taken from `data.PROMPT`. Its reward is eq. (5):
+tags and the answer vocabulary taken from `prompt.PROMPT`. Its reward is eq. (5):
 
     r = w_fmt * r_fmt + w_acc * r_acc + w_list * r_list,    r_list = max(0, p_corr - 0.5),
 
@@ -41,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from data import PROMPT, PromptFormat
+from prompt import PROMPT, PromptFormat
 
 # ----------------------------------------------------------------------------------------------------------
 # Parsing

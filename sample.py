@@ -64,7 +64,7 @@ def model_device(model) -> torch.device:
 def prefill(model, batch: dict) -> Prefix:
     """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
 
-    `batch` is what `data.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, T),
+    `batch` is what `prompt.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, T),
     and `pixel_values`, `image_grid_thw` when the prompts hold images.
     """
     device = model_device(model)
@@ -411,7 +411,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
            generator: torch.Generator | Sequence[torch.Generator] | None = None, blocked_token_ids: Sequence[int] | None = None,
            pad_token_id: int | None = None, check_every: int = 8, decoder: StaticDecoder | None = None,
            watch_ids: Sequence[int] | None = None) -> Rollouts:
-    """Sample `num_samples` (G) completions of each prompt in `batch` (a `data.Processor` batch of B prompts).
+    """Sample `num_samples` (G) completions of each prompt in `batch` (a `prompt.Processor` batch of B prompts).
 
     `stop_token_ids` defaults to the model's EOS ids; `[]` never stops early. The vision special tokens
     (and `blocked_token_ids`) are never sampled: an emitted <|image_pad|> would break the next forward.

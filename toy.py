@@ -78,7 +78,7 @@ CAPTION_QUESTION = "Which of the two images above is {colour}?"
 
 def _corpus() -> list[str]:
     """Text the toy tokenizer's byte-level BPE is trained on: every string the toy world ever writes."""
-    from data import PROMPT, reasoner_messages, score_messages
+    from prompt import PROMPT, reasoner_messages, score_messages
     texts = [PROMPT.question, PROMPT.score_question, PROMPT.no_thinking,
              "You are a helpful assistant.", "system user assistant"]
     for colour in COLOURS:
@@ -99,7 +99,7 @@ def make_tokenizer(vocab_size: int = 640):
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from data import PROMPT
+    from prompt import PROMPT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,6 +119,12 @@ def make_image_processor(min_pixels: int = IMAGE_SIZE * IMAGE_SIZE, max_pixels: 
     """The real Qwen2-VL image processor (PIL backend: no torchvision needed), sized for 56x56 images."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def make_processor():
+    """The toy `prompt.Processor`: the toy tokenizer and image processor."""
+    from prompt import Processor
+    return Processor(make_tokenizer(), make_image_processor())
 
 
 def make_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,

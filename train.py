@@ -70,8 +70,8 @@ import grpo
 import reward
 import sample
 from cli import OptionError, fail, option
-from data import PROMPT, Pair
 from parallel import all_sum, join_listener_pass, log, peak_memory_gb, setup_distributed, to_device
+from prompt import PROMPT, Pair
 from trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
 
 
@@ -187,7 +187,7 @@ class Config:
 def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
 
-    In the score mode `pairs` are `data.Rated` images and the rewards those of section 5; the rest is the same.
+    In the score mode `pairs` are `prompt.Rated` images and the rewards those of section 5; the rest is the same.
     """
     t0 = time.time()
     tok = trainer.processor.tokenizer

@@ -25,8 +25,9 @@ import checkpoint
 import data
 import reward
 import sample
-from data import PROMPT, Pair, PairStream
+from data import ExampleStream
 from parallel import all_sum, frozen, load_model, log, shard, to_device
+from prompt import PROMPT, Group, Pair, Processor, Rated
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ def load_examples(spec: str, images: str, cfg, train: bool) -> list:
     if cfg.mode == "score":
         examples = data.to_rated(records, len(PROMPT.ratings))
     else:
-        pairs = data.groups_to_pairs(records) if records and isinstance(records[0], data.Group) else records
+        pairs = data.groups_to_pairs(records) if records and isinstance(records[0], Group) else records
         examples = data.random_orders(pairs, cfg.seed)  # no answer hidden in the file's image order
     if not train:
         examples = data.spread_sample(examples, cfg.eval_pairs, cfg.seed)  # over prompts, in random order
@@ -107,7 +108,7 @@ class Trainer:
         self.decoder = sample.StaticDecoder(compile=True, dtype=torch.bfloat16 if device.type == "cuda" else None) \
             if cfg.compile else None
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        self.stream = PairStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
+        self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
                                  decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg)
@@ -119,8 +120,9 @@ class Trainer:
 
     def _processor(self, path: str):
         if path == "toy":
-            return data.Processor.toy()
-        return data.Processor.from_pretrained(path, self.cfg.min_pixels or None, self.cfg.max_pixels or None)
+            import toy
+            return toy.make_processor()
+        return Processor.from_pretrained(path, self.cfg.min_pixels or None, self.cfg.max_pixels or None)
 
     def generators(self, pairs: list[Pair], step: int) -> list[torch.Generator]:
         """One generator per pair, seeded by (seed, step, the pair's place in the global batch): train.py's departure 5."""
@@ -263,7 +265,7 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
                                  temperature=0.0, stop_token_ids=sample.stop_token_ids(tok),
                                  pad_token_id=tok.pad_token_id, decoder=trainer.decoder)
         for example, text in zip(pairs, rollouts.texts(tok)):
-            if isinstance(example, data.Rated):  # the score mode: the exact rating
+            if isinstance(example, Rated):  # the score mode: the exact rating
                 answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
             else:
                 answer, target = reward.parse_completion(text)[1], PROMPT.answers[example.label]

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
-import data  # noqa: E402
 import toy  # noqa: E402
 import parallel  # noqa: E402
 
@@ -85,7 +84,7 @@ def main():
         checkpoint.load(path, fresh, fresh_opt)
     rows["load"] = m
     with PeakRSS() as m:
-        checkpoint.export(out / "export", fresh, data.Processor.toy(), "toy")
+        checkpoint.export(out / "export", fresh, toy.make_processor(), "toy")
     rows["export"] = m
     written = sum(f.stat().st_size for f in path.iterdir())
     report = {k: (round(v.seconds, 2), round((v.peak - v.base) / 2**20, 1), round(v.peak / 2**20, 1)) for k, v in rows.items()}

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import toy  # noqa: E402
-from data import Pair, Processor, listener_prefix, reasoner_messages  # noqa: E402
+from prompt import Pair, Processor, listener_prefix, reasoner_messages  # noqa: E402
 from listener import answer_probs, answer_token_ids  # noqa: E402
 
 B, G, SIZE = 2, 8, 448

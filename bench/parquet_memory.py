@@ -1,13 +1,13 @@
 """Peak memory of loading a Pick-a-Pic-style parquet file, and the cost of reading its images lazily.
 
 Writes a parquet file of about --mib MiB in the published Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0;
-incompressible JPEG bytes), then, each in a fresh process, loads it with `data.load_pickapic` and reports the
+incompressible JPEG bytes), then, each in a fresh process, loads it with `layouts.load_pickapic` and reports the
 peak resident set size (VmHWM) above that of the same process after its imports, the time to load, and the
-same after decoding 64 random images (each read costs a row group of its column). With --compare REV, data.py as of git revision REV is measured
-the same way in the same run, side by side.
+same after decoding 64 random images (each read costs a row group of its column). With --compare REV, the data
+files as of git revision REV are measured the same way in the same run, side by side.
 
-    python bench/parquet_memory.py                       # this data.py, row groups of 100 rows (as HF writes)
-    python bench/parquet_memory.py --compare 2fef065     # ... and data.py at 2fef065
+    python bench/parquet_memory.py                       # this checkout, row groups of 100 rows (as HF writes)
+    python bench/parquet_memory.py --compare 2fef065     # ... and the data files at 2fef065
     python bench/parquet_memory.py --row-group 100000    # one row group per file
 """
 import argparse
@@ -24,7 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MEASURE = r"""
 import json, random, sys, time
 sys.path.insert(0, sys.argv[1])
-import data, pyarrow.parquet, PIL.Image
+import pyarrow.parquet, PIL.Image
+try:
+    from images import load_image
+    from layouts import load_pickapic
+except ImportError:  # a revision from before data.py was split into layouts.py, images.py and prompt.py
+    from data import load_image, load_pickapic
 
 
 def peak_mib():  # VmHWM: this process's peak resident set (unlike ru_maxrss, not inherited from the parent)
@@ -34,12 +39,12 @@ def peak_mib():  # VmHWM: this process's peak resident set (unlike ru_maxrss, no
 
 base = peak_mib()
 t = time.time()
-pairs = data.load_pickapic(sys.argv[2])
+pairs = load_pickapic(sys.argv[2])
 load_s, loaded = time.time() - t, peak_mib()
 rng = random.Random(0)
 t = time.time()
 for _ in range(64):
-    data.load_image(rng.choice(pairs).images[rng.randrange(2)])
+    load_image(rng.choice(pairs).images[rng.randrange(2)])
 print(json.dumps({"pairs": len(pairs), "base": base, "loaded": loaded, "load_s": load_s,
                   "decode_s": time.time() - t, "decoded": peak_mib()}))
 """
@@ -74,22 +79,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=float, default=100)
     parser.add_argument("--row-group", type=int, default=100, help="rows per row group (HF writes 100 for images)")
-    parser.add_argument("--compare", default="", help="a git revision whose data.py is measured too")
+    parser.add_argument("--compare", default="", help="a git revision whose data files are measured too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train-00000.parquet")
         rows = write_file(path, args.mib, args.row_group)
         print(f"{path}: {os.path.getsize(path) / 2**20:.1f} MiB, {rows} rows, row groups of {args.row_group} rows")
-        versions = {"this data.py": str(ROOT)}
+        versions = {"this checkout": str(ROOT)}
         if args.compare:
             old = os.path.join(tmp, "old")
             os.makedirs(old)
-            source = subprocess.run(["git", "show", f"{args.compare}:data.py"], cwd=ROOT, capture_output=True,
-                                    text=True, check=True).stdout
-            Path(old, "data.py").write_text(source)
-            for name in ("toy.py",):  # what data.py may import
-                Path(old, name).write_text((ROOT / name).read_text())
-            versions[f"data.py at {args.compare}"] = old
+            for name in ("data.py", "layouts.py", "images.py", "prompt.py"):  # the last three: after the split
+                show = subprocess.run(["git", "show", f"{args.compare}:{name}"], cwd=ROOT, capture_output=True, text=True)
+                if show.returncode == 0:
+                    Path(old, name).write_text(show.stdout)
+            Path(old, "toy.py").write_text((ROOT / "toy.py").read_text())  # what an older data.py may import
+            versions[f"at {args.compare}"] = old
         for name, code in versions.items():
             r = measure(code, path)
             print(f"{name:24s} peak RSS over the imports: {r['loaded'] - r['base']:+7.1f} MiB after loading "

@@ -46,9 +46,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
 import sample  # noqa: E402
 import toy  # noqa: E402
+from prompt import Processor, reasoner_messages  # noqa: E402
 
 
 @dataclass
@@ -102,11 +102,11 @@ def build_model(cfg: Config, tok):
 
 def build_batch(cfg: Config, tok) -> dict:
     """B prompts of the toy task, each with two image x image images."""
-    processor = data.Processor(tok, toy.make_image_processor(min_pixels=cfg.image**2, max_pixels=cfg.image**2))
+    processor = Processor(tok, toy.make_image_processor(min_pixels=cfg.image**2, max_pixels=cfg.image**2))
     rng = random.Random(cfg.seed)
     groups = [toy.make_group(rng, 2) for _ in range(cfg.prompts)]
     images = [[im.resize((cfg.image, cfg.image)) for im in group] for _, group, _ in groups]
-    batch = processor([data.reasoner_messages(prompt) for prompt, _, _ in groups], images)
+    batch = processor([reasoner_messages(prompt) for prompt, _, _ in groups], images)
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 

@@ -1,4 +1,5 @@
-"""Tests for data.py: each published layout written out in small files here, read back and checked.
+"""Tests for the data path (layouts.py, images.py, data.py, prompt.py's Processor): each published layout
+written out in small files here, read back and checked.
 
 Images are real PNG files written with PIL, each one a solid colour, so the test can tell which image a
 loader put where by opening it. Expected records, pairs and shards are computed by plain loops in the tests.
@@ -15,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
 import toy
-from data import (PROMPT, DataError, Group, Pair, PairStream, Processor, PromptFormat, groups_to_pairs,
-                  listener_prefix, load, load_hpdv2, load_image, load_imagereward, load_pickapic, load_rapidata,
-                  reasoner_messages, subsample)
+from data import ExampleStream, groups_to_pairs, load
+from images import DataError, load_image
+from layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, subsample
+from prompt import PROMPT, Group, Pair, Processor, PromptFormat, listener_prefix, reasoner_messages
 
 RED, GREEN, BLUE, WHITE = (220, 40, 40), (40, 180, 60), (50, 80, 220), (255, 255, 255)
 
@@ -435,14 +436,14 @@ def test_load_image_exif_rotation(tmp_path):
 
 
 def test_decompression_bomb_guard(monkeypatch):
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 63)
+    monkeypatch.setattr("images.MAX_IMAGE_PIXELS", 63)
     with pytest.raises(ValueError, match="8x8 pixels is over MAX_IMAGE_PIXELS=63"):
         load_image(png_bytes(RED))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 64)
+    monkeypatch.setattr("images.MAX_IMAGE_PIXELS", 64)
     assert load_image(png_bytes(RED)).size == (8, 8)
 
 
-# ---------------------------------------------------------------- PairStream
+# ---------------------------------------------------------------- ExampleStream
 
 
 def numbered_pairs(n):
@@ -451,7 +452,7 @@ def numbered_pairs(n):
 
 def test_pair_stream_shards_are_disjoint_and_cover():
     pairs, batch, world, seed = numbered_pairs(10), 2, 2, 7
-    ranks = [PairStream(pairs, batch, rank=r, world_size=world, seed=seed) for r in range(world)]
+    ranks = [ExampleStream(pairs, batch, rank=r, world_size=world, seed=seed) for r in range(world)]
     assert ranks[0].steps_per_epoch == 2  # 10 // 4; the last 2 of each epoch's order are dropped
     for epoch in range(3):
         order = list(range(10))
@@ -467,20 +468,20 @@ def test_pair_stream_shards_are_disjoint_and_cover():
 
 def test_pair_stream_exact_resume():
     pairs = numbered_pairs(11)
-    reference = PairStream(pairs, 3, rank=1, world_size=2, seed=1)
+    reference = ExampleStream(pairs, 3, rank=1, world_size=2, seed=1)
     uninterrupted = [[p.prompt for p in next(reference)] for _ in range(9)]
-    first = PairStream(pairs, 3, rank=1, world_size=2, seed=1)
+    first = ExampleStream(pairs, 3, rank=1, world_size=2, seed=1)
     for _ in range(4):  # 11 // (3 * 2) = 1 step per epoch: this stops at the end of epoch 3
         next(first)
     state = first.state_dict()
-    resumed = PairStream(pairs, 3, rank=1, world_size=2, seed=1)
+    resumed = ExampleStream(pairs, 3, rank=1, world_size=2, seed=1)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it would be saved in a checkpoint
     assert [[p.prompt for p in next(resumed)] for _ in range(5)] == uninterrupted[4:]
-    mid = PairStream(numbered_pairs(40), 4, seed=2)
+    mid = ExampleStream(numbered_pairs(40), 4, seed=2)
     straight = [[p.prompt for p in next(mid)] for _ in range(7)]
-    again = PairStream(numbered_pairs(40), 4, seed=2)
+    again = ExampleStream(numbered_pairs(40), 4, seed=2)
     [next(again) for _ in range(3)]
-    copy = PairStream(numbered_pairs(40), 4, seed=2)
+    copy = ExampleStream(numbered_pairs(40), 4, seed=2)
     copy.load_state_dict(again.state_dict())  # mid-epoch: epoch 0, index 3 of 10
     assert again.state_dict() == {"epoch": 0, "index": 3, "replaced": 0}
     assert [[p.prompt for p in next(copy)] for _ in range(4)] == straight[3:]
@@ -489,7 +490,7 @@ def test_pair_stream_exact_resume():
 def test_pair_stream_both_orders():
     """Each pair appears in both orders, side by side in the same rank's batch; an epoch covers every pair."""
     pairs = numbered_pairs(6)
-    streams = [PairStream(pairs, 2, rank=r, world_size=2, both_orders=True, seed=0) for r in range(2)]
+    streams = [ExampleStream(pairs, 2, rank=r, world_size=2, both_orders=True, seed=0) for r in range(2)]
     epoch = [p for _ in range(3) for s in streams for p in next(s)]  # 3 steps x 2 ranks x 2 = 12 = 6 pairs x 2
     assert sorted(p.prompt for p in epoch) == sorted([p.prompt for p in pairs] * 2)
     for i in range(0, len(epoch), 2):
@@ -499,12 +500,12 @@ def test_pair_stream_both_orders():
         for p in (a, b):  # the label follows the preferred image
             assert p.images[p.label] == original.images[original.label]
     with pytest.raises(ValueError, match="even batch_size"):
-        PairStream(pairs, 3, both_orders=True)
+        ExampleStream(pairs, 3, both_orders=True)
 
 
 def test_pair_stream_too_few_examples():
     with pytest.raises(ValueError, match="cannot fill one global batch"):
-        PairStream(numbered_pairs(3), 2, world_size=2)
+        ExampleStream(numbered_pairs(3), 2, world_size=2)
 
 
 # ---------------------------------------------------------------- prompts and model inputs
@@ -560,7 +561,8 @@ def test_processor_image_tokens():
 
 def test_to_rated_maps_ranks_onto_the_rating_scale():
     """Best rank -> R, worst -> 1, linear between; all tied -> the middle; a pair's winner R, loser 1."""
-    from data import Rated, to_rated
+    from data import to_rated
+    from prompt import Rated
     group = Group("p", ["a", "b", "c", "d", "e"], [1, 2, 3, 5, 3])
     assert [r.rating for r in to_rated([group], 5)] == [5, 4, 3, 1, 3]  # x = 1, 0.75, 0.5, 0, 0.5
     assert [r.rating for r in to_rated([Group("q", ["a", "b"], [2, 2])], 5)] == [3, 3]

@@ -25,7 +25,7 @@ import evaluate
 import metrics
 import sample
 import toy
-from data import PROMPT, Group, Pair
+from prompt import PROMPT, Group, Pair
 from evaluate import Comparison, compare, compare_pairs, majority, mean_at, score_group, vote_share
 from metrics import (accuracy_by_agreement, accuracy_by_bin, binarized, confident, contradiction_rate,
                      expected_calibration_error, judge_margins, judge_verdicts, pair_accuracy, pairwise_accuracy,

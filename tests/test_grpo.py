@@ -246,7 +246,7 @@ def test_completion_logprobs_equal_naive_forward_per_row():
     import random
 
     import toy
-    from data import Pair, Processor
+    from prompt import Pair, Processor
     from grpo import completion_logprobs
 
     torch.manual_seed(0)
@@ -283,7 +283,7 @@ def grpo_toy_batch():
     import random
 
     import toy
-    from data import Pair, Processor
+    from prompt import Pair, Processor
     processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
     rng = random.Random(0)
     pairs = []

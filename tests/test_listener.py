@@ -1,7 +1,7 @@
 """Tests for listener.py: shared-prefix scoring against one full forward pass per rollout, built here.
 
 The reference path never touches sample.py or listener.py's batching: for each rollout it encodes images +
-prompt + `listener_prefix(reasoning)` as one sequence with `data.Processor`, runs one full forward with the
+prompt + `listener_prefix(reasoning)` as one sequence with `prompt.Processor`, runs one full forward with the
 mRoPE positions of `get_rope_index`, and takes a softmax over the answer tokens at the last position.
 
 Run: .venv/bin/python -m pytest -q tests/test_listener.py
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import toy
-from data import PROMPT, Pair, Processor, listener_prefix, reasoner_messages
+from prompt import PROMPT, Pair, listener_prefix, reasoner_messages
 from listener import Listener, answer_probs, answer_token_ids, reasoning_of
 
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
@@ -30,7 +30,7 @@ REASONINGS = [
 @pytest.fixture(scope="module")
 def world():
     torch.set_num_threads(1)
-    processor = Processor.toy()
+    processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer)  # fp32, eval
     rng = random.Random(0)
     pairs = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import evaluate
+from prompt import Pair, Processor, reasoner_messages
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, legacy_name, real_checkpoint  # noqa: F401
 
 
@@ -62,14 +62,14 @@ def test_weights_load_under_the_published_names(real_checkpoint):
 
 
 def test_processor_ids_equal_the_tokenizer_with_expanded_image_pads(real_checkpoint, tokenizer, tmp_path):
-    """data.Processor on the real vocabulary: the chat template's ids with one <|image_pad|> per merged patch."""
+    """prompt.Processor on the real vocabulary: the chat template's ids with one <|image_pad|> per merged patch."""
     from PIL import Image
     Image.new("RGB", (64, 48), "red").save(tmp_path / "a.png")
     Image.new("RGB", (60, 60), "blue").save(tmp_path / "b.png")
-    processor = data.Processor.from_pretrained(str(real_checkpoint), max_pixels=56 * 56)
-    pair = data.Pair("a red fox", (str(tmp_path / "a.png"), str(tmp_path / "b.png")), 0)
+    processor = Processor.from_pretrained(str(real_checkpoint), max_pixels=56 * 56)
+    pair = Pair("a red fox", (str(tmp_path / "a.png"), str(tmp_path / "b.png")), 0)
     batch = processor.pairs([pair])
-    text = tokenizer.apply_chat_template(data.reasoner_messages(pair.prompt), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt), tokenize=False, add_generation_prompt=True)
     per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
     expected = tokenizer(text.replace("<|image_pad|>", "<|image_pad|>" * per_image[0], 1)
                          .replace("<|vision_end|><|vision_start|><|image_pad|>",

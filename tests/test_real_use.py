@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import train
 import trainer
+from prompt import PROMPT, Pair, Rated, score_messages
 from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,15 +127,15 @@ def test_rating_logits_equal_a_full_forward():
     import torch
     import evaluate
     import toy
-    processor = data.Processor.toy()
+    processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer, seed=0)
-    record = data.Rated("a red circle", Image.new("RGB", (56, 56), (200, 40, 40)), 0)
+    record = Rated("a red circle", Image.new("RGB", (56, 56), (200, 40, 40)), 0)
     reasonings = ["it is red", "a circle, and red too"]
     logits = evaluate.rating_logits(model, processor, [record], [reasonings])  # (1, 2, R)
-    ids = [processor.tokenizer.convert_tokens_to_ids(r) for r in data.PROMPT.ratings]
+    ids = [processor.tokenizer.convert_tokens_to_ids(r) for r in PROMPT.ratings]
     for g, reasoning in enumerate(reasonings):
-        batch = processor([data.score_messages(record.prompt)], [[record.image]],
-                          suffixes=[data.PROMPT.answer_prefix(reasoning)])
+        batch = processor([score_messages(record.prompt)], [[record.image]],
+                          suffixes=[PROMPT.answer_prefix(reasoning)])
         with torch.no_grad():
             full = model(**batch).logits[0, -1, ids]  # (R,)
         assert torch.allclose(logits[0, g], full, atol=1e-4)
@@ -227,10 +228,10 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
     import sample
     import toy
     from listener import answer_probs, answer_token_ids
-    processor = data.Processor.toy()
+    processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer, seed=0)
     tok = processor.tokenizer
-    pairs = [data.Pair(f"a {c} square", (Image.new("RGB", (56, 56), (200, 40, 40)),
+    pairs = [Pair(f"a {c} square", (Image.new("RGB", (56, 56), (200, 40, 40)),
                                          Image.new("RGB", (56, 56), (40, 40, 200))), 0) for c in ("red", "blue")]
     batch = processor.pairs(pairs)
     ids = answer_token_ids(tok)
@@ -242,7 +243,7 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
     assert rollouts.watched.shape == (4, rollouts.tokens.shape[1], 2)
     assert torch.allclose(rollouts.watched[:, 0], first, atol=1e-4)
     # (2) hand-written well-formed completions: their answer-slot logits, read as the sampler reads them
-    texts = [data.PROMPT.completion(r, "1") for r in ("it is red", "blue, I think", "red", "both squares")]
+    texts = [PROMPT.completion(r, "1") for r in ("it is red", "blue, I think", "red", "both squares")]
     rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     width = max(map(len, rows))
     tokens = torch.full((4, width), tok.pad_token_id)
@@ -258,7 +259,7 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
         watched[i, :n] = logits[i, -n - 1:-1][:, ids]
     fake = sample.Rollouts(tokens, torch.zeros(4, width), mask, torch.ones(4, dtype=torch.bool), 2, watched)
     p_b = evaluate.sampled_p_b(processor, pairs, [t.split("<answer>")[0] + "<answer>1</answer>" for t in texts],
-                               fake, data.PROMPT)
+                               fake, PROMPT)
     reasonings = [["it is red", "blue, I think"], ["red", "both squares"]]
     second = answer_probs(model, processor, pairs, reasonings)[..., 1]
     assert not p_b.isnan().any()

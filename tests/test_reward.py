@@ -1,6 +1,6 @@
 """Tests for reward.py: hand-written completions scored by eq. (5), the distance table, eq. (3) by hand.
 
-Completions are written out here from the tag strings of `data.PROMPT` (never the reward code's own
+Completions are written out here from the tag strings of `prompt.PROMPT` (never the reward code's own
 builder), and each expected reward is the arithmetic of eq. (5) written in the test.
 
 Run: .venv/bin/python -m pytest -q tests/test_reward.py
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from data import PROMPT, PromptFormat
+from prompt import PROMPT, PromptFormat
 from reward import (accuracy_reward, distance_reward, expected_score, format_reward, listener_reward,
                     normalised_score, parse_completion, preference_reward, preference_rewards, score_reward,
                     score_rewards)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import data
 import sample
 import toy
+from prompt import Processor, left_pad, reasoner_messages
 
 torch.set_num_threads(1)
 
@@ -46,13 +46,13 @@ def sharpened(model, scale=10.0):
 @pytest.fixture(scope="module")
 def batch(tok):
     """Three prompts of different lengths, each with two images of different sizes (so different token counts)."""
-    processor = data.Processor(tok, toy.make_image_processor(max_pixels=112 * 112))
+    processor = Processor(tok, toy.make_image_processor(max_pixels=112 * 112))
     rng = random.Random(0)
     images = []
     for sizes in IMAGE_SIZES:
         _, group, _ = toy.make_group(rng, IMAGES_PER_PROMPT)
         images.append([im.resize(size) for im, size in zip(group, sizes)])
-    out = processor([data.reasoner_messages(p) for p in PROMPTS], images)
+    out = processor([reasoner_messages(p) for p in PROMPTS], images)
     assert len(set(out["attention_mask"].sum(-1).tolist())) == len(PROMPTS), "prompt lengths should differ"
     assert len(set(out["image_grid_thw"].prod(-1).tolist())) > 1, "image sizes should differ"
     return out
@@ -65,8 +65,8 @@ def vision_ids(model):
 def take_prompts(batch, prompts):
     """The sub-batch of the given prompt indices, left padding recomputed."""
     real = [batch["attention_mask"][b].bool() for b in prompts]
-    out = data.left_pad([batch["input_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
-    types = data.left_pad([batch["mm_token_type_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
+    out = left_pad([batch["input_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
+    types = left_pad([batch["mm_token_type_ids"][b][r].tolist() for b, r in zip(prompts, real)], pad_id=0)
     out["mm_token_type_ids"] = types["input_ids"].int()
     image_ids = [b * IMAGES_PER_PROMPT + i for b in prompts for i in range(IMAGES_PER_PROMPT)]
     out["image_grid_thw"] = batch["image_grid_thw"][image_ids]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import toy
-from data import PROMPT, Pair
+from prompt import PROMPT, Pair
 
 RED_BLUE = ("red", "blue")  # the true colours of image 0 and image 1 in the hand-written cases below
 
@@ -104,7 +104,7 @@ def test_captions_say_where_a_colour_is_not_which_image_is_preferred(tmp_path):
 
     class State:  # what caption_batches reads from a Trainer
         cfg = train.Config(micro_pairs=4)  # caption micro-batches of 16
-        processor = data.Processor.toy()
+        processor = toy.make_processor()
         device = torch.device("cpu")
 
     batches = train.caption_batches(State, pairs, step=0)

@@ -238,9 +238,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     import grpo
     import parallel
     import toy
-    from data import Pair, Processor
+    from prompt import Pair, Processor
 
-    processor = Processor.toy()
+    processor = toy.make_processor()
     rng = random.Random(0)
     pairs = [Pair(p, tuple(ims), 0) for p, ims, _ in (toy.make_group(rng, 2) for _ in range(2))]
     batch = processor.pairs(pairs)

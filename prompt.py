@@ -1,0 +1,229 @@
+"""What the model is asked: the preference records, the prompt, and the tensors the model reads.
+
+Read this file first. A `Pair` is one prompt and two images, `label` naming the one people preferred (a `Group`
+ranks every image of a prompt; a `Rated` image carries a 1..R rating, the absolute-score variant of section 5).
+The reasoner reads the two images and `PROMPT.question` and answers `<think>...</think>\n<answer>1</answer>`
+(or 2); the listener (section 4.3) reads the same messages followed by the reasoning up to the answer slot
+(`listener_prefix`), never the reasoner's answer. `Processor` turns chat messages + images into the tensors
+`Qwen2_5_VLForConditionalGeneration` reads, with the checkpoint's own tokenizer and image processor.
+
+The wording, the tags and the answer vocabulary are defined here only (`PROMPT`), so a released checkpoint's
+format can be matched by editing a few strings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from images import load_image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class Pair:
+    """Two images for one prompt; `label` is the index (0 or 1) of the image people preferred."""
+    prompt: str
+    images: tuple  # (str | PIL.Image, str | PIL.Image)
+    label: int
+    votes: tuple[float, float] | None = None  # human votes for (image 0, image 1), where the dataset has them
+
+
+@dataclass
+class Group:
+    """All images generated for one prompt; `ranking[i]` is image i's human rank, 1 is best, ties allowed."""
+    prompt: str
+    images: list  # list[str | PIL.Image]
+    ranking: list[int]
+
+
+@dataclass
+class Rated:
+    """One image and its target rating, 1 (worst) .. R (best): the absolute-score variant (section 5)."""
+    prompt: str
+    image: object  # str | PIL.Image | bytes
+    rating: int
+
+
+def swapped(pair: Pair) -> Pair:
+    """The same pair shown in the other order; the label and votes follow the images."""
+    votes = None if pair.votes is None else (pair.votes[1], pair.votes[0])
+    return Pair(pair.prompt, (pair.images[1], pair.images[0]), 1 - pair.label, votes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts: the one place the wording, the tags and the answer vocabulary are defined.
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    question: str = (
+        "Prompt: {prompt}\n"
+        "Which of the two images above would people prefer for this prompt? Consider how well each image "
+        "matches the prompt and its visual quality. Think it through inside <think> </think>, then give your "
+        "answer inside <answer> </answer>: 1 for the first image or 2 for the second."
+    )
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    answer_open: str = "<answer>"
+    answer_close: str = "</answer>"
+    between: str = "\n"  # what goes between </think> and <answer> in a well-formed completion
+    answers: tuple[str, str] = ("1", "2")  # the answer naming image 0, image 1
+    # The absolute-score variant (section 5, eq. (3)): one image, a rating from `ratings`.
+    score_question: str = (
+        "Prompt: {prompt}\n"
+        "Rate how much people would like the image above for this prompt, from 1 (worst) to 5 (best). Think it "
+        "through inside <think> </think>, then give the rating inside <answer> </answer>."
+    )
+    ratings: tuple[str, ...] = ("1", "2", "3", "4", "5")
+    no_thinking: str = "I have finished thinking."  # the "no thinking" ablation (table 5)
+
+    def completion(self, reasoning: str, answer: str) -> str:
+        """A well-formed completion: `<think>reasoning</think>\\n<answer>answer</answer>`."""
+        return self.answer_prefix(reasoning) + answer + self.answer_close
+
+    def answer_prefix(self, reasoning: str) -> str:
+        """Everything a completion holds before its answer token: what the listener reads."""
+        return f"{self.think_open}{reasoning}{self.think_close}{self.between}{self.answer_open}"
+
+
+PROMPT = PromptFormat()
+
+
+def reasoner_messages(prompt: str, fmt: PromptFormat = PROMPT) -> list[dict]:
+    """Chat messages for the reasoner: image A, image B, then the question about `prompt`."""
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": fmt.question.format(prompt=prompt)}]
+    return [{"role": "user", "content": content}]
+
+
+def score_messages(prompt: str, fmt: PromptFormat = PROMPT) -> list[dict]:
+    """Chat messages for the absolute-score variant: one image, then the rating question."""
+    content = [{"type": "image"}, {"type": "text", "text": fmt.score_question.format(prompt=prompt)}]
+    return [{"role": "user", "content": content}]
+
+
+def listener_prefix(reasoning: str, fmt: PromptFormat = PROMPT) -> str:
+    """The listener's assistant turn: the reasoner's reasoning, its answer removed, up to the answer slot.
+
+    The listener reads the reasoner's messages followed by this text and we read its next-token logits over
+    `fmt.answers` (section 4.3). It never sees the reasoner's answer: only `reasoning` goes in.
+    """
+    return fmt.answer_prefix(reasoning)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model inputs
+
+
+class Processor:
+    """Chat messages + images -> the tensors `Qwen2_5_VLForConditionalGeneration` reads.
+
+    It does what `Qwen2_5_VLProcessor` does for images, with the checkpoint's own tokenizer (chat template)
+    and image processor: render the chat template, expand each `<|image_pad|>` into one token per merged
+    patch, left-pad the batch, and mark image tokens in `mm_token_type_ids` (what `get_rope_index` reads).
+    Written out here because `Qwen2_5_VLProcessor` also builds a video processor, which needs torchvision.
+    `min_pixels`/`max_pixels` bound the image size, and so the number of image tokens, which dominate cost.
+    """
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_pad = "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_pad)
+        self.merge = image_processor.merge_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path, **kwargs))
+
+    def save_pretrained(self, path: str) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    def __call__(self, messages: Sequence[list[dict]], images: Sequence[Sequence], suffixes: Sequence[str] | None = None,
+                 add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
+        """Encode B conversations, each with its images in order, left-padded into one batch.
+
+        `suffixes[b]` is text appended after the generation prompt (the start of the assistant's turn: the
+        listener's reasoning prefix, or a supervised target). Returns `input_ids`, `attention_mask` (B, T),
+        `mm_token_type_ids` (B, T), `pixel_values` (num_patches, C*t*p*p) and `image_grid_thw` (num_images, 3).
+        """
+        suffixes = suffixes if suffixes is not None else [""] * len(messages)
+        flat_images = [load_image(im) for row in images for im in row]
+        vision = self.image_processor(images=flat_images, return_tensors="pt") if flat_images else {}
+        grid = vision.get("image_grid_thw")
+        tokens_per_image = iter((grid.prod(-1) // self.merge**2).tolist() if grid is not None else [])
+        rows = [self._encode(msgs, len(row_images), suffix, add_generation_prompt, tokens_per_image)
+                for msgs, row_images, suffix in zip(messages, images, suffixes)]
+        batch = left_pad(rows, self.tokenizer.pad_token_id)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        if grid is not None:
+            batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], grid
+        return batch
+
+    TEXT_MARK = "\ue000"  # a private-use character: where a text of the conversation sits in the template
+
+    def _encode(self, messages: list[dict], n_images: int, suffix: str, add_generation_prompt: bool,
+                tokens_per_image) -> list[int]:
+        """One conversation -> token ids: the chat template with special tokens, each text as plain text.
+
+        The texts of the messages (the dataset's prompt among them) are tokenized with special tokens split,
+        so a prompt holding "<|im_end|>" or "<|image_pad|>" is read as those characters, never as chat
+        structure or an image slot. Each `<|image_pad|>` of the template becomes one token per merged patch.
+        """
+        texts: list[str] = []
+
+        def mark(text: str) -> str:
+            texts.append(text)
+            return f"{self.TEXT_MARK}{len(texts) - 1}{self.TEXT_MARK}"
+
+        marked = [{**m, "content": mark(m["content"]) if isinstance(m["content"], str) else
+                   [{**c, "text": mark(c["text"])} if c.get("type") == "text" else c for c in m["content"]]}
+                  for m in messages]
+        template = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+        pieces = (template + suffix).split(self.TEXT_MARK)  # template, text number, template, ..., template
+        slots = sum(p.count(self.image_pad) for p in pieces[0::2])
+        if slots != n_images:
+            raise ValueError(f"conversation has {slots} image slots but {n_images} images")
+        ids: list[int] = []
+        for n, piece in enumerate(pieces):
+            if n % 2:
+                ids += self.tokenizer(texts[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                continue
+            parts = piece.split(self.image_pad)
+            for k, part in enumerate(parts):  # one <|image_pad|> per merged patch, as the vision tower emits them
+                text = part if k == len(parts) - 1 else part + self.image_pad * next(tokens_per_image)
+                ids += self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids
+
+    def pairs(self, pairs: Sequence[Pair], fmt: PromptFormat | None = None, suffixes=None) -> dict[str, torch.Tensor]:
+        """Encode the reasoner's prompt for each pair: its two images and the question about its prompt."""
+        fmt = fmt or PROMPT
+        return self([reasoner_messages(p.prompt, fmt) for p in pairs], [p.images for p in pairs], suffixes)
+
+    def rated(self, records: Sequence[Rated], fmt: PromptFormat | None = None) -> dict[str, torch.Tensor]:
+        """Encode the absolute-score prompt for each record: its one image and the rating question."""
+        fmt = fmt or PROMPT
+        return self([score_messages(r.prompt, fmt) for r in records], [[r.image] for r in records])
+
+    def encode(self, records: Sequence) -> dict[str, torch.Tensor]:
+        """Pairs -> the preference prompt, Rated records -> the rating prompt."""
+        return self.rated(records) if records and isinstance(records[0], Rated) else self.pairs(records)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists -> left-padded `input_ids` and `attention_mask`, both (B, T)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        if r:
+            input_ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[b, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
