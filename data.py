@@ -169,6 +169,7 @@ def decoded(example):
 
 
 def images_of(example) -> list:
+    """The images of a Pair, Group or Rated record, in order."""
     return [example.image] if isinstance(example, Rated) else list(example.images)
 
 

@@ -166,17 +166,7 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Image paths, checked when a dataset is loaded; the errors name file, record and field.
-
-
-def short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def bad_field(source, index, field_name: str, expected: str, got=None) -> DataError:
-    got_text = "" if got is None else f", got {short(got)}"
-    return DataError(f"{source}: record {index}: field '{field_name}': expected {expected}{got_text}")
+# Image paths, checked when a dataset is loaded: the errors name file, record and field.
 
 
 @functools.lru_cache(maxsize=4096)
@@ -210,15 +200,6 @@ def image_file(root, relative: str, source, index, key: str) -> ImagePath:
     if not stat.S_ISREG(mode):
         raise DataError(f"{where}: image {path} is not a regular file", "missing")
     return ImagePath(path, where)
-
-
-def image_value(value, root, source, index, key: str):
-    """A parquet image cell, as `parquet_rows` gives it -> a `ParquetImage` or a checked path."""
-    if isinstance(value, ParquetImage):
-        return value
-    if isinstance(value, str) and value:
-        return image_file(root or "", value, source, index, key)
-    raise bad_field(source, index, key, "image bytes, an image struct {bytes, path} or a path", value)
 
 
 # ----------------------------------------------------------------------------------------------------------

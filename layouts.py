@@ -22,7 +22,7 @@ import os
 import random
 import sys
 
-from images import DataError, bad_field, expand_paths, image_file, image_value, parquet_file, parquet_rows, short
+from images import DataError, ParquetImage, expand_paths, image_file, parquet_file, parquet_rows
 from prompt import Group, Pair
 
 
@@ -63,14 +63,14 @@ def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict, e
             prompt_id = _get(row, "prompt_id", file, i)
             rank = _int(_get(row, "rank", file, i))
             if rank is None or rank < 0:
-                raise bad_field(file, i, "rank", "a non-negative integer rank", row["rank"])
+                raise _bad(file, i, "rank", "a non-negative integer rank", row["rank"])
             seen_file, seen_row, seen_prompt = first.get(prompt_id, (file, i, prompt))
             if seen_prompt != prompt:
-                raise bad_field(file, i, "prompt", f"the prompt of prompt_id {prompt_id!r} at {seen_file}: record "
-                                              f"{seen_row}, {short(seen_prompt)}", prompt)
+                raise _bad(file, i, "prompt", f"the prompt of prompt_id {prompt_id!r} at {seen_file}: record "
+                                              f"{seen_row}, {_short(seen_prompt)}", prompt)
             name = _get(row, "image_path", file, i)
             if not isinstance(name, str) or not name:
-                raise bad_field(file, i, "image_path", "a non-empty string", name)
+                raise _bad(file, i, "image_path", "a non-empty string", name)
             image = image_file(root, name, file, i, "image_path")
             first.setdefault(prompt_id, (file, i, prompt))
             return prompt_id, prompt, image, rank
@@ -146,7 +146,7 @@ def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip
         preference = _get(record, "human_preference", path, i)
         marks = [_int(v) for v in preference] if isinstance(preference, list) else [None]
         if None in marks or sorted(marks) != [0, 1]:
-            raise bad_field(path, i, "human_preference", "exactly one 1 and one 0, e.g. [1, 0]", preference)
+            raise _bad(path, i, "human_preference", "exactly one 1 and one 0, e.g. [1, 0]", preference)
         images = tuple(image_file(root, n, path, i, "file_path") for n in names)
         return Pair(prompt, images, label=marks.index(1))
 
@@ -169,7 +169,7 @@ RAPIDATA_DETAILS = ("detailed_results_preference", "detailed_results")  # the in
 
 def _votes(value, source, index, key) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise bad_field(source, index, key, "a non-negative number of votes", value)
+        raise _bad(source, index, key, "a non-negative number of votes", value)
     return float(value)
 
 
@@ -177,7 +177,7 @@ def _shares(row, source, index) -> tuple[float, float]:
     """The two vote shares of the newer convention: numbers in [0, 1] that sum to 1 (or 0: no votes)."""
     shares = tuple(_votes(_get(row, k, source, index), source, index, k) for k in RAPIDATA_SHARES)
     if max(shares) > 1 or not (abs(sum(shares) - 1) < 1e-3 or sum(shares) == 0):
-        raise bad_field(source, index, "/".join(RAPIDATA_SHARES), "vote shares in [0, 1] summing to 1 (counts go in "
+        raise _bad(source, index, "/".join(RAPIDATA_SHARES), "vote shares in [0, 1] summing to 1 (counts go in "
                    "votes_image1/votes_image2)", shares)
     return shares
 
@@ -188,9 +188,9 @@ def _vote_total(cell, source, index, key) -> int:
         try:
             cell = json.loads(cell)
         except ValueError:
-            raise bad_field(source, index, key, "a JSON list of individual votes", cell) from None
+            raise _bad(source, index, key, "a JSON list of individual votes", cell) from None
     if not isinstance(cell, list):
-        raise bad_field(source, index, key, "a list of individual votes", cell)
+        raise _bad(source, index, key, "a list of individual votes", cell)
     return len(cell)
 
 
@@ -230,7 +230,7 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
                 votes = None if total is None else (v[0] * total, v[1] * total)
             else:
                 v = votes = tuple(_votes(_get(row, k, file, i), file, i, k) for k in RAPIDATA_COUNTS)
-            images = tuple(image_value(_get(row, k, file, i), image_root, file, i, k) for k in ("image1", "image2"))
+            images = tuple(_image_value(_get(row, k, file, i), image_root, file, i, k) for k in ("image1", "image2"))
             if v[0] == v[1]:
                 return None  # a tie says nothing about which image people prefer
             return Pair(prompt, images, label=int(v[1] > v[0]), votes=votes)
@@ -252,10 +252,10 @@ def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = N
     for file in files:
         def parse(i, row, file=file):
             prompt = _prompt(row, "caption", file, i)
-            images = tuple(image_value(_get(row, k, file, i), None, file, i, k) for k in ("jpg_0", "jpg_1"))
+            images = tuple(_image_value(_get(row, k, file, i), None, file, i, k) for k in ("jpg_0", "jpg_1"))
             label_0 = _get(row, "label_0", file, i)
             if isinstance(label_0, bool) or label_0 not in (0, 0.5, 1):
-                raise bad_field(file, i, "label_0", "0, 0.5 or 1", label_0)
+                raise _bad(file, i, "label_0", "0, 0.5 or 1", label_0)
             return None if label_0 == 0.5 else Pair(prompt, images, label=0 if label_0 == 1 else 1)
 
         rows = parquet_rows(file, ["caption", "jpg_0", "jpg_1", "label_0"], image_columns=("jpg_0", "jpg_1"))
@@ -267,9 +267,19 @@ def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = N
 # Reading a record's fields, checked; counting what is left out
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _bad(source, index, field_name: str, expected: str, got=None) -> DataError:
+    got_text = "" if got is None else f", got {_short(got)}"
+    return DataError(f"{source}: record {index}: field '{field_name}': expected {expected}{got_text}")
+
+
 def _get(record, key: str, source, index):
     if not isinstance(record, dict):
-        raise bad_field(source, index, key, "a record (an object with named fields)", type(record).__name__)
+        raise _bad(source, index, key, "a record (an object with named fields)", type(record).__name__)
     if record.get(key) is None:
         raise DataError(f"{source}: record {index}: field '{key}' is missing")
     return record[key]
@@ -278,16 +288,16 @@ def _get(record, key: str, source, index):
 def _prompt(record, key: str, source, index) -> str:
     prompt = _get(record, key, source, index)
     if not isinstance(prompt, str) or not prompt.strip():
-        raise bad_field(source, index, key, "a non-empty string", prompt)
+        raise _bad(source, index, key, "a non-empty string", prompt)
     return prompt
 
 
 def _str_list(record, key: str, source, index, length: int | None = None) -> list[str]:
     values = _get(record, key, source, index)
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
-        raise bad_field(source, index, key, "a non-empty list of non-empty strings", values)
+        raise _bad(source, index, key, "a non-empty list of non-empty strings", values)
     if length is not None and len(values) != length:
-        raise bad_field(source, index, key, f"{length} entries", f"{len(values)}")
+        raise _bad(source, index, key, f"{length} entries", f"{len(values)}")
     return values
 
 
@@ -306,10 +316,19 @@ def _rank_list(record, key: str, source, index, length: int) -> list[int]:
     values = _get(record, key, source, index)
     ranks = [_int(v) for v in values] if isinstance(values, list) else [None]
     if any(r is None or r < 0 for r in ranks):
-        raise bad_field(source, index, key, "a list of non-negative integer ranks", values)
+        raise _bad(source, index, key, "a list of non-negative integer ranks", values)
     if len(ranks) != length:
-        raise bad_field(source, index, key, f"one rank per image ({length})", f"{len(ranks)} ranks")
+        raise _bad(source, index, key, f"one rank per image ({length})", f"{len(ranks)} ranks")
     return ranks
+
+
+def _image_value(value, root, source, index, key: str):
+    """A parquet image cell, as `parquet_rows` gives it -> a `ParquetImage` or a checked path."""
+    if isinstance(value, ParquetImage):
+        return value
+    if isinstance(value, str) and value:
+        return image_file(root or "", value, source, index, key)
+    raise _bad(source, index, key, "image bytes, an image struct {bytes, path} or a path", value)
 
 
 def _read_json_list(path) -> list:

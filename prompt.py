@@ -28,7 +28,7 @@ from images import load_image
 class Pair:
     """Two images for one prompt; `label` is the index (0 or 1) of the image people preferred."""
     prompt: str
-    images: tuple  # (str | PIL.Image, str | PIL.Image)
+    images: tuple  # (image 0, image 1): each a path, a parquet cell (images.py), bytes or a PIL image
     label: int
     votes: tuple[float, float] | None = None  # human votes for (image 0, image 1), where the dataset has them
 
@@ -37,7 +37,7 @@ class Pair:
 class Group:
     """All images generated for one prompt; `ranking[i]` is image i's human rank, 1 is best, ties allowed."""
     prompt: str
-    images: list  # list[str | PIL.Image]
+    images: list  # as in a Pair, one per generated image
     ranking: list[int]
 
 
@@ -45,7 +45,7 @@ class Group:
 class Rated:
     """One image and its target rating, 1 (worst) .. R (best): the absolute-score variant (section 5)."""
     prompt: str
-    image: object  # str | PIL.Image | bytes
+    image: object  # as in a Pair
     rating: int
 
 
