@@ -273,6 +273,28 @@ def test_static_decoder_reused_across_batches(model, batch):
     assert decoder.text is model.model.language_model  # a plain model: no copy of its weights
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
+def test_static_decode_step_groups_query_heads(tok, batch, heads, kv_heads):
+    """`decode_step` does grouped-query attention itself (query head j reads key/value head j // R): with
+    R = 4 query heads per key/value head (8 on 2, where a wrong grouping reads the wrong head) and R = 1 (4 on
+    4), as with the suite's R = 2, greedy tokens equal model.generate's and sampled log-probs the eager
+    reference's."""
+    model = sharpened(toy.make_model(tok, seed=2, heads=heads, kv_heads=kv_heads))
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, 8
+    config.suppress_tokens = vision_ids(model)
+    expected = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]  # (B, T)
+    greedy = sample.sample(model, batch, max_new_tokens=8, temperature=0.0, stop_token_ids=[],
+                           decoder=sample.StaticDecoder())
+    assert len(set(expected.flatten().tolist())) >= 4, "degenerate model output would make this test weak"
+    assert torch.equal(greedy.tokens, expected)
+    run = lambda d: sample.sample(model, batch, num_samples=2, max_new_tokens=8, temperature=1.0, stop_token_ids=[],
+                                  generator=torch.Generator().manual_seed(0), decoder=d)
+    reference, got = run(None), run(sample.StaticDecoder())
+    assert torch.equal(got.tokens, reference.tokens)
+    torch.testing.assert_close(got.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+
+
 def test_compiled_decoder_matches_eager(tok, model, batch):
     """The one compiled case of the suite (torch.compile takes about 20 s on this CPU): greedy and sampled
     rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included; the
