@@ -180,7 +180,7 @@ def stage_counts(policy, listener, processor, pairs: list[Pair], max_new_tokens:
     """(6,) counts over `pairs`: right, contradictions, faithful, listener agrees, right without thinking, pairs."""
     tok = processor.tokenizer
     rollouts = sample.sample(policy, processor.pairs(pairs), num_samples=1, max_new_tokens=max_new_tokens,
-                             temperature=0.0, stop_token_ids=sample.stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+                             temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id)
     texts = rollouts.texts(tok)
     verdicts = [verdict(p, t) for p, t in zip(pairs, texts)]
     labels = torch.tensor([p.label for p in pairs])  # (B,)

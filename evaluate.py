@@ -57,7 +57,7 @@ from listener import answer_probs, answer_slots, answer_token_ids, reasoning_of
 from prompt import PROMPT, Group, Pair, PromptFormat, Rated, left_pad, score_messages, swapped
 from reward import parse_completion
 from report import markdown_tables, write_outputs, write_ratings
-from sample import sample as sample_rollouts, stop_token_ids
+from sample import end_of_turn_ids, sample as sample_rollouts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
     the batch or the process it lands in (`compare_all`); otherwise `generator` drives the whole run.
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    stop_token_ids=stop_token_ids(processor.tokenizer), generator=generator,
+                    stop_token_ids=end_of_turn_ids(processor.tokenizer), generator=generator,
                     pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
     shown_seeds = None if seeds is None else [2 * s + o for s in seeds for o in ((0, 1) if both_orders else (0,))]
@@ -246,7 +246,7 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Seque
     one list of k expected ratings per record. `seeds` (one per record) seed each record's rollouts."""
     from reward import expected_score
     device = next(model.parameters()).device
-    sampling.update(stop_token_ids=stop_token_ids(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    sampling.update(stop_token_ids=end_of_turn_ids(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
     out = []
     with tqdm(total=len(records), desc="rate", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(records), batch_size):

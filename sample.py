@@ -420,15 +420,16 @@ class Rollouts:
                 for row, n in zip(self.tokens.tolist(), lengths.tolist())]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """End-of-turn ids: `<|im_end|>` (the tokenizer's eos in Qwen2.5-VL chat models) and `<|endoftext|>`.
-    Training and evaluation both stop on these, so a completion ends the same way in both."""
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """End-of-turn ids from the tokenizer: `<|im_end|>` (its eos in Qwen2.5-VL chat models) and `<|endoftext|>`.
+    Training and evaluation pass these as `sample(stop_token_ids=...)`, so a completion ends the same way in both."""
     ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
-def default_stop_ids(model) -> list[int]:
-    """The end-of-turn ids of the model's generation config (for Qwen2.5-VL Instruct: <|im_end|>, <|endoftext|>)."""
+def generation_eos_ids(model) -> list[int]:
+    """`sample`'s stop ids when none are given: the eos ids of the model's generation config (for Qwen2.5-VL
+    Instruct: <|im_end|>, <|endoftext|>)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = model.config.get_text_config().eos_token_id
@@ -443,7 +444,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
            watch_ids: Sequence[int] | None = None) -> Rollouts:
     """Sample `num_samples` (G) completions of each prompt in `batch` (a `prompt.Processor` batch of B prompts).
 
-    `stop_token_ids` defaults to the model's EOS ids; `[]` never stops early. The vision special tokens
+    `stop_token_ids` defaults to the model's EOS ids (`generation_eos_ids`); `[]` never stops early. The vision special tokens
     (and `blocked_token_ids`) are never sampled: an emitted <|image_pad|> would break the next forward.
     `generator` (on the model's device) makes sampling reproducible; a list of B generators, one per prompt,
     makes each prompt's rollouts independent of the batch it is in (train.py relies on this). "All finished?" is checked every
@@ -472,7 +473,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
         pad = model.config.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
         if pad is None:
             raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id")
-        stop_ids = torch.tensor(default_stop_ids(model) if stop_token_ids is None else list(stop_token_ids),
+        stop_ids = torch.tensor(generation_eos_ids(model) if stop_token_ids is None else list(stop_token_ids),
                                 dtype=torch.long, device=device)
         vision_ids = [getattr(model.config, k, None) for k in VISION_TOKEN_KEYS]
         bias = blocked_bias(V, vision_ids + list(blocked_token_ids or []), device)  # (V,)

@@ -194,7 +194,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     batch = to_device(trainer.processor.encode(pairs), trainer.device)
     rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             stop_token_ids=sample.stop_token_ids(tok), pad_token_id=tok.pad_token_id,
+                             stop_token_ids=sample.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
                              generator=trainer.generators(pairs, step), decoder=trainer.decoder)
     texts = rollouts.texts(tok)
     t1 = time.time()

@@ -262,7 +262,7 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
         pairs = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
         batch = to_device(trainer.processor.encode(pairs or trainer.spare), device)
         rollouts = sample.sample(trainer.policy, batch, num_samples=1, max_new_tokens=trainer.cfg.max_new_tokens,
-                                 temperature=0.0, stop_token_ids=sample.stop_token_ids(tok),
+                                 temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tok),
                                  pad_token_id=tok.pad_token_id, decoder=trainer.decoder)
         for example, text in zip(pairs, rollouts.texts(tok)):
             if isinstance(example, Rated):  # the score mode: the exact rating
