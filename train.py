@@ -17,15 +17,14 @@ Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5
 The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant
 (one image, a rating from 1 to 5, format + exact-match + distance rewards; section 5) is --mode=score.
 Several nodes: torchrun's --nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir
-resumes exactly from its last checkpoint. Every option is a field of `Config` below (--name=value or --name
-value; `--help` lists them with their defaults); bad values stop the run before anything loads.
+resumes exactly. Every option is a field of `Config` below (--name=value or --name value; `--help` lists
+them); bad values stop the run before anything loads.
 
-This file reads in the order of the method: `Config`; one GRPO step (section 3.3 and 4.3 of the paper:
-`grpo_step` samples G rollouts per pair (sample.py), reads them with the reference model and the listener
-(`reference_pass`, listener.py), rewards them (`rollout_rewards`, reward.py, eq. (5)), normalises the rewards
-within each group (eq. (1), grpo.py), and minimises the clipped objective with KL (eq. (2), `policy_update`)
-for `num_iterations` passes, in micro-batches); one SFT step; the loop (`train`). What they run on (processes
-and FSDP2: parallel.py; the optimiser, data stream, checkpoints and stop signals: trainer.py) is elsewhere.
+This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
+G rollouts per pair (sample.py), reads them with the reference model and the listener (`reference_pass`),
+rewards them (`rollout_rewards`, eq. (5)), normalises the rewards within each group (eq. (1), grpo.py) and
+minimises the clipped objective with KL (eq. (2), `policy_update`) for `num_iterations` passes); one SFT
+step; the loop (`train`). What they run on: parallel.py (processes, FSDP2), trainer.py (the run's state).
 
 Where this departs from the paper, and why:
 
@@ -33,9 +32,9 @@ Where this departs from the paper, and why:
    range, number of steps) take common GRPO values: lr 1e-6, beta 0.04, clip 0.2, temperature 1.0.
 2. old_logp are the log-probabilities the sampler drew the tokens with (sample.py returns them, computed
    from logits / temperature), not a second forward pass: in fp32 they equal the training forward's
-   (tests/test_sample.py). In bf16 they differ by rounding, so the first pass's ratio is near 1, not exactly
-   1; a token whose rounding alone carries its ratio past the clip range loses its gradient on that pass
-   (`clip_low`/`clip_high` in metrics.jsonl count such tokens).
+   (tests/test_sample.py). In bf16 rounding makes the first pass's ratio near 1, not exactly 1: a token that
+   rounding alone carries past the clip range, on its advantage's side, loses its gradient on that pass (the
+   clipped term wins the min of eq. (2); `clip_low`/`clip_high` in metrics.jsonl count such tokens).
 3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once
    (the paper uses the instruct model for both roles: pi_ref in section 4.3).
 4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed
@@ -109,7 +108,7 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the rollouts", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
-    compile: bool = option(False, "decode on a static KV cache with a compiled step (sample.StaticDecoder; CUDA "
+    compile: bool = option(False, "decode on a static KV cache with a compiled step (static_decode.StaticDecoder; CUDA "
                                   "graphs on GPU); false: the eager reference decode")
     num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
     clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
@@ -180,8 +179,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One GRPO step: sample -> reference (and listener) pass -> rewards -> advantages -> update.
-# Each step returns a dict of metrics (tensors, synced once by the loop).
+# One GRPO step: sample -> reference and listener pass -> rewards -> advantages -> update; metrics as tensors
 
 
 def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 import sample  # noqa: E402
 import toy  # noqa: E402
 from prompt import Processor, reasoner_messages  # noqa: E402
+from static_decode import StaticDecoder  # noqa: E402
 
 
 @dataclass
@@ -110,7 +111,7 @@ def build_batch(cfg: Config, tok) -> dict:
     return {k: v.to(cfg.device) for k, v in batch.items()}
 
 
-DECODERS = {}  # method -> sample.StaticDecoder, built once per process so that its compiled step is kept
+DECODERS = {}  # method -> StaticDecoder, built once per process so that its compiled step is kept
 
 
 STAMPS: list[float] = []  # perf_counter() at each token choice of the current run
@@ -209,7 +210,7 @@ def lengths(cfg: Config) -> list[int]:
 def setup(cfg: Config):
     """The model, the batch, and the compile time of each length (seconds); every method warmed up."""
     torch.set_num_threads(cfg.threads)
-    DECODERS.update(static=sample.StaticDecoder(), compiled=sample.StaticDecoder(compile=True))
+    DECODERS.update(static=StaticDecoder(), compiled=StaticDecoder(compile=True))
     sample.choose = stamped_choose(sample.choose)
     tok = toy.make_tokenizer()
     model, batch = build_model(cfg, tok), build_batch(cfg, tok)
@@ -227,7 +228,7 @@ def peak_memory(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     tok = toy.make_tokenizer()
     model, batch = build_model(cfg, tok), build_batch(cfg, tok)
-    DECODERS.update(static=sample.StaticDecoder(), compiled=sample.StaticDecoder(compile=True))
+    DECODERS.update(static=StaticDecoder(), compiled=StaticDecoder(compile=True))
     run, n = METHODS[cfg.worker], max(lengths(cfg))
     run(model, batch, cfg, n, cfg.worker)  # warm-up (and compile)
     before = memory_now(cfg.device)

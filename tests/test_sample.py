@@ -13,6 +13,7 @@ from torch import nn
 import sample
 import toy
 from prompt import Processor, left_pad, reasoner_messages
+from static_decode import StaticDecoder
 
 torch.set_num_threads(1)
 
@@ -116,7 +117,7 @@ def decoder_for(path):
     """The decode path under test: None = the eager reference (`extend`), "static" = `StaticDecoder` run eagerly.
     `block=1` sizes the static cache exactly (prompt + max_new_tokens columns): the longest prompt's last
     token goes to the cache's last column."""
-    return None if path == "eager" else sample.StaticDecoder(block=1)
+    return None if path == "eager" else StaticDecoder(block=1)
 
 
 @pytest.mark.parametrize("path", ["eager", "static"])
@@ -259,7 +260,7 @@ def test_static_decoder_reused_across_batches(model, batch):
     """One `StaticDecoder` serves successive batches of the same shape (N rows, S columns): prompts of other
     lengths, left padding and images each time, sampled with per-prompt generators and a stop token. Its
     rollouts equal the eager reference's every time: nothing of the previous batch's cache is attended to."""
-    decoder = sample.StaticDecoder()  # block 256: the same S for all three batches, so the buffers are reused
+    decoder = StaticDecoder()  # block 256: the same S for all three batches, so the buffers are reused
     for prompts in ([0, 1], [1, 2], [2, 0]):
         sub = take_prompts(batch, prompts)
         run = lambda d, stop: sample.sample(model, sub, num_samples=2, max_new_tokens=8, temperature=1.0,
@@ -285,12 +286,12 @@ def test_static_decode_step_groups_query_heads(tok, batch, heads, kv_heads):
     config.suppress_tokens = vision_ids(model)
     expected = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]  # (B, T)
     greedy = sample.sample(model, batch, max_new_tokens=8, temperature=0.0, stop_token_ids=[],
-                           decoder=sample.StaticDecoder())
+                           decoder=StaticDecoder())
     assert len(set(expected.flatten().tolist())) >= 4, "degenerate model output would make this test weak"
     assert torch.equal(greedy.tokens, expected)
     run = lambda d: sample.sample(model, batch, num_samples=2, max_new_tokens=8, temperature=1.0, stop_token_ids=[],
                                   generator=torch.Generator().manual_seed(0), decoder=d)
-    reference, got = run(None), run(sample.StaticDecoder())
+    reference, got = run(None), run(StaticDecoder())
     assert torch.equal(got.tokens, reference.tokens)
     torch.testing.assert_close(got.logprobs, reference.logprobs, atol=1e-5, rtol=0)
 
@@ -299,7 +300,7 @@ def test_compiled_decoder_matches_eager(tok, model, batch):
     """The one compiled case of the suite (torch.compile takes about 20 s on this CPU): greedy and sampled
     rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included; the
     second call reuses the compiled step (same rows, same cache length) without recompiling."""
-    decoder = sample.StaticDecoder(compile=True)
+    decoder = StaticDecoder(compile=True)
     gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]
     free = sample.sample(model, batch, num_samples=2, max_new_tokens=10, stop_token_ids=[], generator=gens())
     stop = [int(free.tokens[1, 4])]  # row 1 stops at step 4, the others run on unless they draw it too
@@ -396,7 +397,7 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded on exit
         assert plain_decode() == before  # reshard_after_forward restored
         # the static decode runs on a plain copy of the gathered weights, refreshed at every call
-        decoder = sample.StaticDecoder()
+        decoder = StaticDecoder()
         gathers.clear()
         static = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[], decoder=decoder)
         assert torch.equal(static.tokens, expected) and len(gathers) == len(sharded)
