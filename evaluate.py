@@ -33,7 +33,7 @@ Choices the paper leaves open, made here (metrics.py lists those of the metrics 
    (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
 
 Legend for shapes: B pairs, G = k rollouts per pair, N = B*G, T tokens, V vocabulary.
-Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
+Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py tests/test_real_use.py
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ from sample import end_of_turn_ids, sample as sample_rollouts
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Scoring
+# Scoring: p(b) given each rollout's reasoning (eq. (4)), Mean@k and the vote over k rollouts, anchor scores
 
 
 @dataclass

@@ -204,7 +204,7 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
     - `weighted_results_image1_preference`/`..._image2_preference`: vote *shares* (weighted by each voter's
       reliability; they sum to 1), with the individual votes listed in `detailed_results_preference` (or
       `detailed_results`). `votes` are the shares times the number of individual votes, so the winner's share
-      and the total number of votes (the binarized and confident subsets of evaluate.py) mean what they mean
+      and the total number of votes (the binarized and confident subsets of metrics.py) mean what they mean
       with counts. Without a detail column the total is unknown: `votes` is None, never a share read as a count.
     An image cell is raw bytes, an HF image struct `{"bytes", "path"}`, or a path (relative to `image_root`
     if given). The label is the image with more votes (the larger share).
