@@ -83,6 +83,7 @@ class StaticDecoder:
         self.mask.zero_()
         self.mask[:, :T] = prefix.attention_mask.bool().repeat_interleave(G, dim=0)  # (N, T) left padding off
         self.column = T
+        self.column_index = torch.tensor([T], device=weight.device)  # (1,) the same, on the device
         self.next_position = prefix.next_position.repeat_interleave(G, dim=0)  # (N,)
         self.rope_deltas = prefix.rope_deltas.repeat_interleave(G, dim=0)  # (N, 1)
         return prefix.logits.repeat_interleave(G, dim=0)  # (N, V)
@@ -95,15 +96,15 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: the cache holds {S} columns; start() sized it")
         self.mask[:, self.column] = live  # outside the step: the column index changes every step
         span = S if self.compile else self.column + 1  # columns attended: all (fixed shapes), or those written
-        column = torch.tensor([self.column], device=self.mask.device)  # (1,) a tensor: no recompile per step
         if self.compile and self.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         logits = self.step(self.text, self.lm_head, [k[:, :, :span] for k in self.keys],
                            [v[:, :, :span] for v in self.values], token.contiguous(),
-                           (self.next_position[:, None] + self.rope_deltas)[:, 0], column,
+                           (self.next_position[:, None] + self.rope_deltas)[:, 0], self.column_index,
                            self.mask[:, :span])  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
+        self.column_index += 1  # in place, on the device: a tensor, so the compiled step is not recompiled
         return logits
 
 

@@ -16,9 +16,11 @@ model; each method's memory is measured in a fresh subprocess, after a warm-up, 
   Decode time per step: the median interval between successive token choices (timestamps taken where each
   method picks its next token: `sample.choose`, a logits processor in `generate`), over all steps of all
   repeats; a median of hundreds of steps resists the bursts of load of a shared machine, which the
-  difference of two end-to-end times does not. Compile time: the first compiled run at a length minus the
+  difference of two end-to-end times does not. On CPU also the median CPU time of the process per step
+  (`time.process_time`): with one torch thread, the work of the step itself, which time slices lost to other
+  processes do not inflate (memory-bandwidth contention still does). Compile time: the first compiled run at a length minus the
   fastest one, reported apart (it is paid once per shape of the step, not per run).
-- peak memory: at the longest `new_tokens` only.
+- peak memory: at the longest `new_tokens` only (`--memory=0` skips it: a fresh process per method).
 
 `--shape=7b` builds a randomly initialised model with Qwen2.5-VL-7B's dimensions (GPU only) and compares the
 decode step with its memory-bandwidth floor: every decode step reads all text weights once, so it cannot take
@@ -65,6 +67,7 @@ class Config:
     bandwidth: float = 3.35e12  # GPU memory bandwidth in bytes/s (H100 SXM), for the --shape=7b floor
     seed: int = 0
     repeats: int = 3  # timings are the fastest of this many runs
+    memory: int = 1  # 1: measure each method's peak memory (a fresh process each), 0: skip
     worker: str = ""  # internal: one method's peak memory, measured in this process
 
 
@@ -114,13 +117,13 @@ def build_batch(cfg: Config, tok) -> dict:
 DECODERS = {}  # method -> StaticDecoder, built once per process so that its compiled step is kept
 
 
-STAMPS: list[float] = []  # perf_counter() at each token choice of the current run
+STAMPS: list[tuple[float, float]] = []  # (perf_counter(), process_time()) at each token choice of the current run
 
 
 def stamp(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # the step's kernels are done: the interval is the step's time
-    STAMPS.append(time.perf_counter())
+    STAMPS.append((time.perf_counter(), time.process_time()))
 
 
 def stamped_choose(choose):
@@ -250,7 +253,7 @@ def launch(cfg: Config, method: str) -> dict:
 def timings(cfg: Config, model, batch) -> dict:
     """Fastest of `cfg.repeats` runs of each (method, length), the methods taking turns, so that load from
     other processes on a shared machine (which only ever adds time) hits them alike."""
-    best = {(m, n): {"seconds": float("inf"), "prefill_seconds": float("inf"), "steps": []}
+    best = {(m, n): {"seconds": float("inf"), "prefill_seconds": float("inf"), "steps": [], "cpu_steps": []}
             for n in lengths(cfg) for m in METHODS}
     for _ in range(cfg.repeats):
         for n in lengths(cfg):
@@ -259,11 +262,13 @@ def timings(cfg: Config, model, batch) -> dict:
                 STAMPS.clear()
                 seconds, tokens = timed(lambda: run(model, batch, cfg, n, method), cfg.device)
                 b = best[method, n]
-                b["steps"] += [later - earlier for earlier, later in zip(STAMPS, STAMPS[1:])]  # n - 1 steps
+                b["steps"] += [later[0] - earlier[0] for earlier, later in zip(STAMPS, STAMPS[1:])]  # n - 1 steps
+                b["cpu_steps"] += [later[1] - earlier[1] for earlier, later in zip(STAMPS, STAMPS[1:])]
                 best[method, n].update(seconds=min(seconds, b["seconds"]), tokens=tokens,
                                        prefill_seconds=min(prefill_s, b["prefill_seconds"]))
     for r in best.values():
         r["decode_step"] = statistics.median(r.pop("steps"))
+        r["decode_step_cpu"] = statistics.median(r.pop("cpu_steps"))
     return best
 
 
@@ -280,13 +285,15 @@ def report(cfg: Config, results: dict, compile_seconds: dict, text_bytes: int) -
     for n in lengths(cfg):
         print(f"\n{n} new tokens per row, {rows} rows")
         print(f"{'method':<10}{'seconds':>9}{'tokens/s':>10}{'prefill s':>11}{'decode ms/step':>16}"
-              f"{'decode tok/s':>14}{'step vs generate':>18}{'peak MiB':>10}")
+              f"{'decode tok/s':>14}{'step vs generate':>18}{'CPU ms/step':>13}{'CPU vs generate':>17}"
+              f"{'peak MiB':>10}")
         for method in METHODS:
             r, g = results[method, n], results["generate", n]
             peak = f"{r['peak_bytes'] / 2**20:>10.0f}" if "peak_bytes" in r else f"{'':>10}"
             print(f"{method:<10}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>10.1f}{r['prefill_seconds']:>11.2f}"
                   f"{r['decode_step'] * 1e3:>16.2f}{rows / r['decode_step']:>14.0f}"
-                  f"{g['decode_step'] / r['decode_step']:>17.2f}x{peak}")
+                  f"{g['decode_step'] / r['decode_step']:>17.2f}x{r['decode_step_cpu'] * 1e3:>13.2f}"
+                  f"{g['decode_step_cpu'] / r['decode_step_cpu']:>16.2f}x{peak}")
             if cfg.device.startswith("cuda"):
                 print(f"{'':<10}decode step {r['decode_step'] / floor:.2f}x the bandwidth floor")
         print(f"compile time of the decode step (first compiled run - fastest): "
@@ -309,7 +316,7 @@ def main() -> None:
         print("RESULT " + json.dumps(peak_memory(cfg)), flush=True)
         return
     print(f"device: {device_name(cfg)}\nconfig: {cfg}", flush=True)
-    memory = {method: launch(cfg, method) for method in METHODS}  # first, while this process holds no model
+    memory = {method: launch(cfg, method) if cfg.memory else {} for method in METHODS}  # first: no model held yet
     model, batch, compile_seconds = setup(cfg)
     results = timings(cfg, model, batch)
     for method in METHODS:
