@@ -77,6 +77,8 @@ class StaticDecoder:
             self.keys = [empty() for _ in self.text.layers]
             self.values = [empty() for _ in self.text.layers]
             self.mask = torch.zeros(N, S, dtype=torch.bool, device=weight.device)  # (N, S) columns attended
+            for t in self.keys + self.values:  # CUDA graphs may then write them in place (as StaticCache does)
+                torch._dynamo.mark_static_address(t)
         for keys, values, layer in zip(self.keys, self.values, prefix.cache.layers):
             for static, prompt in ((keys, layer.keys), (values, layer.values)):  # (B, Hkv, T, D)
                 static.view(B, G, H, S, D)[:, :, :, :T].copy_(prompt[:, None])  # row b*G+g <- prompt b
@@ -95,13 +97,15 @@ class StaticDecoder:
         if self.column >= S:
             raise ValueError(f"StaticDecoder: the cache holds {S} columns; start() sized it")
         self.mask[:, self.column] = live  # outside the step: the column index changes every step
-        span = S if self.compile else self.column + 1  # columns attended: all (fixed shapes), or those written
+        keys, values, mask = self.keys, self.values, self.mask  # compiled: all S columns, fixed shapes
+        if not self.compile:  # eager: the columns written so far, views of the cache
+            end = self.column + 1
+            keys, values, mask = [k[:, :, :end] for k in keys], [v[:, :, :end] for v in values], mask[:, :end]
         if self.compile and self.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        logits = self.step(self.text, self.lm_head, [k[:, :, :span] for k in self.keys],
-                           [v[:, :, :span] for v in self.values], token.contiguous(),
-                           (self.next_position[:, None] + self.rope_deltas)[:, 0], self.column_index,
-                           self.mask[:, :span])  # (N, V) a column of `tokens` has its stride: copy
+        position = (self.next_position[:, None] + self.rope_deltas)[:, 0]  # (N,) text position + rope delta
+        logits = self.step(self.text, self.lm_head, keys, values, token.contiguous(), position, self.column_index,
+                           mask)  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
         self.column_index += 1  # in place, on the device: a tensor, so the compiled step is not recompiled
