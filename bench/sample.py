@@ -18,8 +18,8 @@ model; each method's memory is measured in a fresh subprocess, after a warm-up, 
   repeats; a median of hundreds of steps resists the bursts of load of a shared machine, which the
   difference of two end-to-end times does not. On CPU also the median CPU time of the process per step
   (`time.process_time`): with one torch thread, the work of the step itself, which time slices lost to other
-  processes do not inflate (memory-bandwidth contention still does). Compile time: the first compiled run at a length minus the
-  fastest one, reported apart (it is paid once per shape of the step, not per run).
+  processes do not inflate (memory-bandwidth contention still does). Compile time: the first compiled run at
+  a length minus the fastest one, reported apart (it is paid once per shape of the step, not per run).
 - peak memory: at the longest `new_tokens` only (`--memory=0` skips it: a fresh process per method).
 
 `--shape=7b` builds a randomly initialised model with Qwen2.5-VL-7B's dimensions (GPU only) and compares the
