@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -47,15 +48,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import cli
 import metrics
 from eval_inputs import (Config, DatasetPairs, anchor_pairs, confident_or_labelled, dataset_pairs, load_judge,
                          load_reasoner, load_records, sampling_args)
-from listener import answer_probs, answer_slots, answer_token_ids, reasoning_of
+from listener import answer_probs, answer_slots, answer_token_ids, continuation_ids, reasoning_of
 from prompt import PROMPT, Group, Pair, PromptFormat, Rated, left_pad, score_messages, swapped
-from reward import parse_completion
+from reward import expected_score, parse_completion
 from report import markdown_tables, write_outputs, write_ratings
 from sample import end_of_turn_ids, sample as sample_rollouts
 
@@ -126,8 +128,7 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
         texts = [[fmt.answer_prefix(fmt.no_thinking)] for _ in pairs]
         answers = None  # read from the probabilities below: the answer the model would give greedily
     else:
-        device = next(model.parameters()).device
-        batch = {key: value.to(device) for key, value in processor.pairs(pairs, fmt).items()}
+        batch = {key: value.to(model.device) for key, value in processor.pairs(pairs, fmt).items()}
         answer_ids = answer_token_ids(processor.tokenizer, fmt) if reuse else None
         rollouts = sample_rollouts(model, batch, num_samples=k, watch_ids=answer_ids, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
@@ -167,24 +168,19 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                     pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
     shown_seeds = None if seeds is None else [2 * s + o for s in seeds for o in ((0, 1) if both_orders else (0,))]
-    device = next(model.parameters()).device
     results = []
     with tqdm(total=len(shown), desc="compare", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(shown), batch_size):
             if shown_seeds is not None:  # one generator per pair shown: its G rollouts draw from it alone
-                sampling["generator"] = [torch.Generator(device).manual_seed(s)
+                sampling["generator"] = [torch.Generator(model.device).manual_seed(s)
                                          for s in shown_seeds[start:start + batch_size]]
             results += _compare_batch(model, processor, list(shown[start:start + batch_size]), k, no_thinking,
                                       sampling, fmt, reuse_logits)
             bar.update(len(shown[start:start + batch_size]))  # pairs/s and the time left, from tqdm
-    if not both_orders:
-        return results
-    out = []
-    for forward, backward in zip(results[0::2], results[1::2]):
-        forward.reversed = backward
-        forward.p_b = both_orders_p(forward.probs, backward.probs)
-        out.append(forward)
-    return out
+    if both_orders:  # results alternate (a, b), (b, a): each forward order keeps its reverse
+        for forward, backward in zip(results[0::2], results[1::2]):
+            forward.reversed, forward.p_b = backward, both_orders_p(forward.probs, backward.probs)
+    return results[0::2] if both_orders else results
 
 
 def both_orders_p(forward_probs: Sequence[float], backward_probs: Sequence[float]) -> float:
@@ -223,7 +219,6 @@ def rating_logits(model, processor, records: Sequence[Rated], reasonings: Sequen
     As `listener.answer_probs`, on the rating prompt: one prefill per image, copied to its G continuations.
     """
     import sample
-    from listener import answer_token_ids, continuation_ids
     tokenizer, B, G = processor.tokenizer, len(records), len(reasonings[0])
     ids = answer_token_ids(tokenizer, dataclasses.replace(fmt, answers=fmt.ratings))  # one token per rating
     rows = []
@@ -244,15 +239,13 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Seque
                 fmt: PromptFormat = PROMPT, progress: bool = False, **sampling) -> list[list[float]]:
     """k rollouts of the rating prompt per image, then the expected rating given each reasoning (eq. (3)):
     one list of k expected ratings per record. `seeds` (one per record) seed each record's rollouts."""
-    from reward import expected_score
-    device = next(model.parameters()).device
     sampling.update(stop_token_ids=end_of_turn_ids(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
     out = []
     with tqdm(total=len(records), desc="rate", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
-            batch = {key: v.to(device) for key, v in processor.rated(chunk, fmt).items()}
-            generators = [torch.Generator(device).manual_seed(s) for s in seeds[start:start + batch_size]]
+            batch = {key: v.to(model.device) for key, v in processor.rated(chunk, fmt).items()}
+            generators = [torch.Generator(model.device).manual_seed(s) for s in seeds[start:start + batch_size]]
             texts = sample_rollouts(model, batch, num_samples=k, generator=generators, **sampling).texts(processor.tokenizer)
             reasonings = [[reasoning_of(t, fmt) for t in texts[b * k:(b + 1) * k]] for b in range(len(chunk))]
             logits = rating_logits(model, processor, chunk, reasonings, fmt)  # (B, G, R)
@@ -267,8 +260,6 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Seque
 
 def distributed() -> tuple[int, int]:
     """(rank, world size): joins torchrun's process group when launched by torchrun, else (0, 1)."""
-    import os
-    import torch.distributed as dist
     if "RANK" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
@@ -286,7 +277,6 @@ def split_over_processes(work, items: Sequence, seed: int) -> list:
     results = work([items[i] for i in mine], [hash((seed, i)) % 2**62 for i in mine], rank == 0)
     if world == 1:
         return results
-    import torch.distributed as dist
     parts = [None] * world
     dist.all_gather_object(parts, list(zip(mine, results)))
     return [r for _, r in sorted((x for part in parts for x in part), key=lambda x: x[0])]
@@ -437,19 +427,15 @@ def rank_images(cfg: Config) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        _main(argv)
-    except cli.OptionError as e:  # found once the data is read (e.g. --anchor against the groups' sizes)
-        raise SystemExit(f"evaluate.py: error: {e}")
-
-
-def _main(argv: Sequence[str] | None) -> None:
     cfg = parse_config(argv)
     print(json.dumps(dataclasses.asdict(cfg), indent=1), file=sys.stderr)
-    if cfg.prompt:
-        rank_images(cfg)
-        return
-    report = run(cfg)
+    try:
+        if cfg.prompt:
+            rank_images(cfg)
+            return
+        report = run(cfg)
+    except cli.OptionError as e:  # found once the data is read (e.g. --anchor against the groups' sizes)
+        raise SystemExit(f"evaluate.py: error: {e}")
     if report is not None:  # rank 0
         print(markdown_tables(report))
         print(f"wrote {cfg.out}/results.json, results.md and "

@@ -14,11 +14,10 @@ Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5
         --group_size=10 --pairs_per_rank=2 --max_new_tokens=512 --lr=1e-6 --beta=0.04 \
         --max_pixels=200704 --activation_checkpointing=true --out_dir=runs/hpdv2_listener
 
-The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant
-(one image, a rating from 1 to 5, format + exact-match + distance rewards; section 5) is --mode=score.
-Several nodes: torchrun's --nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir
-resumes exactly. Every option is a field of `Config` below (--name=value or --name value; `--help` lists
-them); bad values stop the run before anything loads.
+The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant (one
+image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun's
+--nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Every option is a
+field of `Config` below (--name=value or --name value; `--help` lists them), checked before anything loads.
 
 This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
 G rollouts per pair (sample.py), reads them with the reference model and the listener (`reference_pass`),
@@ -42,9 +41,9 @@ Where this departs from the paper, and why:
 5. Sampling randomness is a function of (seed, step, pair): the rollouts of a pair do not depend on how many
    processes share the batch, so 1 and 2 processes train identically, and a resumed run samples exactly
    what the uninterrupted run sampled.
-6. The toy default starts from an SFT cold start (demo.py, toy.py): a randomly initialised model cannot
-   write the `<think>`/`<answer>` format, nor read a reasoning, by chance; the instruct model the paper
-   starts from can. Its targets' answers are drawn at random, so it does not know the preference.
+6. The toy default starts from an SFT cold start (demo.py, toy.py) that writes the format and reads a
+   reasoning, as the instruct model the paper starts from does; its answers are drawn at random, so it does
+   not know the preference. Its GRPO stages sample at temperature 0.7 without eq. (1)'s std (README: why).
 7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
    follows the images), since files list images in an order that often carries the answer (ranked groups
    best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
