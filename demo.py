@@ -52,9 +52,11 @@ COLUMNS = {"accuracy": "accuracy", "contradiction_rate": "contradiction", "faith
 class Settings:
     """The demo's sizes: the command line's --seed, --out_dir and --steps (the GRPO stages' length) apply, the
     other train.Config fields do not."""
-    sft_steps: int = 200
+    sft_steps: int = 150
     captions: int = 1  # caption examples per SFT pair (train.caption_batches)
-    grpo_steps: int = 400  # the preference is learnt at about step 250-300 (README)
+    grpo_steps: int = 150
+    temperature: float = 0.7  # of the GRPO rollouts (README: at 1.0 both stages stayed at chance for 250+ steps)
+    scale_advantages: bool = False  # eq. (1) without the std (README: with it the listener stage left the language)
     global_pairs: int = 16  # pairs per step over all ranks (GRPO: 8 pairs in both orders)
     group_size: int = 8  # G
     lr: float = 5e-4
@@ -80,7 +82,8 @@ def stage_configs(cfg, s: Settings) -> dict:
                                sft_captions=s.captions, steps=s.sft_steps, lr=2e-3, warmup_steps=10, eval_every=0,
                                out_dir=str(root / "cold_start"))
     grpo = dict(common, mode="grpo", model=str(root / "cold_start"), steps=s.grpo_steps,  # run() sets the export
-                group_size=s.group_size, both_orders=True, lr=s.lr, beta=s.beta, warmup_steps=1,
+                group_size=s.group_size, temperature=s.temperature,
+                scale_advantages=s.scale_advantages, both_orders=True, lr=s.lr, beta=s.beta, warmup_steps=1,
                 eval_every=s.eval_every)
     return {STAGES[0]: cold,
             STAGES[1]: dataclasses.replace(cfg, **grpo, w_list=0.0, out_dir=str(root / "grpo")),

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch.distributed as dist  # noqa: E402
 
+import cli  # noqa: E402
 import demo  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
@@ -31,6 +32,12 @@ def targets(points: dict, steps: int) -> dict:
     return {"80% by 40% of steps": float(max(early) >= 0.8), "95% at the end": float(final >= 0.95)}
 
 
+def parse(kind: str, value: str):
+    if kind == "bool":
+        return cli.boolean(value)
+    return float(value) if kind == "float" else int(value)
+
+
 def main() -> None:
     seeds, settings = [0, 1, 2], demo.Settings()
     types = {f.name: f.type for f in dataclasses.fields(demo.Settings)}
@@ -39,7 +46,7 @@ def main() -> None:
         if name == "seeds":
             seeds = [int(s) for s in value.split(",")]
         elif name in types and value:
-            settings = dataclasses.replace(settings, **{name: (float if types[name] == "float" else int)(value)})
+            settings = dataclasses.replace(settings, **{name: parse(types[name], value)})
         else:
             raise SystemExit(f"expected --seeds=0,1,2 or --FIELD=VALUE with FIELD one of {list(types)}, got {arg!r}")
     parallel.setup_distributed()

@@ -3,6 +3,7 @@
 The judge is checked on reasonings written by hand; the cold start's SFT targets against the images they
 are about (read from the pixels); the demo end to end on tiny sizes, for every field of summary.json.
 """
+import dataclasses
 import json
 import random
 import socket
@@ -155,3 +156,10 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "default" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert "heldout_contradiction_rate" in rows[0] and "heldout_faithfulness" in rows[0]
     assert max(row["step"] for row in rows) == 3  # --steps=3, not the 2 of `sizes`
+    # The comparison is fair: the two GRPO stages differ in the listener's weight and where they write, nothing
+    # else, and both sample and normalise as the demo's settings say.
+    configs = demo.stage_configs(cfg, sizes)
+    grpo, listened = (dataclasses.asdict(configs[name]) for name in demo.STAGES[1:])
+    assert {k for k in grpo if grpo[k] != listened[k]} == {"w_list", "out_dir"}
+    assert (grpo["w_list"], listened["w_list"]) == (0.0, 0.5)
+    assert (grpo["temperature"], grpo["scale_advantages"]) == (sizes.temperature, sizes.scale_advantages)
