@@ -43,7 +43,7 @@ Where this departs from the paper, and why:
    what the uninterrupted run sampled.
 6. The toy default starts from an SFT cold start (demo.py, toy.py) that writes the format and reads a
    reasoning, as the instruct model the paper starts from does; its answers are drawn at random, so it does
-   not know the preference. Its GRPO stages sample at temperature 0.7 without eq. (1)'s std (README: why).
+   not know the preference. Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (README: why).
 7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
    follows the images), since files list images in an order that often carries the answer (ranked groups
    best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
