@@ -239,10 +239,11 @@ def peak_memory(cfg: Config) -> dict:
     return {"peak_bytes": memory_peak(cfg.device) - before}
 
 
-def launch(cfg: Config, method: str) -> dict:
-    """Run `peak_memory` for `method` in a fresh Python process and parse its result line."""
+def launch(cfg, method: str, script: str = __file__) -> dict:
+    """Run `script --worker=method` with `cfg`'s options in a fresh Python process and parse its result line
+    (here `peak_memory`; bench/update.py runs its own workers the same way)."""
     args = [f"--{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "worker"]
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--worker={method}"],
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *args, f"--worker={method}"],
                           capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

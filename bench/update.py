@@ -23,7 +23,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -144,16 +143,6 @@ def peak_memory(cfg: Config) -> dict:
     return out
 
 
-def launch(cfg: Config, worker: str) -> dict:
-    args = [f"--{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name != "worker"]
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--worker={worker}"],
-                          capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{worker} worker failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def parse() -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(Config):
@@ -169,7 +158,8 @@ def main() -> None:
         return
     groups = [int(g) for g in cfg.groups.split(",")]
     print(f"device: {bench_sample.device_name(cfg)}\nconfig: {cfg}")
-    memory = {(m, G): launch(cfg, f"{m}:{G}") for G in groups for m in METHODS}  # before this process holds a model
+    # peak memory first, each in a fresh process, before this process holds a model
+    memory = {(m, G): bench_sample.launch(cfg, f"{m}:{G}", __file__) for G in groups for m in METHODS}
     model, batch = setup(cfg)
     P, T = batch["input_ids"].shape[1], cfg.new_tokens
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; B={cfg.prompts} prompt(s) of "
