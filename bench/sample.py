@@ -32,7 +32,6 @@ less than (text weight bytes) / (memory bandwidth); KV-cache reads come on top.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import sample  # noqa: E402
 import toy  # noqa: E402
 from prompt import Processor, reasoner_messages  # noqa: E402
@@ -304,15 +304,8 @@ def report(cfg: Config, results: dict, compile_seconds: dict, text_bytes: int) -
               f"{floor * 1e3:.2f} ms/step ({rows / floor:.0f} tokens/s at {rows} rows)")
 
 
-def parse() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return Config(**vars(parser.parse_args()))
-
-
 def main() -> None:
-    cfg = parse()
+    cfg = cli.parse(Config, None, __doc__)  # --name=value, strict booleans
     if cfg.worker:
         print("RESULT " + json.dumps(peak_memory(cfg)), flush=True)
         return

@@ -18,7 +18,6 @@ adds, on GPU torch.cuda.max_memory_allocated). The last line is the speed-up of 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -32,6 +31,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import grpo  # noqa: E402
 import toy  # noqa: E402
 from repeated import completion_logprobs_repeated  # noqa: E402
@@ -143,16 +143,8 @@ def peak_memory(cfg: Config) -> dict:
     return out
 
 
-def parse() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default)
-    return Config(**vars(parser.parse_args()))
-
-
 def main() -> None:
-    cfg = parse()
+    cfg = cli.parse(Config, None, __doc__)  # --name=value, strict booleans
     if cfg.worker:
         print("RESULT " + json.dumps(peak_memory(cfg)), flush=True)
         return
