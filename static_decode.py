@@ -1,12 +1,14 @@
-"""The fast decode: a static KV cache and a decode step of fixed shapes, optionally compiled (gpt-fast).
+"""The fast decode: a static KV cache, the prompt's keys and values shared by its G rollouts, and a decode step
+of fixed shapes, optionally compiled (gpt-fast).
 
 `sample.sample(..., decoder=StaticDecoder())` runs its decode steps here instead of through `sample.extend`
-(the eager reference, whose `DynamicCache` grows by `torch.cat` at every step). The prompt is still prefilled
-once per prompt by `sample.prefill`; `StaticDecoder.start` copies that cache to the G rows of each prompt, and
-each call feeds one token per row. tests/test_sample.py checks that both decodes give the same rollouts;
-bench/sample.py measures them side by side.
+(the eager reference, which copies each prompt's cache to its G rows and grows it by `torch.cat` at every
+step). The prompt is prefilled once per prompt by `sample.prefill`; here its keys and values stay one copy
+per prompt, and each call feeds one token per row. tests/test_sample.py checks that both decodes give the
+same rollouts; bench/sample.py measures them side by side.
 
-Legend: B prompts, G rollouts per prompt, N = B*G rows, T prompt tokens, S cache columns, V vocabulary.
+Legend: B prompts, G rollouts per prompt, N = B*G rows, T prompt tokens, P prompt columns, M completion
+columns, Hq query heads, Hkv key/value heads, R = Hq / Hkv, D head dim, C hidden size, V vocabulary.
 """
 from __future__ import annotations
 
@@ -20,17 +22,17 @@ from sample import Prefix
 class StaticDecoder:
     """Decode steps over a KV cache allocated once, written in place, so every step has the same shapes.
 
-    The eager decode (`extend` with one token) grows a `DynamicCache` by `torch.cat` and rebuilds the attention
-    masks at every step. Here each layer's keys and values are one (N, Hkv, S, D) tensor of S = prompt +
-    max_new_tokens columns (rounded up to `block`, so that a new prompt length rarely means a new shape): the
-    prompt's keys and values fill columns 0..T-1 once, step t writes column T+t in place, and the attention
-    mask is an (N, S) boolean, one column switched on per step. `decode_step` is the text model written out
-    for this one case (one token per row, a static cache), in plain torch over the model's own modules.
+    Each layer's cache has two parts. The prompt's keys and values, (B, Hkv, P, D), are stored once per prompt
+    (P = T rounded up to `block`), not once per rollout: the G rollouts of a prompt all attend to the same
+    prompt, so their G * R query rows read its keys in one matrix product (`shared_prompt_attention`). The
+    completions' keys and values, (B, Hkv, G, M, D) with M = max_new_tokens rounded up to `block`, are written
+    in place, column t at step t. Boolean masks mark what each row attends to: the prompt's real tokens (left
+    padding and rounding off), and the completion columns written while the row was live.
 
-    Run eagerly (the default), a step attends to the columns written so far, a view of the cache: nothing is
-    copied and no empty column is read. Compiled (`compile=True`: `torch.compile`, CUDA graphs on GPU), it
-    attends to all S columns, the mask switching off the empty ones, so that every step has the same shapes
-    and the step is compiled once per (N, S).
+    Run eagerly (the default), a step attends to the prompt's T columns and the completion columns written so
+    far, views of the cache: nothing is copied and no empty column is read. Compiled (`compile=True`:
+    `torch.compile`, CUDA graphs on GPU), it attends to all P + M columns, the masks switching off the empty
+    ones, so that every step has the same shapes and the step is compiled once per (B, G, P, M).
 
     The step runs on plain modules: the policy's own text model and lm_head, or, when the policy is sharded by
     FSDP2 (whose hooks would run on every module at every step) or `dtype` differs, an unsharded copy refreshed
@@ -41,8 +43,10 @@ class StaticDecoder:
     def __init__(self, compile: bool = False, dtype: torch.dtype | None = None, block: int = 256):
         self.compile, self.dtype, self.block = compile, dtype, block
         self.text = self.lm_head = None  # the modules the step runs
-        self.keys: list[Tensor] = []  # per layer (N, Hkv, S, D)
-        self.values: list[Tensor] = []  # per layer (N, Hkv, S, D)
+        self.prompt_keys: list[Tensor] = []  # per layer (B, Hkv, P, D)
+        self.prompt_values: list[Tensor] = []  # per layer (B, Hkv, P, D)
+        self.keys: list[Tensor] = []  # per layer (B, Hkv, G, M, D) the completions'
+        self.values: list[Tensor] = []  # per layer (B, Hkv, G, M, D)
         self.step = decode_step
         if compile:  # CUDA graphs on GPU: one replay per step instead of ~1,300 kernel launches
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
@@ -67,58 +71,67 @@ class StaticDecoder:
                 t.copy_(tensors[name])
 
     def start(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
-        """Copy the B prompts' cache to G rows each (columns 0..T-1); return the first logits (N, V)."""
+        """Copy the B prompts' cache (columns 0..T-1 of the prompt part); return the first logits (N, V)."""
         (B, T), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
-        N, S = B * G, -(-(T + max_new_tokens) // self.block) * self.block
+        P, M = (-(-n // self.block) * self.block for n in (T, max_new_tokens))
         D = self.text.config.hidden_size // self.text.config.num_attention_heads
         weight = self.lm_head.weight
-        if not self.keys or self.mask.shape != (N, S) or self.mask.device != weight.device:
-            empty = lambda: torch.zeros(N, H, S, D, dtype=weight.dtype, device=weight.device)  # (N, Hkv, S, D)
-            self.keys = [empty() for _ in self.text.layers]
-            self.values = [empty() for _ in self.text.layers]
-            self.mask = torch.zeros(N, S, dtype=torch.bool, device=weight.device)  # (N, S) columns attended
-            for t in self.keys + self.values:  # CUDA graphs may then write them in place (as StaticCache does)
-                torch._dynamo.mark_static_address(t)
-        for keys, values, layer in zip(self.keys, self.values, prefix.cache.layers):
-            for static, prompt in ((keys, layer.keys), (values, layer.values)):  # (B, Hkv, T, D)
-                static.view(B, G, H, S, D)[:, :, :, :T].copy_(prompt[:, None])  # row b*G+g <- prompt b
+        if not self.keys or self.mask.shape != (B, G, M) or self.prompt_mask.shape != (B, P) \
+                or self.mask.device != weight.device:
+            empty = lambda *shape: torch.zeros(*shape, dtype=weight.dtype, device=weight.device)
+            self.prompt_keys = [empty(B, H, P, D) for _ in self.text.layers]  # (B, Hkv, P, D)
+            self.prompt_values = [empty(B, H, P, D) for _ in self.text.layers]
+            self.keys = [empty(B, H, G, M, D) for _ in self.text.layers]  # (B, Hkv, G, M, D)
+            self.values = [empty(B, H, G, M, D) for _ in self.text.layers]
+            self.prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=weight.device)  # (B, P) attended
+            self.mask = torch.zeros(B, G, M, dtype=torch.bool, device=weight.device)  # (B, G, M) attended
+            for t in self.prompt_keys + self.prompt_values + self.keys + self.values:
+                torch._dynamo.mark_static_address(t)  # CUDA graphs may then write them in place (as StaticCache does)
+        for layer, keys, values in zip(prefix.cache.layers, self.prompt_keys, self.prompt_values):
+            keys[:, :, :T].copy_(layer.keys)  # (B, Hkv, T, D) once per prompt, not per rollout
+            values[:, :, :T].copy_(layer.values)
+        self.prompt_mask.zero_()
+        self.prompt_mask[:, :T] = prefix.attention_mask.bool()  # (B, T) left padding off
         self.mask.zero_()
-        self.mask[:, :T] = prefix.attention_mask.bool().repeat_interleave(G, dim=0)  # (N, T) left padding off
-        self.column = T
-        self.column_index = torch.tensor([T], device=weight.device)  # (1,) the same, on the device
+        self.T, self.column = T, 0
+        self.column_index = torch.tensor([0], device=weight.device)  # (1,) the same, on the device
         self.next_position = prefix.next_position.repeat_interleave(G, dim=0)  # (N,)
         self.rope_deltas = prefix.rope_deltas.repeat_interleave(G, dim=0)  # (N, 1)
         return prefix.logits.repeat_interleave(G, dim=0)  # (N, V)
 
     def __call__(self, token: Tensor, live: Tensor) -> Tensor:
-        """Feed one token per row (N,) at the next column; rows not `live` are written but never attended to
-        and do not advance. Returns the next-token logits (N, V)."""
-        S = self.mask.shape[1]
-        if self.column >= S:
-            raise ValueError(f"StaticDecoder: the cache holds {S} columns; start() sized it")
-        self.mask[:, self.column] = live  # outside the step: the column index changes every step
-        keys, values, mask = self.keys, self.values, self.mask  # compiled: all S columns, fixed shapes
-        if not self.compile:  # eager: the columns written so far, views of the cache
-            end = self.column + 1
-            keys, values, mask = [k[:, :, :end] for k in keys], [v[:, :, :end] for v in values], mask[:, :end]
+        """Feed one token per row (N,) at the next completion column; rows not `live` are written but never
+        attended to and do not advance. Returns the next-token logits (N, V)."""
+        B, G, M = self.mask.shape
+        if self.column >= M:
+            raise ValueError(f"StaticDecoder: the cache holds {M} completion columns; start() sized it")
+        self.mask[:, :, self.column] = live.view(B, G)  # outside the step: the column index changes every step
+        prompt = (self.prompt_keys, self.prompt_values, self.prompt_mask)  # compiled: all columns, fixed shapes
+        keys, values, mask = self.keys, self.values, self.mask
+        if not self.compile:  # eager: the prompt's columns and the columns written so far, views of the cache
+            end, T = self.column + 1, self.T
+            prompt = ([k[:, :, :T] for k in prompt[0]], [v[:, :, :T] for v in prompt[1]], prompt[2][:, :T])
+            keys, values, mask = [k[..., :end, :] for k in keys], [v[..., :end, :] for v in values], mask[..., :end]
         if self.compile and self.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         position = (self.next_position[:, None] + self.rope_deltas)[:, 0]  # (N,) text position + rope delta
-        logits = self.step(self.text, self.lm_head, keys, values, token.contiguous(), position, self.column_index,
-                           mask)  # (N, V) a column of `tokens` has its stride: copy
+        logits = self.step(self.text, self.lm_head, *prompt, keys, values, mask, token.contiguous(), position,
+                           self.column_index)  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
         self.column_index += 1  # in place, on the device: a tensor, so the compiled step is not recompiled
         return logits
 
 
-def decode_step(text, lm_head, keys: list[Tensor], values: list[Tensor], token: Tensor, position: Tensor,
-                column: Tensor, mask: Tensor) -> Tensor:
+def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Tensor], prompt_mask: Tensor,
+                keys: list[Tensor], values: list[Tensor], mask: Tensor, token: Tensor, position: Tensor,
+                column: Tensor) -> Tensor:
     """One token per row through Qwen2.5-VL's text model on a static cache: (N,) -> next-token logits (N, V).
 
     The text model's forward written out for this case, on its own modules (so the same weights and the same
-    RMSNorm and MLP code): `keys`, `values` per layer (N, Hkv, S', D), views of the cache; the new key and
-    value go to `column` (1,); `mask` (N, S') marks the columns each row attends to, `column` included.
+    RMSNorm and MLP code). Per layer: `prompt_keys`, `prompt_values` (B, Hkv, P', D) and `prompt_mask` (B, P'),
+    the prompts' part of the cache; `keys`, `values` (B, Hkv, G, M', D) and `mask` (B, G, M'), the completions'
+    part, whose column `column` (1,) the new key and value are written to (`mask` already marks it).
     `position` (N,) is the token's mRoPE position, text position + rope delta: a text token has the same
     position on mRoPE's three axes, so its rotation is plain RoPE at that position (the three axes' sections
     of the frequencies, put back together, are the frequencies). Grouped-query attention without copying the
@@ -127,6 +140,8 @@ def decode_step(text, lm_head, keys: list[Tensor], values: list[Tensor], token: 
     config, N = text.config, token.shape[0]
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
     R, D = Hq // Hkv, config.hidden_size // Hq
+    B, G = mask.shape[:2]
+    by_prompt = lambda t: t.view(B, G, Hkv, -1, D).transpose(1, 2)  # (N, Hkv, r, D) -> (B, Hkv, G, r, D) a view
     rope = text.rotary_emb
     angles = position[:, None].float() * rope.inv_freq.float()  # (N, D/2) RoPE: position * frequency
     angles = torch.cat([angles, angles], dim=-1)  # (N, D) the rotate-half layout
@@ -134,18 +149,43 @@ def decode_step(text, lm_head, keys: list[Tensor], values: list[Tensor], token: 
     cos = (angles.cos() * rope.attention_scaling).to(x.dtype)[:, None, None]  # (N, 1, 1, D)
     sin = (angles.sin() * rope.attention_scaling).to(x.dtype)[:, None, None]  # (N, 1, 1, D)
     rotate = lambda t: t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], dim=-1) * sin
-    attend = mask[:, None, None, :]  # (N, 1, 1, S') the same for every head
-    for layer, k_cache, v_cache in zip(text.layers, keys, values):
+    for layer, prompt_k, prompt_v, k_cache, v_cache in zip(text.layers, prompt_keys, prompt_values, keys, values):
         attn = layer.self_attn
         h = layer.input_layernorm(x)  # (N, C) RMSNorm
         q = rotate(attn.q_proj(h).view(N, Hkv, R, D))  # (N, Hkv, R, D) query head j = (j // R, j % R)
         k = rotate(attn.k_proj(h).view(N, Hkv, 1, D))  # (N, Hkv, 1, D)
-        k_cache.index_copy_(2, column, k)  # in place: the cache's column `column`
-        v_cache.index_copy_(2, column, attn.v_proj(h).view(N, Hkv, 1, D))
-        o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attend, scale=attn.scaling)  # (N, Hkv, R, D)
-        x = x + attn.o_proj(o.reshape(N, Hq * D))  # (N, C)
+        k_cache.index_copy_(3, column, by_prompt(k))  # in place: the cache's column `column`
+        v_cache.index_copy_(3, column, by_prompt(attn.v_proj(h).view(N, Hkv, 1, D)))
+        o = shared_prompt_attention(by_prompt(q), prompt_k, prompt_v, prompt_mask, k_cache, v_cache, mask,
+                                    attn.scaling)  # (B, Hkv, G, R, D)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(N, Hq * D))  # (N, C) rows b*G+g, heads (kv head, r)
         x = x + layer.mlp(layer.post_attention_layernorm(x))  # (N, C)
     return lm_head(text.norm(x))  # (N, V)
+
+
+def shared_prompt_attention(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_mask: Tensor, k: Tensor,
+                            v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of one new token per row over its prompt and its own completion, the prompt stored once.
+
+    q (B, Hkv, G, R, D): the R query heads of each key/value head, for the G rollouts of each prompt.
+    prompt_k, prompt_v (B, Hkv, P, D), prompt_mask (B, P): the prompt, shared by its G rollouts.
+    k, v (B, Hkv, G, M, D), mask (B, G, M): each rollout's own completion so far. Returns (B, Hkv, G, R, D).
+
+    The same softmax as attending to the concatenation [prompt, completion] of each row, but the prompt's
+    scores are one matrix product per (prompt, head) for all G * R query rows, reading the prompt's keys and
+    values once instead of once per rollout: decode attention is bound by those reads, and a prompt (images
+    included) is most of the cache. (Hydragen and FlashInfer's cascade attention split attention the same way.)
+    The softmax runs in float32, as transformers' eager attention does.
+    """
+    B, H, G, R, D = q.shape
+    P = prompt_k.shape[2]
+    prompt_scores = (q.reshape(B, H, G * R, D) @ prompt_k.transpose(-1, -2)).view(B, H, G, R, P)  # (B, Hkv, G, R, P)
+    own_scores = q @ k.transpose(-1, -2)  # (B, Hkv, G, R, M)
+    scores = torch.cat([prompt_scores.masked_fill(~prompt_mask[:, None, None, None], float("-inf")),
+                        own_scores.masked_fill(~mask[:, None, :, None], float("-inf"))], dim=-1)  # (B, Hkv, G, R, P+M)
+    weights = (scores.float() * scale).softmax(-1).to(q.dtype)  # (B, Hkv, G, R, P+M)
+    prompt_part = (weights[..., :P].reshape(B, H, G * R, P) @ prompt_v).view(B, H, G, R, D)
+    return prompt_part + weights[..., P:] @ v  # (B, Hkv, G, R, D)
 
 
 def plain_copy(module, dtype: torch.dtype):

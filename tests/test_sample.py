@@ -13,7 +13,7 @@ from torch import nn
 import sample
 import toy
 from prompt import Processor, left_pad, reasoner_messages
-from static_decode import StaticDecoder
+from static_decode import StaticDecoder, shared_prompt_attention
 
 torch.set_num_threads(1)
 
@@ -272,6 +272,30 @@ def test_static_decoder_reused_across_batches(model, batch):
         assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.mask, expected.mask)
         torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
     assert decoder.text is model.model.language_model  # a plain model: no copy of its weights
+
+
+def test_shared_prompt_attention_matches_a_plain_loop():
+    """`shared_prompt_attention` (each prompt's keys stored once, read by its G rollouts in one product) equals
+    attention written plainly, row by row and head by head, over that row's own [prompt, completion] keys:
+    left-padded prompts, completion columns masked off (a finished row), R = 3 query heads per key/value head."""
+    B, G, H, R, P, M, D = 2, 3, 2, 3, 7, 5, 4
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)
+    q, prompt_k, prompt_v, k, v = rand(B, H, G, R, D), rand(B, H, P, D), rand(B, H, P, D), rand(B, H, G, M, D), rand(B, H, G, M, D)
+    prompt_mask = torch.ones(B, P, dtype=torch.bool)
+    prompt_mask[1, :3] = False  # prompt 1 is left-padded by 3
+    mask = torch.ones(B, G, M, dtype=torch.bool)
+    mask[0, 1, 2:] = False  # rollout (0, 1) finished after 2 tokens
+    mask[1, 2, 4] = False
+    got = shared_prompt_attention(q, prompt_k, prompt_v, prompt_mask, k, v, mask, scale=0.3)  # (B, H, G, R, D)
+    for b in range(B):
+        for g in range(G):
+            keys = torch.cat([prompt_k[b][:, prompt_mask[b]], k[b, :, g][:, mask[b, g]]], dim=1)  # (H, S, D)
+            values = torch.cat([prompt_v[b][:, prompt_mask[b]], v[b, :, g][:, mask[b, g]]], dim=1)
+            for h in range(H):
+                for r in range(R):
+                    weights = torch.softmax(0.3 * (keys[h] @ q[b, h, g, r]), dim=0)  # (S,)
+                    torch.testing.assert_close(got[b, h, g, r], weights @ values[h], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
