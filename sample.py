@@ -12,8 +12,9 @@ tower and the prompt G times. Here, as in nanochat's engine and gpt-fast's gener
    (the attention masks are built without the `mask.all()` test transformers would run at every forward).
    This eager decode is the reference. `static_decode.StaticDecoder` runs the same steps on a KV cache
    allocated once for prompt + max_new_tokens and written in place, so every step has the same shapes, and
-   can compile the step (`torch.compile`, CUDA graphs on GPU), as gpt-fast does; tests check the two give the
-   same rollouts.
+   can compile the step (`torch.compile`, CUDA graphs on GPU), as gpt-fast does; it also skips `expand`: each
+   prompt's keys and values stay one copy, which its G rollouts read together. Tests check the two decodes
+   give the same rollouts.
 
 mRoPE: a text token's rotary position is the same on its three axes, `text position + rope delta`, where
 the text position counts the real (non-pad) tokens before it and the delta (one per prompt, from
