@@ -217,23 +217,24 @@ def table(summary: dict) -> str:
 
 
 def curve(run_dir: Path, trained: dict) -> dict:
-    """step -> {accuracy, contradiction_rate} on the held-out pairs: before, every eval_every steps, after."""
-    points = {0: trained["before"]}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    """step -> {accuracy, contradiction_rate, faithfulness} on the held-out pairs: before, every eval_every
+    steps, after."""
+    keys = ("accuracy", "contradiction_rate", "faithfulness")
+    points = {0: {k: trained["before"][k] for k in keys}}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
         if "heldout_accuracy" in row:
-            points[row["step"]] = {"accuracy": row["heldout_accuracy"], "contradiction_rate": row["heldout_contradiction_rate"]}
-    last = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    points[last] = trained["after"]
+            points[row["step"]] = {k: row[f"heldout_{k}"] for k in keys}
+    points[max(row["step"] for row in rows)] = {k: trained["after"][k] for k in keys}
     return dict(sorted(points.items()))
 
 
 def plot(path: Path, curves: dict) -> None:
-    """Held-out accuracy and contradiction rate against step, one pair of lines per GRPO stage."""
+    """Held-out accuracy, contradiction rate and faithfulness against step, three lines per GRPO stage."""
     from report import line_plot
     series = {}
     for name, points in curves.items():
         steps = list(points)
-        series[f"{name}: accuracy"] = (steps, [p["accuracy"] for p in points.values()])
-        series[f"{name}: contradiction"] = (steps, [p["contradiction_rate"] for p in points.values()])
-    line_plot(path, "Toy world: held-out accuracy and contradiction rate", "GRPO step", "fraction", series)
+        for key, title in (("accuracy", "accuracy"), ("contradiction_rate", "contradiction"), ("faithfulness", "faithful")):
+            series[f"{name}: {title}"] = (steps, [p[key] for p in points.values()])
+    line_plot(path, "Toy world: held-out accuracy, contradiction rate and faithfulness", "GRPO step", "fraction", series)

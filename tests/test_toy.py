@@ -156,6 +156,13 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "default" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert "heldout_contradiction_rate" in rows[0] and "heldout_faithfulness" in rows[0]
     assert max(row["step"] for row in rows) == 3  # --steps=3, not the 2 of `sizes`
+    curves = json.loads((tmp_path / "default" / "learning_curve.json").read_text())
+    assert list(curves) == list(demo.STAGES[1:])
+    for name, points in curves.items():  # before, each held-out evaluation (every step here), after
+        assert list(points) == ["0", "1", "2", "3"], name
+        assert all(set(p) == {"accuracy", "contradiction_rate", "faithfulness"} for p in points.values()), name
+    grpo_eval = next(row for row in rows if row["step"] == 1)
+    assert curves["GRPO"]["1"]["faithfulness"] == grpo_eval["heldout_faithfulness"]
     # The comparison is fair: the two GRPO stages differ in the listener's weight and where they write, nothing
     # else, and both sample and normalise as the demo's settings say.
     configs = demo.stage_configs(cfg, sizes)
