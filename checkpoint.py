@@ -36,10 +36,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 STEP_DIR = re.compile(r"step_(\d{7})")
 # Config fields that do not change what is trained: how long, where, how often to evaluate or save, and how
-# the global batch is split over ranks and micro-batches (the stream and the sampling seeds are global).
+# the global batch is split over ranks and micro-batches (the stream and the sampling seeds are global), and
+# which code decodes the rollouts (the same distribution; the same tokens up to rounding).
 NOT_TRAINING = {"out_dir", "steps", "eval_every", "eval_pairs", "eval_data", "eval_images", "save_every",
                 "keep_last", "export_every", "allow_config_change", "activation_checkpointing", "micro_pairs",
-                "pairs_per_rank"}
+                "pairs_per_rank", "decode"}
 
 
 def step_dir(out: Path, step: int) -> Path:

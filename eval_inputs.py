@@ -25,6 +25,7 @@ import data
 from cli import fail, option
 from metrics import confident, make_toy_judge
 from prompt import Group, Pair, Processor
+from static_decode import DECODES, make_decoder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,6 +55,8 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    decode: str = option("reference", "how rollouts are decoded: reference, static or compiled (as train.py's --decode)",
+                         choices=DECODES)
     batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
     judge_batch_size: int = option(8, "judge prompts per batch", min=1)
     min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
@@ -144,9 +147,10 @@ def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
 
 def sampling_args(cfg: Config) -> dict:
     """The sampling arguments of `compare_pairs`, with a seeded generator on the model's device."""
-    generator = torch.Generator(device_and_dtype()[0]).manual_seed(cfg.seed)
+    device = device_and_dtype()[0]
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                batch_size=cfg.batch_size, generator=generator)
+                batch_size=cfg.batch_size, generator=torch.Generator(device).manual_seed(cfg.seed),
+                decoder=make_decoder(cfg.decode, device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from prompt import PROMPT, Group, Pair, PromptFormat, Rated, left_pad, score_mes
 from reward import expected_score, parse_completion
 from report import markdown_tables, write_outputs, write_ratings
 from sample import end_of_turn_ids, sample as sample_rollouts
+from static_decode import make_decoder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,20 +153,21 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                   no_thinking: bool = False, max_new_tokens: int = 512, temperature: float = 1.0,
                   top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, generator: torch.Generator | None = None,
                   seeds: Sequence[int] | None = None, fmt: PromptFormat = PROMPT,
-                  progress: bool = False, reuse_logits: bool = True) -> list[Comparison]:
+                  progress: bool = False, reuse_logits: bool = True, decoder=None) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
     With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
     p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_forward`.
     With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5).
     p(b) is read from the sampler's own logits at the answer slot where it can be (`sampled_p_b`), else by a
-    second pass over prompt + reasoning (`reuse_logits=False`: always the second pass).
+    second pass over prompt + reasoning (`reuse_logits=False`: always the second pass). `decoder`: `sample`'s
+    (a `static_decode.StaticDecoder`, or None for the reference decode).
     `seeds` (one per pair) seed each pair's rollouts on their own, so that a pair's result does not depend on
     the batch or the process it lands in (`compare_all`); otherwise `generator` drives the whole run.
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     stop_token_ids=end_of_turn_ids(processor.tokenizer), generator=generator,
-                    pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
+                    pad_token_id=processor.tokenizer.pad_token_id, decoder=decoder)  # never the model config's: real ones have none
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
     shown_seeds = None if seeds is None else [2 * s + o for s in seeds for o in ((0, 1) if both_orders else (0,))]
     results = []
@@ -391,7 +393,8 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
     items = [Rated(r.prompt, im, 0) for r in records for im in r.images]
     scores = split_over_processes(lambda mine, seeds, progress: rate_images(
         model, processor, mine, cfg.k, seeds, cfg.batch_size, progress=progress, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k), items, cfg.seed)  # (images, k)
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, decoder=make_decoder(cfg.decode, model.device)),
+        items, cfg.seed)  # (images, k)
     if distributed()[0] != 0:
         return None
     ratings = {f"mean@{j}": [mean_at(s, j) for s in scores] for j in range(1, cfg.k + 1)}  # one per image

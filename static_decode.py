@@ -123,6 +123,20 @@ class StaticDecoder:
         return logits
 
 
+DECODES = ("reference", "static", "compiled")  # the choices of train.py's and evaluate.py's --decode
+
+
+def make_decoder(decode: str, device: torch.device | str) -> StaticDecoder | None:
+    """What `--decode` asks for: None for the reference decode (`sample.extend`), else a `StaticDecoder`, run eagerly
+    ("static") or compiled ("compiled"). On GPU its weights are a bf16 copy (the policy trains in fp32)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
+    if decode == "reference":
+        return None
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return StaticDecoder(compile=decode == "compiled", dtype=dtype)
+
+
 def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Tensor], prompt_mask: Tensor,
                 keys: list[Tensor], values: list[Tensor], mask: Tensor, token: Tensor, position: Tensor,
                 column: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ import sample
 from cli import OptionError, fail, option
 from parallel import all_sum, join_listener_pass, log, peak_memory_gb, setup_distributed, to_device
 from prompt import PROMPT, Pair
+from static_decode import DECODES
 from trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
 
 
@@ -107,8 +108,9 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the rollouts", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
-    compile: bool = option(False, "decode on a static KV cache with a compiled step (static_decode.StaticDecoder; CUDA "
-                                  "graphs on GPU); false: the eager reference decode")
+    decode: str = option("reference", "how rollouts are decoded: reference (sample.extend, the readable one), static "
+                         "(static_decode.StaticDecoder: a static KV cache, each prompt's keys and values stored once) or "
+                         "compiled (that step under torch.compile; CUDA graphs on GPU)", choices=DECODES)
     num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
     clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
     clip_high: float = option(0.2, "PPO clip range above 1 (eq. (2))", min=0.0)

@@ -28,7 +28,7 @@ import sample
 from data import ExampleStream
 from parallel import all_sum, frozen, load_model, log, shard, to_device
 from prompt import PROMPT, Group, Pair, Processor, Rated
-from static_decode import StaticDecoder
+from static_decode import make_decoder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,9 +105,7 @@ class Trainer:
             model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
             self.listener = listener.Listener(model, self.processor)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        # --compile: the decode runs on a plain copy of the gathered text weights (bf16 on GPU), see static_decode.py
-        self.decoder = StaticDecoder(compile=True, dtype=torch.bfloat16 if device.type == "cuda" else None) \
-            if cfg.compile else None
+        self.decoder = make_decoder(cfg.decode, device)  # None: the reference decode; see static_decode.py
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,

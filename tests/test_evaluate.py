@@ -26,6 +26,8 @@ import metrics
 import sample
 import toy
 from prompt import PROMPT, Group, Pair
+from static_decode import StaticDecoder
+from test_sample import sharpened
 from evaluate import Comparison, compare, compare_pairs, majority, mean_at, score_group, vote_share
 from metrics import (accuracy_by_agreement, accuracy_by_bin, binarized, confident, contradiction_rate,
                      expected_calibration_error, judge_margins, judge_verdicts, pair_accuracy, pairwise_accuracy,
@@ -192,6 +194,26 @@ def test_no_thinking_reads_the_fixed_sentence(world, monkeypatch):
     results = compare_pairs(model, processor, pairs, k=3, no_thinking=True)
     expected = answer_probs(model, processor, pairs, [["I have finished thinking."]] * 2)[:, 0, 1]  # (B,)
     assert [r.p_b for r in results] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_static_decode_gives_the_reference_comparisons(world):
+    """--decode=static (rollouts on `StaticDecoder`'s static cache, each prompt's keys stored once) gives the
+    comparisons of the reference decode: the same rollouts and the same p(b) read at their answer slots, over
+    batches of two pairs and one. The model attends sharply (`sharpened`), so that a wrong position or a wrong
+    cache column would change the numbers."""
+    _, processor, prompt, images = world
+    model = sharpened(toy.make_model(processor.tokenizer, seed=2))
+    decoder = eval_inputs.sampling_args(eval_inputs.Config(decode="static"))["decoder"]
+    assert isinstance(decoder, StaticDecoder) and not decoder.compile
+    assert eval_inputs.sampling_args(eval_inputs.Config())["decoder"] is None  # the default: the reference
+    pairs = [Pair(prompt, (images[0], images[i]), 0) for i in (1, 2, 3)]
+    run = lambda d: compare_pairs(model, processor, pairs, k=3, seeds=[0, 1, 2], decoder=d, max_new_tokens=12,
+                                  batch_size=2)
+    reference, static = run(None), run(decoder)
+    assert len({t for r in reference for t in r.texts}) > 3, "identical rollouts would make this test weak"
+    for r, s in zip(reference, static):
+        assert s.texts == r.texts and s.answers == r.answers
+        assert s.probs == pytest.approx(r.probs, abs=1e-5)
 
 
 def test_disagreement_against_direct_listener_scores(world):

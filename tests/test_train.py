@@ -116,11 +116,13 @@ def test_two_processes_equal_one(cold_start, runs, two_procs):
 def test_resume_on_fewer_processes(cold_start, runs, two_procs):
     """The 2-rank run's step-1 checkpoint resumed by 1 process with the same global batch (4 pairs): step 2
     equals the 2-rank run's (as above, to summation order). DCP reshards weights and AdamW moments; the data
-    stream and the sampling seeds count global batches."""
+    stream and the sampling seeds count global batches. The resumed run decodes its rollouts with
+    --decode=static (`StaticDecoder`, on the FSDP2-wrapped policy) where the 2-rank run used the reference
+    decode: the decoder is not a training setting, and it gives the same rollouts."""
     out = runs / "two_then_one"
     out.mkdir()
     shutil.copytree(two_procs / "step_0000001", out / "step_0000001")
-    run = launch(grpo_args(cold_start, out, pairs_per_rank=4))
+    run = launch(grpo_args(cold_start, out, pairs_per_rank=4, decode="static"))
     assert "resumed from" in run.stdout and "step 1" in run.stdout
     assert losses(out) == pytest.approx(losses(two_procs)[1:], abs=1e-5)
     w1, w2 = weights(out), weights(two_procs)
