@@ -79,14 +79,46 @@ def markdown_tables(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
 def line_plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]],
               size: tuple[int, int] = (640, 420)) -> None:
-    """A line chart on y in [0, 1] with markers and a legend, drawn with PIL: name -> (xs, ys); None ys skipped."""
+    """A line chart on y in [0, 1] with markers, drawn with PIL: name -> (xs, ys); None ys skipped. The legend
+    sits below the chart, where it hides no line."""
+    panels_plot(path, title, xlabel, {ylabel: series}, columns=1, panel_size=size)
+
+
+def panels_plot(path: Path, title: str, xlabel: str, panels: dict[str, dict[str, tuple[list, list]]],
+                columns: int = 2, panel_size: tuple[int, int] = (460, 300)) -> None:
+    """Charts side by side on y in [0, 1], one per panel (its title -> {series name -> (xs, ys)}), drawn with PIL.
+
+    A series keeps its style in every panel (colour, line pattern and marker, by name), so one legend, below the
+    panels, names them all; series that lie on one another stay distinguishable by pattern and marker.
+    """
     from PIL import Image, ImageDraw, ImageFont
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    image, font = Image.new("RGB", size, "white"), ImageFont.load_default()
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    styles = {name: (COLOURS[n % len(COLOURS)], n % 2 == 1, ("circle", "square", "triangle")[n % 3])
+              for n, name in enumerate(names)}
+    rows = -(-len(panels) // columns)
+    legend_height = 16 * len(names) + 10
+    width, height = panel_size[0] * columns, 30 + panel_size[1] * rows + legend_height
+    image, font = Image.new("RGB", (width, height), "white"), ImageFont.load_default(size=13)
     pen = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 40, size[0] - 20, size[1] - 50
+    pen.text((10, 8), title, fill="black", font=font)
+    for n, (panel, series) in enumerate(panels.items()):
+        x, y = (n % columns) * panel_size[0], 30 + (n // columns) * panel_size[1]
+        _chart(pen, font, (x, y, x + panel_size[0], y + panel_size[1]), panel, xlabel, series, styles)
+    for n, name in enumerate(names):
+        y = 30 + panel_size[1] * rows + 5 + 16 * n
+        _stroke(pen, [(20, y + 6), (60, y + 6)], styles[name])
+        pen.text((70, y), name, fill=styles[name][0], font=font)
+    image.save(path)
+
+
+def _chart(pen, font, box, title: str, xlabel: str, series: dict, styles: dict) -> None:
+    """One chart inside `box` = (x0, y0, x1, y1) of the image: frame, ticks, title, the series in their styles."""
+    left, top, right, bottom = box[0] + 50, box[1] + 22, box[2] - 15, box[3] - 40
     xs_all = sorted({x for xs, _ in series.values() for x in xs}) or [0, 1]
     x0, x1 = xs_all[0], (xs_all[-1] if xs_all[-1] > xs_all[0] else xs_all[0] + 1)
     at = lambda x, y: (left + (x - x0) / (x1 - x0) * (right - left), bottom - y * (bottom - top))
@@ -96,19 +128,33 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str
         pen.text((at(x, 0)[0] - 8, bottom + 5), f"{x:.3g}", fill="black", font=font)
     for y in (0, 0.25, 0.5, 0.75, 1):
         pen.line((left - 4, at(x0, y)[1], left, at(x0, y)[1]), fill="black")
-        pen.text((25, at(x0, y)[1] - 6), f"{y:.2f}", fill="black", font=font)
-    pen.text((left, 10), title, fill="black", font=font)
-    pen.text(((left + right) // 2 - 40, size[1] - 25), xlabel, fill="black", font=font)
-    pen.text((5, 22), ylabel, fill="black", font=font)
-    for n, (name, (xs, ys)) in enumerate(series.items()):
-        colour = colours[n % len(colours)]
+        pen.text((box[0] + 15, at(x0, y)[1] - 6), f"{y:.2f}", fill="black", font=font)
+    pen.text((left, box[1] + 6), title, fill="black", font=font)
+    pen.text(((left + right) // 2 - 30, bottom + 20), xlabel, fill="black", font=font)
+    for name, (xs, ys) in series.items():
         xy = [at(x, y) for x, y in zip(xs, ys) if y is not None]
-        if len(xy) > 1:
-            pen.line(xy, fill=colour, width=2)
-        for cx, cy in xy:
+        _stroke(pen, xy, styles[name])
+
+
+def _stroke(pen, xy: list, style) -> None:
+    """A polyline in `style` = (colour, dashed, marker), with the marker at every point."""
+    colour, dashed, marker = style
+    for (ax, ay), (bx, by) in zip(xy, xy[1:]):
+        if not dashed:
+            pen.line((ax, ay, bx, by), fill=colour, width=2)
+            continue
+        length = max(((bx - ax) ** 2 + (by - ay) ** 2) ** 0.5, 1e-9)
+        for s in range(0, int(length), 10):  # 6-pixel dashes, 4-pixel gaps
+            e = min(s + 6, length)
+            pen.line((ax + (bx - ax) * s / length, ay + (by - ay) * s / length,
+                      ax + (bx - ax) * e / length, ay + (by - ay) * e / length), fill=colour, width=2)
+    for cx, cy in xy:
+        if marker == "circle":
             pen.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-        pen.text((right - 170, top + 8 + 14 * n), f"- {name}", fill=colour, font=font)
-    image.save(path)
+        elif marker == "square":
+            pen.rectangle((cx - 3, cy - 3, cx + 3, cy + 3), outline=colour, width=2)
+        else:
+            pen.polygon([(cx, cy - 4), (cx - 4, cy + 3), (cx + 4, cy + 3)], outline=colour)
 
 
 def write_figures(out: Path, report: dict) -> list[Path]:

@@ -41,6 +41,9 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
+# Colour-shape combinations the training data never shows, neither named in a prompt nor drawn: the
+# out-of-distribution split (`ood_pair`) is made of them. Each colour keeps two shapes, each shape two colours.
+HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle"))
 IMAGE_SIZE = 56  # 56x56 pixels -> 4x4 patches of 14 -> 2x2 = 4 image tokens after the 2x2 merge
 
 # Qwen2.5-VL's special tokens, in the order of the real vocabulary (ids 151643.. there; 0.. here).
@@ -191,23 +194,52 @@ def draw(colour: str, shape: str, rng: random.Random, faded: bool = False, size:
     return image
 
 
+def seen_shapes(colour: str) -> list[str]:
+    """The shapes a `colour` is drawn in, and named with, in the training and in-distribution held-out data."""
+    return [shape for shape in SHAPES if (colour, shape) not in HELD_OUT]
+
+
 def make_group(rng: random.Random, n_images: int = 4):
     """A prompt and `n_images` images with their human ranking: 1 for the named colour, 2 for the others.
 
     The others are also faded, as a poor generation is: the preferred image both matches the prompt and is
-    well rendered, so a tiny model can learn the preference from either cue (in minutes, from GRPO alone).
+    well rendered, so a tiny model can learn the preference from either cue (in minutes, from GRPO alone);
+    `ood_pair` breaks that shortcut. No prompt or image shows a combination of `HELD_OUT`.
 
     At least one image matches and at least one does not, so every group holds non-tie pairs.
     """
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    colour = rng.choice(list(COLOURS))
+    shape = rng.choice(seen_shapes(colour))
     n_match = rng.randint(1, n_images - 1)
     others = [c for c in COLOURS if c != colour]
     colours = [colour] * n_match + [rng.choice(others) for _ in range(n_images - n_match)]
     rng.shuffle(colours)
-    images = [draw(c, rng.choice(SHAPES), rng, faded=c != colour) for c in colours]
+    images = [draw(c, rng.choice(seen_shapes(c)), rng, faded=c != colour) for c in colours]
     ranking = [1 if c == colour else 2 for c in colours]
     return f"a {colour} {shape}", images, ranking
 
+
+OOD_KINDS = ("both vivid", "faded match")
+
+
+def ood_pair(rng: random.Random, kind: str):
+    """An out-of-distribution pair, the toy's analogue of the paper's Rapidata evaluation: (prompt, images, ranking).
+
+    The prompt names a combination of `HELD_OUT` (never named or drawn in training), and the preferred image
+    shows it; the other image is in another colour. Where the training data always draws the preferred image
+    vivid and the other faded, here "pick the vivid one" is no longer the answer: `kind` "both vivid" draws both
+    vivid, "faded match" draws the preferred image faded and the other vivid. Only reading the prompt's colour
+    off the images answers it.
+    """
+    if kind not in OOD_KINDS:
+        raise ValueError(f"ood_pair: kind must be one of {OOD_KINDS}, got {kind!r}")
+    colour, shape = rng.choice(HELD_OUT)
+    other = rng.choice([c for c in COLOURS if c != colour])
+    images = [draw(colour, shape, rng, faded=kind == "faded match"), draw(other, rng.choice(SHAPES), rng)]
+    ranking = [1, 2]
+    if rng.random() < 0.5:
+        images, ranking = images[::-1], ranking[::-1]
+    return f"a {colour} {shape}", images, ranking
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,11 +351,14 @@ def caption_example(images, rng: random.Random) -> tuple[list[dict], str]:
     return messages, caption(colours[k], k)
 
 
-def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, seed: int = 0) -> dict[str, Path]:
+def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, n_ood: int = 0,
+                  seed: int = 0) -> dict[str, Path]:
     """Write the toy task to `root` in the published layouts and return the paths of the index files.
 
     - `hpdv2/train.json`: HPDv2 train layout, one record per pair, `human_preference` marks the preferred image.
     - `imagereward/test.json`: ImageReward test layout, one record per prompt with `generations` and `ranking`.
+    - `ood/test.json` (when n_ood > 0): `n_ood` out-of-distribution pairs (`ood_pair`, half of each kind) in the
+      ImageReward test layout, one record of two images each.
     Images are PNG files under the layout's image root. Deterministic in `seed`.
     """
     root = Path(root)
@@ -337,17 +372,33 @@ def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, seed
             image.save(root / "hpdv2" / name)
         train.append({"prompt": prompt, "file_path": names, "human_preference": [int(r == 1) for r in ranking]})
     (root / "hpdv2" / "train.json").write_text(json.dumps(train))
-    test = []
-    for i in range(n_test):
-        prompt, images, ranking = make_group(rng, n_images=rng.randint(3, 5))
-        names = [f"part-{i:06d}/images/{i:04d}/{j}.png" for j in range(len(images))]
-        for name, image in zip(names, images):
-            (root / "imagereward" / name).parent.mkdir(parents=True, exist_ok=True)
-            image.save(root / "imagereward" / name)
-        test.append({"id": f"{i:06d}-{i:04d}", "prompt": prompt, "generations": names, "ranking": ranking})
-    (root / "imagereward" / "test.json").write_text(json.dumps(test))
-    return {"train": root / "hpdv2" / "train.json", "train_images": root / "hpdv2",
-            "test": root / "imagereward" / "test.json", "test_images": root / "imagereward"}
+    groups = {"imagereward": [make_group(rng, n_images=rng.randint(3, 5)) for _ in range(n_test)]}
+    if n_ood:
+        groups["ood"] = [ood_pair(rng, OOD_KINDS[i % 2]) for i in range(n_ood)]
+    for split, made in groups.items():
+        test = []
+        for i, (prompt, images, ranking) in enumerate(made):
+            names = [f"part-{i:06d}/images/{i:04d}/{j}.png" for j in range(len(images))]
+            for name, image in zip(names, images):
+                (root / split / name).parent.mkdir(parents=True, exist_ok=True)
+                image.save(root / split / name)
+            test.append({"id": f"{i:06d}-{i:04d}", "prompt": prompt, "generations": names, "ranking": ranking})
+        (root / split / "test.json").write_text(json.dumps(test))
+    paths = {"train": root / "hpdv2" / "train.json", "train_images": root / "hpdv2",
+             "test": root / "imagereward" / "test.json", "test_images": root / "imagereward"}
+    if n_ood:
+        paths.update(ood=root / "ood" / "test.json", ood_images=root / "ood")
+    return paths
+
+
+def is_faded(image) -> bool:
+    """Whether a toy image's shape is drawn faded (washed out towards the grey background), read from its pixels."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            return is_faded(im.convert("RGB"))
+    counts = [(n, rgb) for n, rgb in image.convert("RGB").getcolors(image.width * image.height) if rgb != GREY]
+    _, rgb = max(counts)
+    return max(abs(c - g) for c, g in zip(rgb, GREY)) < 40  # faded shades lie within 10 of grey, vivid ones 88 or more from it
 
 
 if __name__ == "__main__":

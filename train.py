@@ -123,8 +123,10 @@ class Config:
     w_acc: float = option(0.5, "weight of the accuracy reward (eq. (5))")
     w_list: float = option(0.5, "weight of the listener reward (eq. (5)); 0 = the paper's GRPO baseline")
     # SFT (the paper's baseline, and the toy world's cold start)
-    sft_answers: str = option("label", "answers of the SFT targets: the label, or random (a cold start that does not "
-                                       "know the preference)", choices=("label", "random"))
+    sft_answers: str = option("label", "answers of the SFT targets: the label; random (a cold start that does not "
+                                       "know the preference); or both (each pair twice, answering each image: the "
+                                       "toy listener, whose answer only reading can explain). The toy reasoning "
+                                       "(--sft_reasoning=toy) argues for the answer", choices=("label", "random", "both"))
     sft_reasoning: str = option("", "the reasoning written in every SFT target; 'toy': the toy world's cold start "
                                     "(toy.cold_start_reasoning)")
     sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
@@ -253,7 +255,7 @@ def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str]
         return {k: v.to(trainer.device).float() for k, v in rewards.items()}, None
     labels = [p.label for p in pairs for _ in range(cfg.group_size)]
     p_correct = None
-    if trainer.listener is not None:
+    if trainer.listener is not None and cfg.w_list > 0:  # with w_list = 0 it is scored on the held-out pairs only
         known = None if known is None else join_listener_pass(known)
         p_correct = trainer.listener.p_correct(pairs, texts, known).to(trainer.device)  # reads the NaN rows itself
     rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
@@ -314,6 +316,8 @@ def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, kno
 
 def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dict:
     """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
+    if cfg.sft_answers == "both":
+        pairs = [p for p in pairs for _ in (0, 1)]
     tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device)
     batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(pairs, 1)]
     if cfg.sft_captions:
@@ -338,8 +342,11 @@ def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) ->
     """
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     texts = []
-    for pair in pairs:
-        label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
+    for i, pair in enumerate(pairs):
+        if cfg.sft_answers == "both":  # `sft_step` lists each pair twice: answer image 0, then image 1
+            label = i % 2
+        else:
+            label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
         if cfg.sft_reasoning == "toy":
             import toy
             reasoning = toy.cold_start_reasoning(pair.prompt, label)

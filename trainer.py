@@ -100,7 +100,7 @@ class Trainer:
         self.reference = self.listener = None
         if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
             self.reference = frozen(shard(load_model(cfg.model, device, trainable=False), device))
-        if cfg.mode == "grpo" and cfg.w_list > 0:
+        if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
             import listener
             model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
             self.listener = listener.Listener(model, self.processor)
@@ -241,10 +241,11 @@ def open_run(cfg, rank: int, world: int) -> tuple:
 
 
 @torch.no_grad()
-def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
+def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
     """Greedy rollouts on the held-out examples: the fraction answered right (the preferred image; in the score
     mode the exact rating), and the fraction well formed. On the toy task also the judge's verdicts
-    (toy.judge): the fraction of contradictions and of faithful reasonings.
+    (toy.judge): the fraction of contradictions and of faithful reasonings. With a listener, its mean p_correct
+    on the rollouts' reasoning and how often the image it favours is the one answered.
 
     Every rank runs the same number of batches (sampling under FSDP2 is collective); a rank whose shard is
     shorter re-scores a pair it does not count.
@@ -255,7 +256,8 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
     judged = trainer.cfg.mode == "grpo" and trainer.cfg.eval_data in ("", "toy")  # the toy task: toy.judge reads it
     if judged:
         from demo import verdict
-    counts = torch.zeros(5, device=device)  # right, well-formed, scored, contradictions, faithful
+    listened = trainer.listener is not None
+    counts = torch.zeros(7, device=device)  # right, well-formed, scored, contradictions, faithful, p_correct, agreed
     batches = math.ceil(math.ceil(trainer.heldout_total / trainer.world) / batch_pairs)
     for i in range(batches):
         pairs = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
@@ -263,18 +265,23 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 16) -> dict:
         rollouts = sample.sample(trainer.policy, batch, num_samples=1, max_new_tokens=trainer.cfg.max_new_tokens,
                                  temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tok),
                                  pad_token_id=tok.pad_token_id, decoder=trainer.decoder)
-        for example, text in zip(pairs, rollouts.texts(tok)):
+        texts = rollouts.texts(tok)
+        p_correct = trainer.listener.p_correct(pairs or trainer.spare, texts).tolist() if listened else [0.0] * len(texts)
+        for example, text, p in zip(pairs, texts, p_correct):
             if isinstance(example, Rated):  # the score mode: the exact rating
                 answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
             else:
                 answer, target = reward.parse_completion(text)[1], PROMPT.answers[example.label]
             judge = verdict(example, text) if judged else {"contradiction": 0, "faithful": 0}
+            listener_pick = PROMPT.answers[example.label if p > 0.5 else 1 - example.label] if listened else None
             counts += torch.tensor([answer == target, answer is not None, 1.0, judge["contradiction"],
-                                    judge["faithful"]], device=device)
-    right, formatted, n, contradictions, faithful = all_sum(counts).tolist()
+                                    judge["faithful"], p, answer == listener_pick], device=device)
+    right, formatted, n, contradictions, faithful, p_correct, agreed = all_sum(counts).tolist()
     out = {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
     if judged:
         out.update(contradiction_rate=contradictions / max(n, 1), faithfulness=faithful / max(n, 1))
+    if listened:
+        out.update(listener_p_correct=p_correct / max(n, 1), listener_agreement=agreed / max(n, 1))
     return out
 
 

@@ -128,7 +128,8 @@ def test_captions_say_where_a_colour_is_not_which_image_is_preferred(tmp_path):
 
 def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     """The demo on tiny sizes, in this process (a group of one): the table's every column for every stage,
-    the listener's reading accuracy and the time, all in [0, 1] (seconds > 0), and the learning curve PNG."""
+    both reading preconditions and the time, all in [0, 1] (seconds > 0), and the learning curve PNG; the GRPO
+    stages start from the reasoner's start's final export (also their KL reference) and read the listener's."""
     import demo
     import parallel
     import train
@@ -140,29 +141,52 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     parallel.setup_distributed()
     cfg = train.Config(out_dir=str(tmp_path / "default"), steps=3)  # --steps: the GRPO stages' length
-    sizes = demo.Settings(sft_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2, eval_every=1,
-                          eval_pairs=6, n_train=16, n_test=3)
-    demo.run(cfg, train.train, sizes)
-    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
-    assert set(summary) == {"stages", "listener_reading_accuracy", "seconds"}
+    sizes = demo.Settings(listener_steps=2, start_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2,
+                          eval_every=1, eval_pairs=6, n_train=16, n_test=3, n_ood=4)
+    loaded = {}  # out_dir -> the weights each GRPO stage's Trainer holds once built
+    import trainer
+    real_init = trainer.Trainer.__init__
+
+    def init(self, cfg, *args, **kwargs):  # trainer.Trainer, noting what a GRPO stage loaded
+        real_init(self, cfg, *args, **kwargs)
+        if cfg.mode == "grpo":
+            full = lambda m: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                              for k, v in m.state_dict().items()}
+            loaded[cfg.out_dir] = {"policy": full(self.policy), "reference": full(self.reference),
+                                   "listener": full(self.listener.model)}
+    monkeypatch.setattr(trainer.Trainer, "__init__", init)
+    summary = demo.run(cfg, train.train, sizes)
+    assert json.loads((tmp_path / "default" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert set(summary) == {"stages", "ood_accuracy_by_kind", "listener_reading_accuracy",
+                            "reasoner_start_reading_accuracy", "preconditions_met", "seconds"}
+    assert list(summary["ood_accuracy_by_kind"]) == list(demo.STAGES)
+    for name, by_kind in summary["ood_accuracy_by_kind"].items():
+        assert set(by_kind) == set(toy.OOD_KINDS) and all(0.0 <= v <= 1.0 for v in by_kind.values()), name
+        assert abs(sum(by_kind.values()) / 2 - summary["stages"][name]["ood_accuracy"]) < 1e-9  # half of each kind
     assert list(summary["stages"]) == list(demo.STAGES)
     for name, row in summary["stages"].items():
         assert set(row) == {"accuracy", "contradiction_rate", "faithfulness", "listener_agreement",
-                            "no_thinking_accuracy"}, name
+                            "no_thinking_accuracy", "ood_accuracy"}, name
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in row.values()), (name, row)
-    assert 0.0 <= summary["listener_reading_accuracy"] <= 1.0 and summary["seconds"] > 0
+    for key in ("listener_reading_accuracy", "reasoner_start_reading_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["preconditions_met"] == (summary["reasoner_start_reading_accuracy"] <= 0.6 and
+                                            summary["listener_reading_accuracy"] >= 0.95)
+    assert summary["seconds"] > 0
     with Image.open(tmp_path / "default" / "learning_curve.png") as image:
         assert image.format == "PNG"
     rows = [json.loads(line) for line in (tmp_path / "default" / "grpo" / "metrics.jsonl").read_text().splitlines()]
-    assert "heldout_contradiction_rate" in rows[0] and "heldout_faithfulness" in rows[0]
+    for key in ("heldout_contradiction_rate", "heldout_faithfulness", "heldout_listener_p_correct"):
+        assert key in rows[0], key  # the baseline scores the listener too (not rewarded)
     assert max(row["step"] for row in rows) == 3  # --steps=3, not the 2 of `sizes`
     curves = json.loads((tmp_path / "default" / "learning_curve.json").read_text())
     assert list(curves) == list(demo.STAGES[1:])
     for name, points in curves.items():  # before, each held-out evaluation (every step here), after
         assert list(points) == ["0", "1", "2", "3"], name
-        assert all(set(p) == {"accuracy", "contradiction_rate", "faithfulness"} for p in points.values()), name
+        assert all(set(p) == set(demo.CURVE) for p in points.values()), name
     grpo_eval = next(row for row in rows if row["step"] == 1)
     assert curves["GRPO"]["1"]["faithfulness"] == grpo_eval["heldout_faithfulness"]
+    assert curves["GRPO"]["1"]["listener_p_correct"] == grpo_eval["heldout_listener_p_correct"]
     # The comparison is fair: the two GRPO stages differ in the listener's weight and where they write, nothing
     # else, and both sample and normalise as the demo's settings say.
     configs = demo.stage_configs(cfg, sizes)
@@ -170,3 +194,15 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     assert {k for k in grpo if grpo[k] != listened[k]} == {"w_list", "out_dir"}
     assert (grpo["w_list"], listened["w_list"]) == (0.0, 0.5)
     assert (grpo["temperature"], grpo["scale_advantages"]) == (sizes.temperature, sizes.scale_advantages)
+    # Both GRPO stages loaded the reasoner's start as policy and KL reference, and the listener's final export:
+    # the two SFT runs' own final weights, read back from their safetensors files.
+    from safetensors.torch import load_file
+    start = load_file(demo.final_export(configs[demo.STAGES[0]]) / "model.safetensors")
+    listener = load_file(demo.final_export(configs[demo.LISTENER]) / "model.safetensors")
+    assert not all(torch.equal(start[k], listener[k]) for k in start)
+    for name in demo.STAGES[1:]:
+        models = loaded[configs[name].out_dir]
+        for role, weights in (("policy", start), ("reference", start), ("listener", listener)):
+            state = models[role]
+            assert set(state) == set(weights), (name, role)
+            assert all(torch.equal(state[k], weights[k]) for k in weights), (name, role)
