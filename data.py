@@ -1,6 +1,6 @@
 """Data: a dataset on disk -> the examples training and evaluation use.
 
-1. `load("KIND:PATH")`: a dataset in one of its published layouts (layouts.py) -> `Pair`s or `Group`s
+1. `load("KIND:PATH")`: a dataset in one of its published layouts (formats/layouts.py) -> `Pair`s or `Group`s
    (prompt.py), with a fixed random subset and excluded records left out.
 2. What is done with loaded records: `groups_to_pairs`, `random_orders`, `spread_sample` (the held-out set),
    `to_rated` (the absolute-score variant), `drop_unreadable`.
@@ -20,9 +20,9 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-from images import DataError, check_images, load_image
-from layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, read_exclude, subsample
-from prompt import Group, Pair, Rated, swapped
+from formats.images import DataError, check_images, load_image
+from formats.layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, read_exclude, subsample
+from formats.records import Group, Pair, Rated, swapped
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,12 +5,10 @@ read the probability that b is preferred from its answer logits given that reaso
 p(b | C) = sigma(f(b | C) - f(a | C)), and average over the k rollouts (Mean@k). A group of n images is scored
 against an anchor: the anchor gets 0.5 and every other image its probability of beating the anchor, n - 1
 comparisons instead of n (n - 1) / 2 (section 5). The absolute-score variant rates each image alone and
-scores it by its expected rating, eq. (3). Beside this file: eval_inputs.py (the options, the checkpoints and
-records they name, a dataset as comparisons), metrics.py (scores and labels -> the paper's numbers, the
-contradiction judge), report.py (those numbers as the paper's tables and figures, written to disk).
+scores it by its expected rating, eq. (3). report/ turns the results into the paper's tables and figures.
 
-Commands (`--model` is any local Qwen2.5-VL checkpoint directory: a trained reasoner, or the untrained
-instruct model for the zero-shot row of table 3; every option: `python evaluate.py --help`):
+Commands (`--model` is any local checkpoint directory: a trained reasoner, or the untrained instruct model for
+the zero-shot row of table 3; every option: `python evaluate.py --help`):
 
     python evaluate.py                                    # toy model on toy data, nothing downloaded
     python evaluate.py --model PATH --data imagereward:test.json --images ROOT --out runs/eval --k 3
@@ -23,7 +21,7 @@ Under torchrun each process holds the whole model and takes every N-th compariso
 seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
 and the judge (table 4) on its own and writes the outputs.
 
-Choices the paper leaves open, made here (metrics.py lists those of the metrics and the judge):
+Choices the paper leaves open, made here (report/metrics.py and report/judge.py list those of the metrics):
 1. Mean@k averages probabilities (not logits). Majority vote counts the parsed answers of well-formed
    rollouts; a tie, or no readable answer, scores 0.5, which every metric counts as wrong.
 2. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`).
@@ -32,14 +30,15 @@ Choices the paper leaves open, made here (metrics.py lists those of the metrics 
 4. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
    (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
 
-Legend for shapes: B pairs, G = k rollouts per pair, N = B*G, T tokens, V vocabulary.
+Shapes: B pairs, G = k rollouts per pair, N = B*G rows, R ratings, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py tests/test_real_use.py
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
+import random
 import statistics
 import sys
 import tempfile
@@ -51,16 +50,87 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import cli
-import metrics
-from eval_inputs import (Config, DatasetPairs, anchor_pairs, confident_or_labelled, dataset_pairs, load_judge,
-                         load_reasoner, load_records, sampling_args)
-from listener import answer_probs, answer_slots, answer_token_ids, continuation_ids, reasoning_of
-from prompt import PROMPT, Group, Pair, PromptFormat, Rated, left_pad, score_messages, swapped
+import data
+from fast.answer_logits import WatchAnswers, sampled_p_b
+from fast.static_decode import DECODES, make_decoder
+from formats.records import Group, Pair, Rated, swapped
+from infra import cli
+from infra.cli import fail, option
+from infra.parallel import setup_distributed
+from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
+from models import families
+from prompt import PROMPT, Processor, PromptFormat, score_messages
+from report import judge, metrics
+from report.tables import markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
-from report import markdown_tables, write_outputs, write_ratings
-from sample import end_of_turn_ids, sample as sample_rollouts
-from static_decode import make_decoder
+from sample import end_of_turn_ids, sample, seeded_generators
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class Config:
+    """Every option of `evaluate.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
+    model: str = option("toy", "reasoner checkpoint (a local model directory with safetensors weights); the "
+                               "untrained instruct model gives the zero-shot row of table 3; 'toy' builds the tiny "
+                               "random model and, without --data, toy data")
+    data: str = option("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
+    images: list = option([], "image root of --data; with --prompt, the image files to score")
+    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)")
+    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures")
+    k: int = option(1, "reasoning rollouts per comparison (Mean@k, majority vote)", min=1)
+    both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
+    no_thinking: bool = option(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
+    listener: str = option("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
+    judge: str = option("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
+    limit: int = option(0, "evaluate the first N records of --data (0: all)", min=0)
+    skip_bad: bool = option(False, "leave out bad records and unreadable images, counted in results.json")
+    exclude: str = option("", "records to leave out: the file `python data.py check` writes")
+    anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
+    max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
+    top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    decode: str = option("reference", "how rollouts are decoded: reference, static or compiled (as train.py's --decode)",
+                         choices=DECODES)
+    reuse_sampler_logits: bool = option(False, "read p(b) from the sampler's logits at the answer slot where they are "
+                                               "the second pass's (fast/answer_logits.py), not from a second pass")
+    batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
+    judge_batch_size: int = option(8, "judge prompts per batch", min=1)
+    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
+    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    min_votes: int = option(20, "tables 4 and 5: pairs with at least this many votes ...", min=0)
+    confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
+    toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
+    seed: int = option(0, "seed of the anchors and of the sampler", min=0)
+    scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
+                                      "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
+                                      "table 3's abs-score row)", choices=("pairwise", "absolute"))
+
+    def validate(self) -> None:
+        """What depends on more than one option, or on the disk; runs before anything loads."""
+        for name in ("model", "listener", "judge"):
+            if getattr(self, name) not in ("", "toy"):
+                cli.check_checkpoint(name, getattr(self, name))
+        if self.prompt:
+            if len(self.images) < 2:
+                fail("images", self.images, "at least two image files to compare with --prompt")
+            for path in self.images:
+                if not Path(path).is_file():
+                    fail("images", self.images, f"image files that exist ({path} does not)")
+            if self.anchor >= len(self.images):
+                fail("anchor", self.anchor, f"-1 or an index below the {len(self.images)} --images")
+            return
+        if self.data:
+            cli.check_dataset("data", self.data)
+        elif self.model != "toy":
+            fail("data", self.data, "a dataset with a real --model (e.g. --data imagereward:test.json), or --prompt")
+        if len(self.images) > 1:
+            fail("images", self.images, "one image root with --data (several files only with --prompt)")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,7 +149,7 @@ class Comparison:
     reversed: Comparison | None = None  # the same pair shown as (b, a), in that order's own terms
 
     @property
-    def p_forward(self) -> float:
+    def p_b_forward(self) -> float:
         """Mean@k p(b) from the (a, b) order alone."""
         return statistics.fmean(self.probs)
 
@@ -106,40 +176,26 @@ def mean_at(probs: Sequence[float], j: int) -> float:
     return statistics.fmean(probs[:j])
 
 
-def sampled_p_b(processor, pairs: list[Pair], texts: list[str], rollouts, fmt: PromptFormat) -> torch.Tensor:
-    """(B, G) p(b) read from the sampler's own answer logits, NaN where it cannot be.
-
-    Where a completion's first tokens are exactly what the second pass would read (`listener_prefix` of its
-    reasoning, as the tokenizer writes it: `listener.answer_slots`), the logits the sampler computed at that
-    slot are the second pass's, so eq. (4) is read from them with no second prefill.
-    """
-    slots = answer_slots(processor.tokenizer, pairs, texts, rollouts.tokens, rollouts.mask, fmt).cpu()  # (N,)
-    watched = rollouts.watched.cpu()  # (N, T, 2)
-    ok = (slots >= 0) & (slots < watched.shape[1])  # (N,)
-    rows = torch.arange(len(slots))
-    p = watched[rows, slots.clamp(0, watched.shape[1] - 1)].softmax(-1)[:, 1]  # (N,) eq. (4)
-    return torch.where(ok, p, torch.nan).view(len(pairs), -1)  # (B, G)
-
-
 def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: bool, sampling: dict,
-                   fmt: PromptFormat, reuse: bool = True) -> list[Comparison]:
+                   fmt: PromptFormat, reuse_sampler_logits: bool) -> list[Comparison]:
     """k rollouts per pair, then p(b) given each rollout's reasoning, read by the reasoner itself (eq. (4))."""
+    p_b = None
     if no_thinking:  # table 5: the reasoning is a fixed sentence, so one "rollout" says everything
         reasonings = [[fmt.no_thinking] for _ in pairs]
         texts = [[fmt.answer_prefix(fmt.no_thinking)] for _ in pairs]
         answers = None  # read from the probabilities below: the answer the model would give greedily
     else:
-        batch = {key: value.to(model.device) for key, value in processor.pairs(pairs, fmt).items()}
-        answer_ids = answer_token_ids(processor.tokenizer, fmt) if reuse else None
-        rollouts = sample_rollouts(model, batch, num_samples=k, watch_ids=answer_ids, **sampling)  # rows b*G + g
+        if reuse_sampler_logits:  # fast/answer_logits.py: the sampler keeps the answer tokens' logits
+            sampling = dict(sampling, decoder=WatchAnswers(answer_token_ids(processor.tokenizer, fmt), sampling["decoder"]))
+        rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
         reasonings = [[reasoning_of(t) for t in row] for row in texts]
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
-    p_b = sampled_p_b(processor, pairs, flat, rollouts, fmt) if reuse and not no_thinking else None  # (B, G)
-    if p_b is None or bool(p_b.isnan().any()):  # a second pass where the sampler did not read the answer slot
-        probs = answer_probs(model, processor, pairs, reasonings, fmt=fmt)  # (B, G, 2)
-        read = probs[..., 1].float().cpu()  # (B, G) eq. (4): sigma(f(b) - f(a)) = softmax over the two answers
+        if reuse_sampler_logits:
+            p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
+    if p_b is None or bool(p_b.isnan().any()):  # the second pass, where the sampler's logits were not read
+        read = answer_probs(model, processor, pairs, reasonings, fmt=fmt)[..., 1].cpu()  # (B, G) eq. (4)
         p_b = read if p_b is None else torch.where(p_b.isnan(), read, p_b)
     out = []
     for b in range(len(pairs)):
@@ -151,34 +207,32 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
 
 def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orders: bool = False,
                   no_thinking: bool = False, max_new_tokens: int = 512, temperature: float = 1.0,
-                  top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, generator: torch.Generator | None = None,
-                  seeds: Sequence[int] | None = None, fmt: PromptFormat = PROMPT,
-                  progress: bool = False, reuse_logits: bool = True, decoder=None) -> list[Comparison]:
+                  top_p: float = 1.0, top_k: int = 0, batch_size: int = 8, keys: Sequence[tuple] | None = None,
+                  seed: int = 0, fmt: PromptFormat = PROMPT, progress: bool = False, reuse_sampler_logits: bool = False,
+                  decoder=None) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
     With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
-    p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_forward`.
-    With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5).
-    p(b) is read from the sampler's own logits at the answer slot where it can be (`sampled_p_b`), else by a
-    second pass over prompt + reasoning (`reuse_logits=False`: always the second pass). `decoder`: `sample`'s
-    (a `static_decode.StaticDecoder`, or None for the reference decode).
-    `seeds` (one per pair) seed each pair's rollouts on their own, so that a pair's result does not depend on
-    the batch or the process it lands in (`compare_all`); otherwise `generator` drives the whole run.
+    p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_b_forward`.
+    With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5). `decoder`: sample.py's
+    (None: its reference decode). Each pair's rollouts are drawn from a generator seeded by its key (`keys`,
+    one tuple per pair; by default (seed, its index)), so that a pair's result does not depend on the batch or
+    the process it lands in (`compare_all`).
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    stop_token_ids=end_of_turn_ids(processor.tokenizer), generator=generator,
-                    pad_token_id=processor.tokenizer.pad_token_id, decoder=decoder)  # never the model config's: real ones have none
+                    stop_token_ids=end_of_turn_ids(processor.tokenizer), decoder=decoder,
+                    pad_token_id=processor.tokenizer.pad_token_id)  # never the model config's: real ones have none
+    keys = [(seed, i) for i in range(len(pairs))] if keys is None else list(keys)
+    orders = (0, 1) if both_orders else (0,)
     shown = [q for p in pairs for q in ((p, swapped(p)) if both_orders else (p,))]
-    shown_seeds = None if seeds is None else [2 * s + o for s in seeds for o in ((0, 1) if both_orders else (0,))]
+    shown_keys = [tuple(key) + (order,) for key in keys for order in orders]
     results = []
     with tqdm(total=len(shown), desc="compare", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, len(shown), batch_size):
-            if shown_seeds is not None:  # one generator per pair shown: its G rollouts draw from it alone
-                sampling["generator"] = [torch.Generator(model.device).manual_seed(s)
-                                         for s in shown_seeds[start:start + batch_size]]
+        for start in range(0, len(shown), batch_size):  # tqdm shows pairs/s and the time left
+            sampling["generator"] = seeded_generators(model.device, shown_keys[start:start + batch_size])
             results += _compare_batch(model, processor, list(shown[start:start + batch_size]), k, no_thinking,
-                                      sampling, fmt, reuse_logits)
-            bar.update(len(shown[start:start + batch_size]))  # pairs/s and the time left, from tqdm
+                                      sampling, fmt, reuse_sampler_logits)
+            bar.update(len(shown[start:start + batch_size]))
     if both_orders:  # results alternate (a, b), (b, a): each forward order keeps its reverse
         for forward, backward in zip(results[0::2], results[1::2]):
             forward.reversed, forward.p_b = backward, both_orders_p(forward.probs, backward.probs)
@@ -193,6 +247,14 @@ def both_orders_p(forward_probs: Sequence[float], backward_probs: Sequence[float
 def compare(model, processor, prompt: str, image_a, image_b, k: int = 1, **kwargs) -> Comparison:
     """Which of two images people would prefer for `prompt`: `.p_b` is the Mean@k probability for image b."""
     return compare_pairs(model, processor, [Pair(prompt, (image_a, image_b), label=0)], k=k, **kwargs)[0]
+
+
+def anchor_pairs(prompt: str, images: Sequence, anchor: int, ranking: Sequence[int] | None = None) -> list[Pair]:
+    """The n - 1 pairs (anchor, image_i), i != anchor; label 1 when people ranked image i above the anchor."""
+    if not 0 <= anchor < len(images):
+        raise ValueError(f"anchor {anchor} is not an index into {len(images)} images")
+    return [Pair(prompt, (images[anchor], images[i]), int(ranking is not None and ranking[i] < ranking[anchor]))
+            for i in range(len(images)) if i != anchor]
 
 
 def anchor_scores(n: int, anchor: int, p_beats_anchor: Sequence[float]) -> list[float]:
@@ -216,39 +278,31 @@ def score_group(model, processor, prompt: str, images: Sequence, k: int = 1, anc
 
 def rating_logits(model, processor, records: Sequence[Rated], reasonings: Sequence[Sequence[str]],
                   fmt: PromptFormat = PROMPT) -> torch.Tensor:
-    """(B, G, R) logits of the R rating tokens at the answer slot, given each of the G reasonings of record b.
-
-    As `listener.answer_probs`, on the rating prompt: one prefill per image, copied to its G continuations.
-    """
-    import sample
-    tokenizer, B, G = processor.tokenizer, len(records), len(reasonings[0])
-    ids = answer_token_ids(tokenizer, dataclasses.replace(fmt, answers=fmt.ratings))  # one token per rating
-    rows = []
+    """(B, G, R) logits of the R rating tokens at the answer slot, given each of the G reasonings of record b:
+    as `listener.answer_probs` reads the answer slot, on the rating prompt."""
+    tokenizer, rows = processor.tokenizer, []
     for record, rs in zip(records, reasonings):
         prompt = tokenizer.apply_chat_template(score_messages(record.prompt, fmt), tokenize=False,
                                                add_generation_prompt=True)
         rows += continuation_ids(tokenizer, prompt, [fmt.answer_prefix(r) for r in rs])
-    continuation = left_pad(rows, tokenizer.pad_token_id)  # (N, T)
-    device = sample.model_device(model)
-    with torch.no_grad(), sample.gathered(model):
-        prefix = sample.expand(sample.prefill(model, processor.rated(records, fmt)), G)  # B rows -> N rows
-        sample.extend(model, prefix, continuation["input_ids"].to(device), continuation["attention_mask"].to(device),
-                      logits_to_keep=1)
-    return prefix.logits[:, ids].float().view(B, G, -1)  # (B, G, R)
+    ids = answer_token_ids(tokenizer, fmt, fmt.ratings)  # one token per rating
+    logits = slot_logits(model, processor.rated(records, fmt), rows, ids, tokenizer.pad_token_id)  # (N, R)
+    return logits.view(len(records), -1, len(ids))  # (B, G, R)
 
 
-def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Sequence[int], batch_size: int,
+def rate_images(model, processor, records: Sequence[Rated], k: int, keys: Sequence[tuple], batch_size: int,
                 fmt: PromptFormat = PROMPT, progress: bool = False, **sampling) -> list[list[float]]:
-    """k rollouts of the rating prompt per image, then the expected rating given each reasoning (eq. (3)):
-    one list of k expected ratings per record. `seeds` (one per record) seed each record's rollouts."""
-    sampling.update(stop_token_ids=end_of_turn_ids(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    """k rollouts of the rating prompt per image, then the expected rating given each reasoning (eq. (3)): one
+    list of k expected ratings per record. Each record's rollouts are seeded by its key (`keys`)."""
+    tokenizer = processor.tokenizer
+    sampling.update(stop_token_ids=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     out = []
     with tqdm(total=len(records), desc="rate", unit="image", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
-            batch = {key: v.to(model.device) for key, v in processor.rated(chunk, fmt).items()}
-            generators = [torch.Generator(model.device).manual_seed(s) for s in seeds[start:start + batch_size]]
-            texts = sample_rollouts(model, batch, num_samples=k, generator=generators, **sampling).texts(processor.tokenizer)
+            generators = seeded_generators(model.device, keys[start:start + batch_size])
+            texts = sample(model, processor.rated(chunk, fmt), num_samples=k, generator=generators,
+                           **sampling).texts(tokenizer)
             reasonings = [[reasoning_of(t, fmt) for t in texts[b * k:(b + 1) * k]] for b in range(len(chunk))]
             logits = rating_logits(model, processor, chunk, reasonings, fmt)  # (B, G, R)
             out += expected_score(logits, fmt.ratings).cpu().tolist()  # (B, G) eq. (3)
@@ -257,26 +311,56 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, seeds: Seque
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Several processes: `torchrun --nproc_per_node=N evaluate.py ...` splits the comparisons N ways
+# A dataset as comparisons; several processes
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size): joins torchrun's process group when launched by torchrun, else (0, 1)."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+@dataclass
+class DatasetPairs:
+    """The comparisons a dataset asks for: its pairs, or each group's anchor pairs (`dataset_accuracy` turns
+    their p(b) back into the dataset's accuracy)."""
+    compared: list[Pair]  # the comparisons to run
+    labelled: list[int]  # indices into `compared` that carry a human preference (no tie)
+    groups: list[Group] | None = None  # group datasets: the groups, and each group's anchor
+    anchors: list[int] | None = None
+
+
+def dataset_pairs(records: list, anchor: int, seed: int) -> DatasetPairs:
+    """Pairs are compared as they are; a group of n images becomes n - 1 comparisons against its anchor.
+
+    Groups of fewer than two images have nothing to compare: they are left out, and counted on stderr. A fixed
+    `anchor` must index into every group that is left.
+    """
+    if not records:
+        raise ValueError("the dataset is empty")
+    if isinstance(records[0], Pair):
+        return DatasetPairs(records, list(range(len(records))))
+    single = sum(len(g.images) < 2 for g in records)
+    if single:
+        print(f"{single} of {len(records)} groups have fewer than two images: nothing to compare, left out",
+              file=sys.stderr)
+        records = [g for g in records if len(g.images) >= 2]
+        if not records:
+            raise ValueError("no group of the dataset has two images to compare")
+    smallest = min(range(len(records)), key=lambda i: len(records[i].images))
+    if anchor >= len(records[smallest].images):
+        fail("anchor", anchor, f"-1 (a seeded anchor per prompt) or an index below {len(records[smallest].images)}: "
+             f"group {smallest} ({records[smallest].prompt[:40]!r}) has {len(records[smallest].images)} images")
+    rng = random.Random(seed)
+    anchors = [anchor if anchor >= 0 else rng.randrange(len(g.images)) for g in records]
+    compared, labelled = [], []
+    for group, a in zip(records, anchors):
+        others = [i for i in range(len(group.images)) if i != a]
+        labelled += [len(compared) + n for n, i in enumerate(others) if group.ranking[i] != group.ranking[a]]
+        compared += anchor_pairs(group.prompt, group.images, a, group.ranking)
+    return DatasetPairs(compared, labelled, records, anchors)
 
 
 def split_over_processes(work, items: Sequence, seed: int) -> list:
-    """`work(my_items, my_seeds, progress)` on every N-th item (rank r takes items r, r + N, ...), item i seeded
+    """`work(my_items, my_keys, progress)` on every N-th item (rank r takes items r, r + N, ...), item i keyed
     by (seed, i) so that 1 and N processes give the same; every rank gets all the results, in the items' order."""
-    rank, world = distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(items), world))
-    results = work([items[i] for i in mine], [hash((seed, i)) % 2**62 for i in mine], rank == 0)
+    results = work([items[i] for i in mine], [(seed, i) for i in mine], rank == 0)
     if world == 1:
         return results
     parts = [None] * world
@@ -286,8 +370,8 @@ def split_over_processes(work, items: Sequence, seed: int) -> list:
 
 def compare_all(model, processor, pairs: Sequence[Pair], seed: int, **kwargs) -> list[Comparison]:
     """`compare_pairs` on every pair, split over the processes; pair i's rollouts are seeded by (seed, i)."""
-    return split_over_processes(lambda mine, seeds, progress: compare_pairs(
-        model, processor, mine, seeds=seeds, progress=progress, **kwargs), pairs, seed)
+    return split_over_processes(lambda mine, keys, progress: compare_pairs(
+        model, processor, mine, keys=keys, progress=progress, **kwargs), pairs, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,8 +409,8 @@ def no_thinking_metrics(model, processor, dataset: DatasetPairs, results, subset
     plain = compare_all(model, processor, pairs, cfg.seed, both_orders=cfg.both_orders, no_thinking=True,
                         batch_size=cfg.batch_size)
     rows = {"w/ thinking, Mean@1": [mean_at(results[i].probs, 1) for i in subset],
-            f"w/ thinking, Mean@{cfg.k}": [results[i].p_forward for i in subset],
-            "w/o thinking": [r.p_forward for r in plain]}
+            f"w/ thinking, Mean@{cfg.k}": [results[i].p_b_forward for i in subset],
+            "w/o thinking": [r.p_b_forward for r in plain]}
     if cfg.both_orders:
         rows[f"w/ thinking, Mean@{cfg.k}, both orders"] = [results[i].p_b for i in subset]
         rows["w/o thinking, both orders"] = [r.p_b for r in plain]
@@ -340,9 +424,23 @@ def contradiction_metrics(judge_path: str, results, subset: list[int], cfg: Conf
     if not items:
         return {"rate": None, "judged": 0}
     judge_model, judge_tokenizer = load_judge(judge_path)
-    rate = metrics.contradiction_rate(judge_model, judge_tokenizer, [r for r, _ in items], [a for _, a in items],
-                                      cfg.judge_batch_size)
+    rate = judge.contradiction_rate(judge_model, judge_tokenizer, [r for r, _ in items], [a for _, a in items],
+                                    cfg.judge_batch_size)
     return {"rate": rate, "judged": len(items)}
+
+
+def disagreement_metrics(listener: Listener, dataset: DatasetPairs, results, batch_size: int) -> dict:
+    """Figure 2: per rollout, ||listener (s1, s2) - reasoner (s1, s2)|| for the same reasoning, binned, with
+    whether that rollout's p(b) orders its (labelled) pair as people do."""
+    distances, correct = [], []
+    for start in tqdm(range(0, len(dataset.labelled), batch_size), desc="listener"):
+        idx = dataset.labelled[start:start + batch_size]
+        heard = listener.scores([dataset.compared[i] for i in idx], [results[i].reasonings for i in idx])  # (B, G, 2)
+        reasoner = torch.tensor([[[1 - q, q] for q in results[i].probs] for i in idx])  # (B, G, 2)
+        distances += metrics.score_distance(reasoner, heard.float().cpu()).flatten().tolist()  # (N,)
+        correct += [(q != 0.5 and (q > 0.5) == (dataset.compared[i].label == 1)) for i in idx for q in results[i].probs]
+    return {"bins": metrics.accuracy_by_bin(distances, correct),
+            "mean_distance": statistics.fmean(distances) if distances else None}
 
 
 def run(cfg: Config) -> dict | None:
@@ -352,19 +450,17 @@ def run(cfg: Config) -> dict | None:
     listener and the judge, writes the outputs and returns the report (the other ranks return None).
     """
     torch.manual_seed(cfg.seed)
-    rank, _ = distributed()
     with tempfile.TemporaryDirectory() as scratch:  # the toy data lives here while it is read
         spec, records, unreadable = load_records(cfg, scratch)
         if cfg.scoring == "absolute":
             return run_absolute(cfg, spec, records)
         dataset = dataset_pairs(records, cfg.anchor, cfg.seed)  # the data is checked before the model loads
         model, processor = load_reasoner(cfg.model, cfg)
-        sampling = {k: v for k, v in sampling_args(cfg).items() if k != "generator"}
         results = compare_all(model, processor, dataset.compared, cfg.seed, k=cfg.k, both_orders=cfg.both_orders,
-                              **sampling)
-        subset = confident_or_labelled(dataset, cfg.min_votes, cfg.confident_top)
+                              **sampling_args(cfg, model.device))
+        subset = metrics.confident_or_labelled(dataset, cfg.min_votes, cfg.confident_top)
         plain = no_thinking_metrics(model, processor, dataset, results, subset, cfg) if cfg.no_thinking else None
-        if rank != 0:
+        if dist.get_rank() != 0:
             return None
         probs = p_b_by_rule(results, cfg.k)
         report = {"model": cfg.model, "data": spec, "layout": "pairs" if dataset.groups is None else "groups",
@@ -377,8 +473,8 @@ def run(cfg: Config) -> dict | None:
         if plain is not None:
             report["no_thinking"] = plain
         if cfg.listener:
-            report["disagreement"] = metrics.disagreement_metrics(*load_reasoner(cfg.listener, cfg, seed=1), dataset,
-                                                                  results, cfg)
+            report["disagreement"] = disagreement_metrics(Listener(*load_reasoner(cfg.listener, cfg, seed=1)),
+                                                          dataset, results, cfg.batch_size)
         if cfg.judge:
             report["contradiction"] = contradiction_metrics(cfg.judge, results, subset, cfg)
     report["config"] = dataclasses.asdict(cfg)
@@ -391,11 +487,10 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
     pair's two), score each by its Mean@j expected rating, rank each group by it, write the outputs."""
     model, processor = load_reasoner(cfg.model, cfg)
     items = [Rated(r.prompt, im, 0) for r in records for im in r.images]
-    scores = split_over_processes(lambda mine, seeds, progress: rate_images(
-        model, processor, mine, cfg.k, seeds, cfg.batch_size, progress=progress, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, decoder=make_decoder(cfg.decode, model.device)),
-        items, cfg.seed)  # (images, k)
-    if distributed()[0] != 0:
+    sampling = {k: v for k, v in sampling_args(cfg, model.device).items() if k not in ("batch_size", "reuse_sampler_logits")}
+    scores = split_over_processes(lambda mine, keys, progress: rate_images(
+        model, processor, mine, cfg.k, keys, cfg.batch_size, progress=progress, **sampling), items, cfg.seed)
+    if dist.get_rank() != 0:
         return None
     ratings = {f"mean@{j}": [mean_at(s, j) for s in scores] for j in range(1, cfg.k + 1)}  # one per image
     report = {"model": cfg.model, "data": spec, "scoring": "absolute",
@@ -408,21 +503,81 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What the options name: checkpoints, records, sampling
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    """Each process holds the whole model, in bf16 on its GPU (infra.parallel.setup_distributed chose it), fp32
+    on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+@functools.lru_cache(maxsize=1)
+def toy_processor():
+    """The toy processor, built once per process (training its tokenizer takes a second or two)."""
+    from toy import world
+    return world.make_processor()
+
+
+def load_reasoner(path: str, cfg: Config, seed: int = 0):
+    """A checkpoint (reasoner or listener) and its processor; 'toy' builds a random toy model."""
+    device, dtype = device_and_dtype()
+    if path == "toy":
+        from toy import world
+        processor = toy_processor()
+        return world.make_model(processor.tokenizer, seed=seed).to(device), processor
+    model = families.load(path, dtype).to(device).eval()
+    return model, Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
+
+
+def load_judge(path: str):
+    """(model, tokenizer) of the table 4 judge: any causal LM with a chat template; 'toy' a tiny random one."""
+    device, dtype = device_and_dtype()
+    if path == "toy":
+        tokenizer = toy_processor().tokenizer
+        return judge.make_toy_judge(tokenizer).to(device), tokenizer
+    return judge.load_judge(path, device, dtype)
+
+
+def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
+    """(spec, records, unreadable images left out) of --data; with --model toy and no --data, a toy ImageReward
+    test set under `scratch`. With --skip_bad every image is decoded first, and a pair with an unreadable image
+    (or that image of a group) is left out."""
+    spec, root = cfg.data, (cfg.images[0] if cfg.images else None)
+    if not spec:
+        if cfg.model != "toy":
+            raise ValueError("--data is required with a real --model (e.g. --data imagereward:test.json)")
+        from toy import world
+        paths = world.write_dataset(scratch, n_train=0, n_test=cfg.toy_prompts, seed=cfg.seed)
+        spec, root = f"imagereward:{paths['test']}", str(paths["test_images"])
+    records = list(data.load(spec, root, skip_bad=cfg.skip_bad, exclude=cfg.exclude))
+    records = records[:cfg.limit] if cfg.limit else records
+    return (spec, *data.drop_unreadable(records)) if cfg.skip_bad else (spec, records, 0)
+
+
+def sampling_args(cfg: Config, device) -> dict:
+    """The sampling arguments of `compare_pairs` that the options give."""
+    return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                batch_size=cfg.batch_size, decoder=make_decoder(cfg.decode, device),
+                reuse_sampler_logits=cfg.reuse_sampler_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """The command line -> a checked Config (cli.py: `--name=value` or `--name value`, `--help`)."""
+    """The command line -> a checked Config (infra/cli.py: `--name=value` or `--name value`, `--help`)."""
     return cli.parse(Config, argv, __doc__)
 
 
 def rank_images(cfg: Config) -> list[float]:
     """Reward-model use: score `cfg.images` for `cfg.prompt` against an anchor, print the scores and the best."""
-    if len(cfg.images) < 2:
-        raise ValueError(f"--prompt needs at least two --images to compare, got {cfg.images}")
     model, processor = load_reasoner(cfg.model, cfg)
     scores = score_group(model, processor, cfg.prompt, cfg.images, k=cfg.k, anchor=max(cfg.anchor, 0),
-                         both_orders=cfg.both_orders, **sampling_args(cfg))
+                         both_orders=cfg.both_orders, seed=cfg.seed, **sampling_args(cfg, model.device))
     for path, s in zip(cfg.images, scores):
         print(f"{s:.4f}  {path}")
     print(f"best: {cfg.images[max(range(len(scores)), key=scores.__getitem__)]}")
@@ -431,6 +586,7 @@ def rank_images(cfg: Config) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(argv)
+    setup_distributed()
     print(json.dumps(dataclasses.asdict(cfg), indent=1), file=sys.stderr)
     try:
         if cfg.prompt:

@@ -8,9 +8,10 @@ Section 3.3 of the paper (Group Relative Policy Optimisation):
 `group_advantages` is eq. (1), `grpo_loss` is the negative of eq. (2) (we minimise), `loss_mask` drops
 truncated completions from the loss, `loss_counts` gives the token and completion counts that make the
 loss exact across micro-batches and ranks. `completion_logprobs` gives the log-probabilities eq. (2) needs,
-under the policy or the reference model, reading each prompt and its images once for its G completions (with
-gradients too; see the section at the end). Rows are ordered prompt-major everywhere: rows b*G .. b*G+G-1
-are the G rollouts of prompt b. Legend: B prompts, G rollouts per prompt, N = B*G, T completion tokens.
+under the policy or the reference model: one forward over each prompt and its completion (the section at the
+end). Rows are ordered prompt-major everywhere: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
+
+Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_grpo.py
 
 Where this departs from the paper's eq. (1)-(2), and why:
@@ -46,11 +47,16 @@ Where this departs from the paper's eq. (1)-(2), and why:
 7. Truncated completions. A completion cut at max_new_tokens has no final answer, so its reward punishes
    its length rather than its reasoning. `loss_mask(..., mask_truncated=True)` leaves such completions out
    of the loss (DAPO's overlong filtering); they still count in the group statistics of eq. (1).
+8. Tempered log-probabilities. The rollouts are drawn from softmax(logits / temperature), so rho compares
+   the tempered policies (TRL and verl do the same). The reference model's log-probabilities are taken at
+   the same temperature, so the KL term is between the tempered policy and the tempered reference, not
+   between the models as they are; at temperature 1 (the default) the two are the same. Tempering both keeps
+   the penalty zero for a policy that has not moved, whatever the temperature.
 """
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+
+from prompt import images_per_row
 
 LOSS_TYPES = ("sequence", "token", "dr_grpo")
 
@@ -182,106 +188,55 @@ def _metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-token log-probabilities of completions, with their images: each prompt read once per group
+# eq. (2)'s log-probabilities: one forward over prompt + completion
 #
-# The G completions of a prompt share its images and its prompt tokens. Repeating the prompt G times (what a
-# plain forward over prompt + completion does) runs the vision tower and every prompt token G times, with
-# gradients: at the paper's shape (two 256-token images, a ~620-token prompt, completions up to 512 tokens,
-# G=10) about half of the update's token work is a prompt read again. Instead, as sample.py does for sampling
-# (prefill, expand, extend), and with autograd:
-#
-#   1. `prompt_pass`: the vision tower and the B prompts, once, recording each layer's keys and values;
-#   2. `PromptCache.expand(G)`: each prompt's keys and values read by its G rows (a differentiable copy:
-#      autograd sums the G rows' gradients back into the prompt's);
-#   3. `completion_logits`: the N = B*G completions run over that cache.
-#
-# In exact arithmetic the log-probabilities and every gradient equal those of the repeated forward (Prefix
-# Grouper, Liu et al. 2025, arXiv 2506.05433, shows the same); tests/test_grpo.py checks both to 1e-5 against
-# the repeated forward, with and without activation checkpointing.
+# The policy's and the reference model's log-probability of
+# every completion token. Each of the N rows is its prompt (images included) followed by its completion, in
+# one forward pass: simple and plainly right, and G times the prompt's work. fast/shared_prompt.py reads each
+# prompt once for its G completions instead, with the same numbers and gradients (tests/test_grpo.py).
 
 
-class PromptCache(DynamicCache):
-    """The prompts' keys and values in a pass with gradients: the prompt pass records them, the completion pass
-    reads them. Neither pass grows the cache.
+def repeat_prompts(batch: dict, group_size: int) -> dict:
+    """Repeat each of the B prompts of a processor batch G times, images included: B rows -> N = B*G rows.
 
-    Each attention layer calls `update(k, v, layer)`. Recording (the prompt pass): store k, v as they are (set,
-    not appended) and return them. Reading (`expand(G)`): return (cat(prompt keys repeated G times, k), same for
-    values) and store nothing. Why neither appends: activation checkpointing runs each layer again in the
-    backward pass, which calls `update` again; an appending cache (DynamicCache) would hand the recomputed
-    layer its own keys twice. The repeat runs inside the layer, so with checkpointing only the B prompt rows of
-    keys and values stay in memory between forward and backward, not N.
+    Rows stay prompt-major (row b*G + g is rollout g of prompt b). The patches of each prompt's images are
+    repeated with it, so the vision tower sees each prompt's images once per rollout.
     """
-
-    def __init__(self, kv=(), group_size: int | None = None):
-        super().__init__()
-        self.group_size = group_size  # None: recording
-        for i, (k, v) in enumerate(kv):
-            self._store(i, k, v)
-
-    def _store(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        while len(self.layers) <= layer_idx:
-            self.layers.append(DynamicLayer())
-        layer = self.layers[layer_idx]
-        layer.keys, layer.values, layer.is_initialized = keys, values, True  # (B, kv heads, P, head dim)
-        layer.dtype, layer.device = keys.dtype, keys.device
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.group_size is None:
-            self._store(layer_idx, key_states, value_states)
-            return key_states, value_states
-        layer, G = self.layers[layer_idx], self.group_size
-        keys = torch.cat([layer.keys.repeat_interleave(G, dim=0), key_states], dim=-2)  # (N, heads, P+T, d)
-        values = torch.cat([layer.values.repeat_interleave(G, dim=0), value_states], dim=-2)  # (N, heads, P+T, d)
-        return keys, values
-
-    def expand(self, group_size: int) -> "PromptCache":
-        """A reading cache: each prompt's keys and values seen by `group_size` rows (rows b*G .. b*G+G-1)."""
-        return PromptCache([(layer.keys, layer.values) for layer in self.layers], group_size)
-
-
-def prompt_pass(model, batch: dict):
-    """The vision tower and the B left-padded prompts, once, with autograd if enabled.
-
-    Returns (PromptCache recording every layer, rope_deltas (B, 1), logits (B, V) at the last prompt position).
-    mRoPE positions come from the model's `get_rope_index` (images advance positions less than their count);
-    a completion token's position is then its text position + rope delta (sample.py explains).
-    """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P), (B, P)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("completion_logprobs: batch['attention_mask'] must be left-padded (last column all ones)")
-    position_ids, rope_deltas = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
-                                                           batch.get("image_grid_thw"),
-                                                           attention_mask=attention_mask)  # (3, B, P), (B, 1)
-    cache = PromptCache()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
-                image_grid_thw=batch.get("image_grid_thw"), logits_to_keep=1)
-    return cache, rope_deltas.to(input_ids.device), out.logits[:, -1]  # (B, 1), (B, V)
+    out = {k: batch[k].repeat_interleave(group_size, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" in batch:
+        grid = batch["image_grid_thw"]  # (images, 3)
+        patches = grid.prod(-1)  # (images,) patches per image
+        counts = images_per_row(batch["mm_token_type_ids"])  # (B,)
+        image_rows = torch.repeat_interleave(torch.arange(len(counts), device=grid.device), counts)  # (images,)
+        image_index = torch.cat([torch.nonzero(image_rows == b)[:, 0].repeat(group_size)
+                                 for b in range(len(counts))])  # the images of the N rows, in row order
+        starts = torch.cumsum(patches, 0) - patches  # (images,) first patch of each image
+        patch_index = torch.cat([torch.arange(starts[i], starts[i] + patches[i], device=grid.device)
+                                 for i in image_index.tolist()])
+        out["pixel_values"] = batch["pixel_values"][patch_index]
+        out["image_grid_thw"] = grid[image_index]
+    return out
 
 
 def completion_logits(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Next-token logits before and after each completion token: (N, T+1, V), index t predicts token t.
 
-    batch: the processor's output for B prompts (left-padded); completions, completion_mask: (N, T) with
-    N = B*G, prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1.
-    Each prompt and its images run once (`prompt_pass`); the completions run over its cache.
+    batch: the processor's output for B left-padded prompts; completions, completion_mask: (N, T) with N = B*G,
+    prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1. One forward
+    over each row's prompt and completion; only the completion's positions reach the LM head.
     """
-    from sample import layer_masks
-    B, (N, T) = batch["input_ids"].shape[0], completions.shape
+    (N, T), B = completions.shape, batch["input_ids"].shape[0]
     if N % B:
-        raise ValueError(f"completion_logprobs: {N} completions do not split into {B} prompts")
-    G = N // B
-    cache, rope_deltas, first = prompt_pass(model, batch)  # first: (B, V)
-    repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
-    prompt_mask = repeat(batch["attention_mask"])  # (N, P)
-    mask = completion_mask.to(prompt_mask.dtype)  # (N, T)
-    text_position = prompt_mask.sum(-1, keepdim=True) + mask.cumsum(-1) - 1  # (N, T) real tokens count on
-    position_ids = (text_position + repeat(rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
-    shared = cache.expand(G)
-    full_mask = torch.cat([prompt_mask, mask], dim=-1)  # (N, P+T)
-    logits = model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),
-                   position_ids=position_ids, past_key_values=shared, use_cache=True).logits  # (N, T, V)
-    return torch.cat([repeat(first)[:, None], logits], dim=1)  # (N, T+1, V)
+        raise ValueError(f"completion_logits: {N} completions do not split into {B} prompts")
+    rows = repeat_prompts(batch, N // B)
+    input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
+    mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_types, rows.get("image_grid_thw"),
+                                                 attention_mask=attention_mask)  # (3, N, P+T) mRoPE
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 pixel_values=rows.get("pixel_values"), image_grid_thw=rows.get("image_grid_thw"),
+                 mm_token_type_ids=mm_types, use_cache=False, logits_to_keep=T + 1).logits  # (N, T+1, V)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
@@ -298,14 +253,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def completion_logprobs(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
-    """log pi(token) of every completion token; each prompt and its images run once for its G completions.
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token) of every completion token (N, T) float32, at the sampling temperature (departure 8).
 
-    batch: the processor's output for B prompts; completions, completion_mask: (N, T) with N = B*G,
-    prompt-major. Logits are divided by the sampling temperature, so that at the first pass these equal
-    the log-probabilities the sampler drew the tokens with. Gradients (when enabled) reach every weight
-    through the completions and through the shared prompt, vision tower included.
-    Returns (N, T) float32; positions where completion_mask is 0 hold garbage that callers mask out.
+    At the first pass these equal the log-probabilities the sampler drew the tokens with. Gradients (when
+    enabled) reach every weight, the vision tower's included. Positions where completion_mask is 0 hold
+    garbage that callers mask out.
     """
     logits = completion_logits(model, batch, completions, completion_mask)  # (N, T+1, V)
-    return token_logprobs(logits[:, :-1], completions, temperature, chunk)  # (N, T)
+    return token_logprobs(logits[:, :-1], completions, temperature)  # (N, T)

@@ -1,35 +1,34 @@
 """The listener: a frozen VLM that reads a rollout's reasoning, without its answer, and says which image wins.
 
 Section 4.3 of the paper. A reasoner trained with plain GRPO can write fluent reasoning that does not support
-its own answer. The listener is an independent, frozen copy of the instruct checkpoint the policy starts from
-(pi_ref; it may be the very same object as the KL reference model). For each rollout it reads
+its own answer. The listener is a frozen copy of the instruct checkpoint the policy starts from (pi_ref). For
+each rollout it reads
 
     the two images, the reasoner's prompt (`prompt.reasoner_messages`), then the assistant turn
     `<think>{reasoning}</think>\\n<answer>`                                   (`prompt.listener_prefix`)
 
-and we take its next-token logits f over the answer vocabulary (`PROMPT.answers`, one token each, naming
-image 0 and image 1). A softmax over those tokens gives the probability of each image; for two answers
-this is eq. (4), p(b) = sigma(f(b) - f(a)). The probability of the preferred image, p_corr, enters the
-reward as r_list = max(0, p_corr - 0.5) (eq. (5), reward.py).
+and we take its next-token logits f at that answer slot over the answer vocabulary (`PROMPT.answers`, one token
+each, naming image 0 and image 1). A softmax over those two logits gives the probability of each image, eq. (4):
+p(b) = sigma(f(b) - f(a)). The probability of the preferred image is p_corr, and the reward is
+r_list = max(0, p_corr - 0.5) (eq. (5), reward.py). `Listener.p_correct` computes p_corr, in one place.
 
 Why the answer is removed: the listener must judge whether the *reasoning* convinces an independent reader.
 Shown the reasoner's answer, it could simply copy it, and r_list would reward confident answers instead of
 convincing explanations. So it reads the text up to the answer slot and the answer itself never enters:
 `reasoning_of` cuts a completion at its first answer tag.
 
-Speed: the images and the prompt are the same for the G rollouts of a pair. We prefill them once per pair
-(`sample.prefill`: the vision tower and the prompt run B times, not B*G), copy the KV cache to the G rows
-(`sample.expand`), and run only the G reasonings over it (`sample.extend`): one forward of ~100 tokens per
-rollout instead of one of images + prompt + reasoning. bench/listener.py measures the difference.
+Where this departs from the paper: p_corr = pi_ref(y* | C) in section 4.3 is the probability of the answer
+token in the whole vocabulary; here it is renormalised over the two answer tokens (eq. (4)'s softmax). Then
+p_corr + p_wrong = 1, and r_list pays for the listener preferring the right image, not for how much of its
+probability it puts on answer tokens rather than on other text (which the format reward already checks).
 
-When the listener is the KL reference model (the default), the reference pass over the rollouts (train.py,
-grpo.completion_logits) has usually read exactly these tokens already: a well-formed completion begins with
-`<think>{reasoning}</think>\n<answer>`. `answer_slots` states when the two reads agree token for token and
-checks it per rollout; for those rollouts the listener's answer logits are taken from the reference pass,
-and only the others get the listener pass above (`Listener.p_correct(..., known=...)`).
+The images and the prompt are the same for the G rollouts of a pair, so each pair is prefilled once and its
+cache copied to its G reasonings (sample.py's `prefill`, `expand`, `extend`), as the sampler does.
+fast/listener_from_reference.py reads the answer slot out of the KL reference pass instead, when the listener
+is the reference model.
 
-Test: .venv/bin/python -m pytest -q tests/test_listener.py
-Bench: .venv/bin/python bench/listener.py
+Shapes: B pairs, G reasonings per pair, N = B*G, K answer tokens, V vocabulary.
+Test: .venv/bin/python -m pytest -q tests/test_listener.py        Bench: .venv/bin/python bench/listener.py
 """
 from __future__ import annotations
 
@@ -38,7 +37,8 @@ from typing import Sequence
 import torch
 
 import sample
-from prompt import PROMPT, Pair, PromptFormat, left_pad, listener_prefix, reasoner_messages
+from formats.records import Pair
+from prompt import PROMPT, PromptFormat, left_pad, listener_prefix, reasoner_messages
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: what the listener reads
@@ -73,23 +73,25 @@ def reasoning_of(text: str, fmt: PromptFormat = PROMPT) -> str:
     return head.replace(fmt.think_open, "").replace(fmt.think_close, "")  # step 4
 
 
-def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT) -> list[int]:
-    """The token id of each answer in `fmt.answers`, as the tokenizer writes it right after the answer slot.
+def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[str] | None = None) -> list[int]:
+    """The token id of each answer (`fmt.answers` unless given), as the tokenizer writes it right after the
+    answer slot.
 
     Raises ValueError when an answer is not exactly one token there (then one next-token distribution cannot
     score it), or when two answers share a token.
     """
+    answers = fmt.answers if answers is None else answers
     slot_text = fmt.answer_prefix("")
     slot = tokenizer(slot_text, add_special_tokens=False)["input_ids"]
     ids = []
-    for answer in fmt.answers:
+    for answer in answers:
         full = tokenizer(slot_text + answer, add_special_tokens=False)["input_ids"]
         if len(full) != len(slot) + 1 or full[:len(slot)] != slot:
-            raise ValueError(f"answer {answer!r} of fmt.answers is not exactly one token after {slot_text!r}: "
-                             f"the tokenizer writes it as {full[len(slot):]}")
+            raise ValueError(f"answer {answer!r} is not exactly one token after {slot_text!r}: the tokenizer "
+                             f"writes it as {full[len(slot):]}")
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"fmt.answers {fmt.answers} share a token: ids {ids}")
+        raise ValueError(f"answers {tuple(answers)} share a token: ids {ids}")
     return ids
 
 
@@ -107,50 +109,6 @@ def continuation_ids(tokenizer, prompt_text: str, suffixes: Sequence[str]) -> li
     return [row[len(head):] for row in rows]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
-                 fmt: PromptFormat = PROMPT) -> torch.Tensor:
-    """The listener's probability of each image, given each reasoning: (B, G, 2), float32, no gradient.
-
-    `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to
-    score on pair b, the same G for every pair. Per pair the images and prompt are prefilled once, the cache
-    is copied to G rows and the G continuations `listener_prefix(r)` (left-padded) run over it.
-    Under FSDP2 every rank must call it: the weights are gathered collectively (`sample.gathered`).
-    """
-    B = len(pairs)
-    if len(reasonings) != B:
-        raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")
-    G = len(reasonings[0]) if B else 0
-    if any(len(rs) != G for rs in reasonings):
-        raise ValueError(f"every pair needs the same number of reasonings, got {[len(rs) for rs in reasonings]}")
-    if B == 0 or G == 0:
-        return torch.zeros(B, G, len(fmt.answers))
-    tokenizer = processor.tokenizer
-    answer_ids = answer_token_ids(tokenizer, fmt)
-    rows = listener_ids(tokenizer, pairs, reasonings, fmt)  # N = B*G continuations, prompt-major
-    # Left-padded, so that every row's answer slot is the last position: the LM head runs there only.
-    continuation = left_pad(rows, tokenizer.pad_token_id)  # input_ids, attention_mask: (N, T)
-
-    device = sample.model_device(model)
-    with torch.no_grad(), sample.gathered(model):
-        prefix = sample.expand(sample.prefill(model, processor.pairs(pairs, fmt)), G)  # B rows -> N rows
-        sample.extend(model, prefix, continuation["input_ids"].to(device), continuation["attention_mask"].to(device),
-                      logits_to_keep=1)  # (N, 1, V)
-    probs = slot_probs(prefix.logits, answer_ids)  # (N, 2): the logits after each row's last real token
-    return probs.view(B, G, -1)  # (B, G, 2)
-
-
-def slot_probs(slot_logits: torch.Tensor, answer_ids: Sequence[int]) -> torch.Tensor:
-    """(N, V) next-token logits at the answer slot -> (N, 2) probability of each image, float32.
-
-    A softmax over the answer tokens' logits f: for two answers eq. (4), p(b) = sigma(f(b) - f(a)).
-    """
-    return slot_logits[:, list(answer_ids)].float().softmax(-1)  # (N, 2)
-
-
 def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
                  fmt: PromptFormat = PROMPT) -> list[list[int]]:
     """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
@@ -163,34 +121,51 @@ def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence
     return rows
 
 
-def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], completions: torch.Tensor,
-                 mask: torch.Tensor, fmt: PromptFormat = PROMPT) -> torch.Tensor:
-    """(N,) where a forward pass over prompt + completion reads exactly what the listener reads; -1 where not.
+# ----------------------------------------------------------------------------------------------------------
+# Reading the answer slot
 
-    The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
-    text (`listener_ids`). A pass of a model over the same prompt followed by the completion's own token ids
-    (the reference pass, `grpo.completion_logits`) gives the listener's answer logits exactly when
-      (a) its model is the listener's model (the listener is the reference model),
-      (b) its prompt is the listener's prompt (the same processor and prompt format), and
-      (c) the ids of c are the first ids of the completion: completions[n, :len(c)] == c, all of them real
-          tokens (mask).
-    (a) and (b) are the caller's to ensure; this checks (c) row by row. Where it holds, the pass's logits after
-    completion token len(c) - 1 are the listener's answer-slot logits (the same tokens at the same positions,
-    under the causal mask nothing after them counts), and the slot is len(c): an index into the T + 1
-    positions of `grpo.completion_logits`. A well-formed completion usually qualifies; a truncated or
-    malformed one never does (c ends with `</think>\n<answer>`, which it does not hold there), nor one whose
-    sampled ids are not the tokenizer's own encoding of its text. texts, completions, mask: N = B*G rows.
+
+@torch.no_grad()
+def slot_logits(model, prompts: dict, continuations: Sequence[Sequence[int]], answer_ids: Sequence[int],
+                pad_token_id: int) -> torch.Tensor:
+    """(N, K) float32 logits of the K `answer_ids` right after each of N continuations of the B prompts.
+
+    `prompts`: a processor batch of B prompts; `continuations`: N = B*G token id lists, prompt-major (row
+    b*G + g continues prompt b). Each prompt and its images run once (`sample.prefill`), its cache is copied
+    to its G rows (`sample.expand`), and the continuations, left-padded so that every row ends at its answer
+    slot, run over it with the LM head at the last position only (`sample.extend`).
     """
-    N = completions.shape[0]
-    if N % max(len(pairs), 1) or len(texts) != N:
-        raise ValueError(f"answer_slots: {len(texts)} texts and {N} completions for {len(pairs)} pairs")
-    G = N // len(pairs)
-    reasonings = [[reasoning_of(t, fmt) for t in texts[b * G:(b + 1) * G]] for b in range(len(pairs))]
-    rows = listener_ids(tokenizer, pairs, reasonings, fmt)
-    lengths = mask.sum(-1).tolist()  # real tokens of each completion; they come first
-    ids = completions.tolist()
-    return torch.tensor([len(c) if len(c) <= n and ids[i][:len(c)] == c else -1
-                         for i, (c, n) in enumerate(zip(rows, lengths))], device=completions.device)  # (N,)
+    B = prompts["input_ids"].shape[0]
+    if len(continuations) % B:
+        raise ValueError(f"{len(continuations)} continuations do not split into {B} prompts")
+    padded = left_pad(continuations, pad_token_id)  # input_ids, attention_mask: (N, T)
+    device = sample.model_device(model)
+    prefix = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
+    sample.extend(model, prefix, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                  logits_to_keep=1)  # (N, 1, V)
+    return prefix.logits[:, list(answer_ids)].float()  # (N, K): after each row's last real token
+
+
+def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
+                 fmt: PromptFormat = PROMPT) -> torch.Tensor:
+    """A model's probability of each image, given each reasoning: (B, G, 2), float32, no gradient; eq. (4).
+
+    `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to read on
+    pair b, the same G for every pair. Under FSDP2 every rank must call it (each forward gathers the weights).
+    """
+    B = len(pairs)
+    if len(reasonings) != B:
+        raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")
+    G = len(reasonings[0]) if B else 0
+    if any(len(rs) != G for rs in reasonings):
+        raise ValueError(f"every pair needs the same number of reasonings, got {[len(rs) for rs in reasonings]}")
+    if B == 0 or G == 0:
+        return torch.zeros(B, G, len(fmt.answers))
+    tokenizer = processor.tokenizer
+    rows = listener_ids(tokenizer, pairs, reasonings, fmt)  # N continuations
+    logits = slot_logits(model, processor.pairs(pairs, fmt), rows, answer_token_ids(tokenizer, fmt),
+                         tokenizer.pad_token_id)  # (N, 2)
+    return logits.softmax(-1).view(B, G, -1)  # (B, G, 2) eq. (4): sigma(f(b) - f(a)) for image b
 
 
 class Listener:
@@ -209,13 +184,10 @@ class Listener:
         """(B, G, 2): the listener's probability of image 0 and image 1 of pair b given reasoning g."""
         return answer_probs(self.model, self.processor, pairs, reasonings, self.fmt)
 
-    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str], known: torch.Tensor | None = None) -> torch.Tensor:
+    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
         """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b).
 
-        Each text's reasoning is read with `reasoning_of` (the answer removed); the pair's label picks the
-        image. `known` (N, 2): the listener's probabilities where they were already read (from the reference
-        pass, see `answer_slots`), NaN rows elsewhere; only the NaN rows are scored here. Under FSDP2 every
-        rank must call this with rows to score, or none: the pass gathers the weights collectively.
+        Each text's reasoning is read with its answer removed (`reasoning_of`); the pair's label picks the image.
         """
         B = len(pairs)
         if B == 0 or len(texts) % B:
@@ -223,21 +195,7 @@ class Listener:
         if any(p.label not in (0, 1) for p in pairs):
             raise ValueError(f"pair labels must be 0 or 1, got {[p.label for p in pairs]}")
         G = len(texts) // B
-        probs = torch.full((len(texts), len(self.fmt.answers)), float("nan")) if known is None else known.float()
-        todo = torch.isnan(probs).any(-1).nonzero()[:, 0].tolist()  # rows to score here
-        if todo:
-            probs = probs.to(sample.model_device(self.model)).clone()
-            probs[todo] = self._scores(pairs, texts, todo, G)
+        reasonings = [[reasoning_of(t, self.fmt) for t in texts[b * G:(b + 1) * G]] for b in range(B)]
+        probs = self.scores(pairs, reasonings).reshape(B * G, -1)  # (N, 2)
         labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(G)  # (N,)
-        return probs.gather(-1, labels[:, None])[:, 0]  # (N,)
-
-    def _scores(self, pairs, texts, rows: list[int], G: int) -> torch.Tensor:
-        """(len(rows), 2) by the listener's own pass over the rows' pairs, each padded to the same number of
-        reasonings with empty ones (`answer_probs` scores G per pair)."""
-        by_pair: dict[int, list[int]] = {}
-        for n in rows:
-            by_pair.setdefault(n // G, []).append(n)
-        width = max(len(ns) for ns in by_pair.values())
-        reasonings = [[reasoning_of(texts[n], self.fmt) for n in ns] + [""] * (width - len(ns)) for ns in by_pair.values()]
-        probs = self.scores([pairs[b] for b in by_pair], reasonings)  # (B', width, 2)
-        return torch.cat([probs[i, :len(ns)] for i, ns in enumerate(by_pair.values())])  # (len(rows), 2)
+        return probs.gather(-1, labels[:, None])[:, 0]  # (N,) the probability of the preferred image

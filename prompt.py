@@ -1,11 +1,11 @@
-"""What the model is asked: the preference records, the prompt, and the tensors the model reads.
+"""What the model is asked: the prompt, the answer format, and the tensors the model reads.
 
-Read this file first. A `Pair` is one prompt and two images, `label` naming the one people preferred (a `Group`
-ranks every image of a prompt; a `Rated` image carries a 1..R rating, the absolute-score variant of section 5).
-The reasoner reads the two images and `PROMPT.question` and answers `<think>...</think>\n<answer>1</answer>`
-(or 2); the listener (section 4.3) reads the same messages followed by the reasoning up to the answer slot
-(`listener_prefix`), never the reasoner's answer. `Processor` turns chat messages + images into the tensors
-`Qwen2_5_VLForConditionalGeneration` reads, with the checkpoint's own tokenizer and image processor.
+Read this file first. A `Pair` (formats/records.py) is one prompt and two images, `label` naming the one people
+preferred. The reasoner reads the two images and `PROMPT.question` and answers
+`<think>...</think>\n<answer>1</answer>` (or 2); the listener (section 4.3) reads the same messages followed by
+the reasoning up to the answer slot (`listener_prefix`), never the reasoner's answer. `Processor` turns chat
+messages + images into the tensors the model reads (input_ids, attention_mask, pixel_values, ...), with the
+checkpoint's own tokenizer (its chat template) and image processor.
 
 The wording, the tags and the answer vocabulary are defined here only (`PROMPT`), so a released checkpoint's
 format can be matched by editing a few strings.
@@ -17,42 +17,8 @@ from typing import Sequence
 
 import torch
 
-from images import load_image
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass
-class Pair:
-    """Two images for one prompt; `label` is the index (0 or 1) of the image people preferred."""
-    prompt: str
-    images: tuple  # (image 0, image 1): each a path, a parquet cell (images.py), bytes or a PIL image
-    label: int
-    votes: tuple[float, float] | None = None  # human votes for (image 0, image 1), where the dataset has them
-
-
-@dataclass
-class Group:
-    """All images generated for one prompt; `ranking[i]` is image i's human rank, 1 is best, ties allowed."""
-    prompt: str
-    images: list  # as in a Pair, one per generated image
-    ranking: list[int]
-
-
-@dataclass
-class Rated:
-    """One image and its target rating, 1 (worst) .. R (best): the absolute-score variant (section 5)."""
-    prompt: str
-    image: object  # as in a Pair
-    rating: int
-
-
-def swapped(pair: Pair) -> Pair:
-    """The same pair shown in the other order; the label and votes follow the images."""
-    votes = None if pair.votes is None else (pair.votes[1], pair.votes[0])
-    return Pair(pair.prompt, (pair.images[1], pair.images[0]), 1 - pair.label, votes)
+from formats.images import load_image
+from formats.records import Pair, Rated
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,6 +181,27 @@ class Processor:
     def encode(self, records: Sequence) -> dict[str, torch.Tensor]:
         """Pairs -> the preference prompt, Rated records -> the rating prompt."""
         return self.rated(records) if records and isinstance(records[0], Rated) else self.pairs(records)
+
+
+def images_per_row(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
+    """(B, P) image-token marks of a batch -> (B,) number of images in each row (each image is one run of marks)."""
+    m = mm_token_type_ids == 1  # (B, P)
+    return (m[:, 1:] & ~m[:, :-1]).sum(-1) + m[:, 0]
+
+
+def prompt_rows(batch: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows start..stop-1 of a processor batch with their images' patches, the left padding that none of them
+    needs cut off: what encoding those prompts alone gives."""
+    out = {k: batch[k][start:stop] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    first_used = int(out["attention_mask"].any(0).nonzero()[0]) if out["attention_mask"].any() else 0
+    out = {k: v[:, first_used:] for k, v in out.items()}  # (b, P')
+    if "image_grid_thw" in batch:
+        counts = images_per_row(batch["mm_token_type_ids"])  # (B,) images of each row, in row order
+        first, last = int(counts[:start].sum()), int(counts[:stop].sum())
+        patches = batch["image_grid_thw"].prod(-1)  # (images,) patches of each image, in order
+        out["pixel_values"] = batch["pixel_values"][int(patches[:first].sum()):int(patches[:last].sum())]
+        out["image_grid_thw"] = batch["image_grid_thw"][first:last]
+    return out
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

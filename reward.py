@@ -23,10 +23,12 @@ Choices the paper leaves open, made here:
    listener term already pays nothing for reasoning that does not convince.
 4. A completion with a bad format earns nothing else: r_acc = r_list = 0 (and exact = distance = 0).
 5. Eq. (3) writes s_hat = sum_i r_i p(r_i) in [0, 1], which holds only for ratings inside [0, 1].
-   `expected_score` returns E[r] in rating units (1..5) and `normalised_score` maps it linearly onto [0, 1],
-   (E[r] - min) / (max - min), which equals eq. (3) with the ratings themselves mapped onto [0, 1].
+   `expected_score` returns E[r] in rating units (1..5): the same order, and the numbers people rate in.
 6. The paper gives no weights for the absolute-score rewards; we use 1, 1, 1. An exact match then also earns
    the full distance reward, so a well-formed exact answer scores 3.
+7. Section 4.2 says s_hat "serves as a dense reward during RL" without saying how; section 5 lists the score
+   mode's rewards as the format check, the exact match and the distance reward of the parsed answer. We train
+   on those three (`score_rewards`) and use s_hat at test time only (evaluate.py's absolute scoring).
 
 Every function here is pure: text and numbers in, numbers out. Components are returned raw (r_fmt, r_acc,
 ...), not multiplied by their weights; only "total" is weighted.
@@ -83,11 +85,6 @@ def parse_completion(text: str, fmt: PromptFormat = PROMPT,
 # Pairwise preference: eq. (5)
 
 
-def format_reward(text: str, fmt: PromptFormat = PROMPT, vocabulary: Sequence[str] | None = None) -> float:
-    """r_fmt in {0, 1}: 1 when the completion parses and its answer is in the vocabulary."""
-    return float(parse_completion(text, fmt, vocabulary)[1] is not None)
-
-
 def accuracy_reward(answer: str | None, label: int, fmt: PromptFormat = PROMPT) -> float:
     """r_acc = I[a = y*]: 1 when `answer` names image `label` (0 or 1), 0 otherwise (also for None)."""
     if label not in (0, 1):
@@ -110,26 +107,13 @@ def _check_listener(p_correct, w_list: float) -> None:
                          f"w_list={w_list}; pass p_correct, or w_list=0 for the GRPO baseline")
 
 
-def preference_reward(text: str, label: int, p_correct: float | None = None, w_fmt: float = 1.0,
-                      w_acc: float = 0.5, w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, float]:
-    """Eq. (5) for one completion: {"format", "accuracy", "listener", "total"}.
-
-    `label` is the index of the preferred image; `p_correct` the listener's probability for it (None only
-    with w_list = 0, the GRPO baseline). A bad format earns no accuracy or listener credit.
-    """
-    _check_listener(p_correct, w_list)
-    _, answer = parse_completion(text, fmt)
-    r_fmt = float(answer is not None)
-    r_acc = accuracy_reward(answer, label, fmt)
-    r_list = 0.0 if p_correct is None or answer is None else listener_reward(float(p_correct))
-    total = w_fmt * r_fmt + w_acc * r_acc + w_list * r_list  # eq. (5)
-    return {"format": r_fmt, "accuracy": r_acc, "listener": r_list, "total": total}
-
-
 def preference_rewards(texts: Sequence[str], labels, p_correct=None, w_fmt: float = 1.0, w_acc: float = 0.5,
                        w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, torch.Tensor]:
     """Eq. (5) for N completions: each component a tensor (N,), with p_correct's dtype and device when it is
-    a floating tensor (the default dtype on the CPU otherwise)."""
+    a floating tensor (the default dtype on the CPU otherwise).
+
+    `labels` (N,): the index of each completion's preferred image; `p_correct` (N,): the listener's probability
+    for it (None only with w_list = 0, the GRPO baseline). A bad format earns no accuracy or listener credit."""
     _check_listener(p_correct, w_list)
     labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
     if len(labels) != len(texts):
@@ -174,12 +158,6 @@ def expected_score(rating_logits: torch.Tensor, ratings: Sequence[str] = PROMPT.
     values = torch.tensor(rating_values(ratings), dtype=rating_logits.dtype, device=rating_logits.device)  # (R,)
     p = rating_logits.softmax(-1)  # (..., R) eq. (3)
     return (p * values).sum(-1)  # (...,)
-
-
-def normalised_score(score, ratings: Sequence[str] = PROMPT.ratings):
-    """Map an expected rating onto [0, 1]: (E[r] - min) / (max - min), the s_hat in [0, 1] of eq. (3)."""
-    values = rating_values(ratings)
-    return (score - min(values)) / (max(values) - min(values))
 
 
 def distance_reward(pred, target):

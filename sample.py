@@ -1,40 +1,37 @@
-"""Sampling: G rollouts per prompt from a Qwen2.5-VL policy, with a KV cache and one prefill per prompt.
+"""Sampling: G rollouts per prompt from the policy, with a KV cache: prefill, expand, decode, choose.
 
-GRPO (section 3.3 of the paper) needs G completions of every prompt and the log-probability of each
-sampled token. `model.generate(num_return_sequences=G)` would copy every prompt G times and run the vision
-tower and the prompt G times. Here, as in nanochat's engine and gpt-fast's generate:
+GRPO (section 3.3 of the paper) needs G completions of every prompt and the log-probability of each sampled
+token. `model.generate(num_return_sequences=G)` would copy every prompt G times and run the vision tower and
+the prompt G times. Here, as in nanochat's engine and gpt-fast's generate:
 
-1. `prefill`: the vision tower and the B prompts run once, filling a KV cache (mRoPE positions from the
-   model's own `get_rope_index`).
+1. `prefill`: the vision tower and the B prompts run once, filling a KV cache.
 2. `expand`: the cache is copied to the G rollouts of each prompt (rows b*G .. b*G+G-1 are prompt b).
-3. decode: all N = B*G rows advance one token per step together (`extend` with one token), with a
-   `finished` mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps
-   (the attention masks are built without the `mask.all()` test transformers would run at every forward).
-   This eager decode is the reference. `static_decode.StaticDecoder` runs the same steps on a KV cache
-   allocated once for prompt + max_new_tokens and written in place, so every step has the same shapes, and
-   can compile the step (`torch.compile`, CUDA graphs on GPU), as gpt-fast does; it also skips `expand`: each
-   prompt's keys and values stay one copy, which its G rollouts read together. Tests check the two decodes
-   give the same rollouts.
+3. decode: all N = B*G rows advance one token per step together (`extend` with one token), with a `finished`
+   mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps (the attention
+   masks are built without the `mask.all()` test transformers would run at every forward).
+4. `choose`: the next token of each row from its logits, and the log-probability it was drawn with.
 
-mRoPE: a text token's rotary position is the same on its three axes, `text position + rope delta`, where
-the text position counts the real (non-pad) tokens before it and the delta (one per prompt, from
-`get_rope_index`) accounts for the image tokens, whose positions advance less than their count. We always
-pass these positions explicitly: left padding makes them differ from row to row, and the model's own
-cached `rope_deltas` belongs to whichever call ran last.
+Steps 2-3 are the one seam for speed: `sample(..., decoder=...)` takes any object with `start` and `step` as
+`CopiedCache` below has them; fast/static_decode.py keeps each prompt's keys and values once in a static cache
+and can compile its step. tests/test_sample.py checks that both give the same rollouts, and that greedy
+rollouts equal `model.generate`'s.
 
-`prefill`, `expand` and `extend` are also how the listener scores reasoning (listener.py); they follow the
-caller's grad mode. (The training forward reads each prompt once for its G completions too, but with its own
-cache that activation checkpointing can recompute: grpo.PromptCache.) `sample` runs under
-`torch.no_grad()` in whatever train/eval mode the caller set (call `model.eval()`; Qwen2.5-VL has no
-dropout by default, so the two agree anyway). Under FSDP2, `sample` gathers the weights once for the
-whole rollout (`gathered`), not once per decode step.
+mRoPE: a text token's rotary position is the same on its three axes, `text position + rope delta`, where the
+text position counts the real (non-pad) tokens before it and the delta (one per prompt, from the model's own
+`get_rope_index`) accounts for the image tokens, whose positions advance less than their count. We always pass
+these positions explicitly: left padding makes them differ from row to row, and the model's own cached
+`rope_deltas` belongs to whichever call ran last.
 
-Legend: B prompts, G rollouts per prompt, N = B*G rows, T tokens, V vocabulary.
+`prefill`, `expand` and `extend` are also how the listener reads reasoning (listener.py); they follow the
+caller's grad mode. `sample` runs under `torch.no_grad()` in the caller's train/eval mode. Under FSDP2, call it
+inside `infra.parallel.gathered(model)`, which gathers the weights once for the whole rollout instead of at
+every decode step.
+
+Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T new tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_sample.py     Benchmark: .venv/bin/python bench/sample.py
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -53,7 +50,7 @@ VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id"
 class Prefix:
     """The KV cache of a batch of rows and what is needed to feed them more tokens."""
     cache: DynamicCache
-    attention_mask: Tensor  # (N, T) 1 for real tokens: left padding of prompts and padding of extensions are 0
+    attention_mask: Tensor  # (N, S) 1 for the real tokens of the S cached: prompt padding and extension padding are 0
     next_position: Tensor  # (N,) text position of the next token = number of real tokens so far
     rope_deltas: Tensor  # (N, 1) mRoPE position of a text token = its text position + delta
     logits: Tensor  # (N, V) next-token logits after each row's last real token
@@ -66,17 +63,17 @@ def model_device(model) -> torch.device:
 def prefill(model, batch: dict) -> Prefix:
     """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
 
-    `batch` is what `prompt.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, T),
-    and `pixel_values`, `image_grid_thw` when the prompts hold images.
+    `batch` is what `prompt.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, P), and
+    `pixel_values`, `image_grid_thw` when the prompts hold images.
     """
     device = model_device(model)
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, T), (B, T)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P), (B, P)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prefill: batch['attention_mask'] must be left-padded (last column all ones)")
     position_ids, rope_deltas = model.model.get_rope_index(
         input_ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attention_mask=attention_mask,
-    )  # (3, B, T), (B, 1)
+    )  # (3, B, P), (B, 1)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
@@ -88,33 +85,33 @@ def prefill(model, batch: dict) -> Prefix:
 
 def expand(prefix: Prefix, G: int) -> Prefix:
     """Each row repeated G times (rows b*G .. b*G+G-1 copy row b), the KV cache copied, not recomputed."""
-    repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (B*G, ...)
+    repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
     cache = DynamicCache([(repeat(layer.keys), repeat(layer.values)) for layer in prefix.cache.layers])
-    return Prefix(cache=cache, attention_mask=repeat(prefix.attention_mask),  # (N, T)
+    return Prefix(cache=cache, attention_mask=repeat(prefix.attention_mask),  # (N, S)
                   next_position=repeat(prefix.next_position), rope_deltas=repeat(prefix.rope_deltas),
                   logits=repeat(prefix.logits))  # (N,), (N, 1), (N, V)
 
 
 def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
-    """Feed (N, T') more tokens on top of the cache; return their logits (N, T', V).
+    """Feed (N, T) more tokens on top of the cache; return their logits (N, T, V).
 
-    `attention_mask` (N, T') marks the real tokens; the others (padding, anywhere) are cached but never
-    attended to and do not advance the text position. `prefix` is updated in place: cache, attention mask,
-    next position, and logits after each row's last real token (unchanged for a row with no real token).
+    `attention_mask` (N, T) marks the real tokens; the others (padding, anywhere) are cached but never attended
+    to and do not advance the text position. `prefix` is updated in place: cache, attention mask, next
+    position, and logits after each row's last real token (unchanged for a row with no real token).
     `logits_to_keep=k` runs the LM head on the last k positions only and returns (N, k, V): enough when every
     row's last real token is among them, as with left-padded continuations and k = 1 (the listener).
     """
-    mask = attention_mask.to(prefix.attention_mask)  # (N, T')
-    T_new = mask.shape[1]
-    text_position = prefix.next_position[:, None] + mask.cumsum(-1) - 1  # (N, T') real tokens count up
-    position_ids = (text_position + prefix.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, N, T') mRoPE
-    full_mask = torch.cat([prefix.attention_mask, mask], dim=-1)  # (N, T + T')
-    out = model(input_ids=input_ids, attention_mask=layer_masks(model, prefix.cache, full_mask, T_new),
+    mask = attention_mask.to(prefix.attention_mask)  # (N, T)
+    T = mask.shape[1]
+    text_position = prefix.next_position[:, None] + mask.cumsum(-1) - 1  # (N, T) real tokens count up
+    position_ids = (text_position + prefix.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
+    full_mask = torch.cat([prefix.attention_mask, mask], dim=-1)  # (N, S + T)
+    out = model(input_ids=input_ids, attention_mask=layer_masks(model, prefix.cache, full_mask, T),
                 position_ids=position_ids, past_key_values=prefix.cache, use_cache=True,
                 logits_to_keep=logits_to_keep)
-    logits = out.logits  # (N, T' or k, V)
-    last = T_new - 1 - mask.flip(-1).argmax(-1)  # (N,) index of the last real token (0 when there is none)
-    first_kept = T_new - logits.shape[1]
+    logits = out.logits  # (N, T or k, V)
+    last = T - 1 - mask.flip(-1).argmax(-1)  # (N,) index of the last real token (0 when there is none)
+    first_kept = T - logits.shape[1]
     if logits_to_keep and bool((mask.any(-1) & (last < first_kept)).any()):  # checked only when asked for
         raise ValueError(f"extend: a row's last real token is outside the last {logits_to_keep} positions")
     last_logits = logits[torch.arange(logits.shape[0], device=logits.device), (last - first_kept).clamp(min=0)]
@@ -126,9 +123,9 @@ def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor, log
     return logits
 
 
-def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T_new: int) -> dict:
-    """The attention mask the decoder layers read, for T_new queries on top of `cache`, given the 2D padding
-    mask `full_mask` (N, T + T_new): (N, 1, T_new, T + T_new) for sdpa and eager attention.
+def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T: int) -> dict:
+    """The attention mask the decoder layers read, for T queries on top of `cache`, given the 2D padding mask
+    `full_mask` (N, S + T): (N, 1, T, S + T) for sdpa and eager attention.
 
     The same builder the model would call, with one difference: `allow_is_causal_skip=False`. Otherwise it
     checks `full_mask.all()` on the host at every forward to see if it may drop the mask, which would make
@@ -136,57 +133,28 @@ def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T_new: int) -> di
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     text = model.model.language_model
-    shape_only = torch.empty((full_mask.shape[0], T_new, 0), dtype=text.dtype, device=full_mask.device)  # (N, T', 0)
+    shape_only = torch.empty((full_mask.shape[0], T, 0), dtype=text.dtype, device=full_mask.device)  # (N, T, 0)
     kwargs = dict(config=text.config, inputs_embeds=shape_only, attention_mask=full_mask, past_key_values=cache,
                   allow_is_causal_skip=False)
     masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in text.config.layer_types:  # not in released Qwen2.5-VL configs
+    if "sliding_attention" in (getattr(text.config, "layer_types", None) or ()):  # not in released configs
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return masks
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FSDP2: gather the weights once for the whole rollout
+class CopiedCache:
+    """The reference decode, steps 2-3: each prompt's cache copied to its G rows (`expand`), then one `extend`
+    of one token per row per step on the growing cache. `sample`'s default; any decoder has these two methods."""
 
+    def start(self, model, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+        """Take the B prompts' cache; return the logits of each of the N rows' first token (N, V)."""
+        self.model, self.prefix = model, expand(prefix, G)
+        return self.prefix.logits
 
-@contextlib.contextmanager
-def gathered(model):
-    """Inside this context every FSDP2 module of `model` holds its full weights; plain modules pass through.
-
-    Without it, an FSDP2 model all-gathers each block's weights at every forward, i.e. at every decode
-    step. Here each block is unsharded once on entry and resharded on exit; meanwhile `reshard_after_forward`
-    is switched off so forwards keep the full weights. Ranks then need not run the same number of decode
-    steps: no collective runs until the exit. Nested use is a no-op (the outer context owns the gather).
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        yield model
-        return
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not fsdp_modules or not any(isinstance(p, DTensor) for p in model.parameters()):
-        yield model  # not sharded, or already gathered by an enclosing `gathered`
-        return
-    # FSDP2 decides which module is the root, and that the root keeps its weights after forward, in its
-    # first forward; an `unshard()` that comes first needs that done. Outer modules first, as a forward would.
-    for m in fsdp_modules:
-        m._get_fsdp_state()._lazy_init()
-    # FSDP2 has no public getter for reshard_after_forward: save the private field and put it back on exit.
-    saved = [(state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
-             for state in (m._get_fsdp_state() for m in fsdp_modules)]
-    try:
-        for m in reversed(fsdp_modules):  # bottom-up: blocks first, root last (the order `fully_shard` ran)
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        yield model
-    finally:
-        for m in fsdp_modules:
-            m.reshard()
-        for state, auto, infos in saved:
-            state._auto_reshard_after_forward = auto
-            for group, info in zip(state._fsdp_param_groups, infos):
-                group.post_forward_mesh_info = info
+    def step(self, token: Tensor, live: Tensor) -> Tensor:
+        """Feed one token per row (N,); rows not `live` are cached but never attended to. Returns (N, V)."""
+        extend(self.model, self.prefix, token[:, None], live[:, None])  # (N, 1) -> (N, 1, V)
+        return self.prefix.logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,8 +233,6 @@ class Rollouts:
     logprobs: Tensor  # (N, T) float32 log_softmax(logits / temperature) at each sampled token, 0 on padding
     mask: Tensor  # (N, T) bool: the completion's tokens, stop token included, padding excluded
     stopped: Tensor  # (N,) bool: emitted a stop token (else cut at max_new_tokens)
-    num_samples: int = 1  # G
-    watched: Tensor | None = None  # (N, T, K) float32 logits of `watch_ids` at each step (the step's next token)
 
     def texts(self, tokenizer) -> list[str]:
         """Each completion's text up to, not including, its stop token. Special tokens inside a completion stay
@@ -277,7 +243,7 @@ class Rollouts:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """End-of-turn ids from the tokenizer: `<|im_end|>` (its eos in Qwen2.5-VL chat models) and `<|endoftext|>`.
+    """End-of-turn ids from the tokenizer: `<|im_end|>` (its eos in Qwen chat models) and `<|endoftext|>`.
     Training and evaluation pass these as `sample(stop_token_ids=...)`, so a completion ends the same way in both."""
     ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
@@ -292,70 +258,58 @@ def generation_eos_ids(model) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
+def seeded_generators(device, keys: Sequence[tuple]) -> list[torch.Generator]:
+    """One generator per prompt, seeded by its key (a tuple of ints, such as (seed, step, index)): a prompt's
+    rollouts then depend on its key alone, not on the batch, the process or the restart that draws them."""
+    return [torch.Generator(device).manual_seed(hash(tuple(key)) % 2**62) for key in keys]
+
+
 @torch.no_grad()
 def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
-           top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None, blocked_token_ids: Sequence[int] | None = None,
-           pad_token_id: int | None = None, check_every: int = 8, decoder=None,
-           watch_ids: Sequence[int] | None = None) -> Rollouts:
+           top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None, decoder=None,
+           check_every: int = 8) -> Rollouts:
     """Sample `num_samples` (G) completions of each prompt in `batch` (a `prompt.Processor` batch of B prompts).
 
-    `stop_token_ids` defaults to the model's EOS ids (`generation_eos_ids`); `[]` never stops early. The vision special tokens
-    (and `blocked_token_ids`) are never sampled: an emitted <|image_pad|> would break the next forward.
-    `generator` (on the model's device) makes sampling reproducible; a list of B generators, one per prompt,
-    makes each prompt's rollouts independent of the batch it is in (train.py relies on this). "All finished?" is checked every
-    `check_every` steps, the loop's only host sync, so up to `check_every - 1` extra all-pad steps may run.
-    `decoder` (a `static_decode.StaticDecoder`, kept by the caller across calls) runs the decode steps on a static cache,
-    compiled if it was built so; without it they run eagerly through `extend`, the reference.
-    `watch_ids` (K token ids): the logits of these tokens at every step are kept in `Rollouts.watched`.
+    A completion ends with the first of `stop_token_ids` (training and evaluation pass `end_of_turn_ids`;
+    `generation_eos_ids` when None; `[]` never stops early); after it its row holds `pad_token_id` (pass the
+    tokenizer's: real Qwen configs have none, so the config's is only a fallback). The vision special tokens
+    are never sampled: an emitted <|image_pad|> would break the next forward. `generator` (on the model's
+    device) makes sampling reproducible; a list of B generators, one per prompt, makes each prompt's rollouts
+    independent of the batch it is in (train.py relies on this). `decoder`: steps 2-3 (`CopiedCache` when None).
+    "All finished?" is checked every `check_every` steps, the loop's only host sync, so up to
+    `check_every - 1` extra all-pad steps may run.
     """
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
-    with gathered(model):
-        device = model_device(model)
-        prefix = prefill(model, batch)  # B rows
-        if decoder is None:  # the reference: one `extend` per step on a growing cache
-            prefix = expand(prefix, num_samples)  # N = B*G rows sharing each prompt's cache
-            logits = prefix.logits  # (N, V)
-
-            def step(token: Tensor, live: Tensor) -> Tensor:  # (N,), (N,) -> (N, V)
-                extend(model, prefix, token[:, None], live[:, None])  # (N, 1) -> (N, 1, V)
-                return prefix.logits
-        else:
-            decoder.load(model)
-            logits = decoder.start(prefix, num_samples, max_new_tokens)  # (N, V)
-            step = decoder
-        N, V = logits.shape
-        pad = model.config.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
-        if pad is None:
-            raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id")
-        stop_ids = torch.tensor(generation_eos_ids(model) if stop_token_ids is None else list(stop_token_ids),
-                                dtype=torch.long, device=device)
-        vision_ids = [getattr(model.config, k, None) for k in VISION_TOKEN_KEYS]
-        bias = blocked_bias(V, vision_ids + list(blocked_token_ids or []), device)  # (V,)
-
-        tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)  # (N, T)
-        logprobs = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
-        mask = torch.zeros((N, max_new_tokens), dtype=torch.bool, device=device)  # (N, T)
-        finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-        stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-        watch = None if not watch_ids else torch.tensor(list(watch_ids), device=device)  # (K,)
-        watched = None if watch is None else torch.zeros((N, max_new_tokens, len(watch)), device=device)  # (N, T, K)
-        steps = 0
-        for t in range(max_new_tokens):
-            if watched is not None:  # e.g. the answer tokens' logits, read later at the answer slot (evaluate.py)
-                watched[:, t] = logits[:, watch].float()
-            token, logp = choose(logits, bias, temperature, top_k, top_p, generator)  # (N,), (N,)
-            live = ~finished  # (N,) rows still writing; their token is part of the completion
-            tokens[:, t] = torch.where(live, token, pad)
-            logprobs[:, t] = torch.where(live, logp, 0.0)
-            mask[:, t] = live
-            hit = live & torch.isin(token, stop_ids)  # (N,) the stop token is the completion's last token
-            stopped |= hit
-            finished |= hit
-            steps = t + 1
-            if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
-                break
-            logits = step(tokens[:, t], live)  # one decode step: (N,) -> (N, V)
-    return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped, num_samples,
-                    None if watched is None else watched[:, :steps])
+    device = model_device(model)
+    prefix = prefill(model, batch)  # 1. B rows
+    decoder = CopiedCache() if decoder is None else decoder
+    logits = decoder.start(model, prefix, num_samples, max_new_tokens)  # 2. (N, V)
+    N, V = logits.shape
+    pad = model.config.get_text_config().pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id (the tokenizer's)")
+    stop_ids = torch.tensor(generation_eos_ids(model) if stop_token_ids is None else list(stop_token_ids),
+                            dtype=torch.long, device=device)
+    bias = blocked_bias(V, [getattr(model.config, k, None) for k in VISION_TOKEN_KEYS], device)  # (V,)
+    tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)  # (N, T)
+    logprobs = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
+    mask = torch.zeros((N, max_new_tokens), dtype=torch.bool, device=device)  # (N, T)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+    stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+    steps = 0
+    for t in range(max_new_tokens):
+        token, logp = choose(logits, bias, temperature, top_k, top_p, generator)  # 4. (N,), (N,)
+        live = ~finished  # (N,) rows still writing; their token is part of the completion
+        tokens[:, t] = torch.where(live, token, pad)
+        logprobs[:, t] = torch.where(live, logp, 0.0)
+        mask[:, t] = live
+        hit = live & torch.isin(token, stop_ids)  # (N,) the stop token is the completion's last token
+        stopped |= hit
+        finished |= hit
+        steps = t + 1
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+            break
+        logits = decoder.step(tokens[:, t], live)  # 3. one decode step: (N,) -> (N, V)
+    return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped)

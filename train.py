@@ -1,8 +1,9 @@
 """Train a vision-language preference reasoner with listener-augmented GRPO (or the paper's baselines).
 
-The toy world, on a CPU, in minutes (no download): an SFT cold start that can read but not see, then GRPO
-and GRPO with the listener from it, and a table of held-out accuracy, contradictions, faithfulness, listener
-agreement and no-thinking accuracy (demo.py):
+The toy world, on a CPU, in minutes (no download): a listener that reads and a reasoner's start whose answers
+do not follow its reasoning, then GRPO and GRPO with the listener from that start, and a table of held-out
+accuracy, contradictions, faithfulness, listener agreement, no-thinking and out-of-distribution accuracy
+(toy/demo.py):
 
     torchrun --nproc_per_node=2 train.py
 
@@ -12,42 +13,53 @@ Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5
         --train_data=hpdv2:/data/HPDv2/train.json --train_images=/data/HPDv2 --fraction=0.16 \
         --eval_data=imagereward:/data/ImageReward/test.json --eval_images=/data/ImageReward/images \
         --group_size=10 --pairs_per_rank=2 --max_new_tokens=512 --lr=1e-6 --beta=0.04 \
-        --max_pixels=200704 --activation_checkpointing=true --out_dir=runs/hpdv2_listener
+        --max_pixels=200704 --activation_checkpointing=true --out_dir=runs/hpdv2_listener \
+        --decode=static --shared_prompt=true --listener_from_reference=true
 
 The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant (one
 image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun's
 --nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Every option is a
-field of `Config` below (--name=value or --name value; `--help` lists them), checked before anything loads.
+field of `Config` below (--name=value or --name value; `--help` lists them), checked before anything loads. The
+last three options above switch on speed-ups (fast/), each tested equal to the reference path this file shows.
 
 This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
-G rollouts per pair (sample.py), reads them with the reference model and the listener (`reference_pass`),
-rewards them (`rollout_rewards`, eq. (5)), normalises the rewards within each group (eq. (1), grpo.py) and
-minimises the clipped objective with KL (eq. (2), `policy_update`) for `num_iterations` passes); one SFT
-step; the loop (`train`). What they run on: parallel.py (processes, FSDP2), trainer.py (the run's state).
+G rollouts per pair (sample.py), reads them with the reference model (`reference_pass`, pi_ref of eq. (2)) and
+the listener (listener.py, p_corr), rewards them (`rollout_rewards`, eq. (5)), normalises the rewards within
+each group (eq. (1), grpo.py) and minimises the clipped objective with KL (eq. (2), `policy_update`) for
+`num_iterations` passes); one SFT step; the loop (`train`). What they run on: infra/ (processes and FSDP2, the
+run's state, checkpoints, the command line).
 
-Where this departs from the paper, and why:
+Where this departs from the paper, and why (grpo.py lists the loss's own, listener.py and reward.py theirs):
 
-1. Hyper-parameters the paper does not give (learning rate, KL weight, batch size, rollout length, clip
-   range, number of steps) take common GRPO values: lr 1e-6, beta 0.04, clip 0.2, temperature 1.0.
+1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2,
+   temperature 1.0, AdamW with betas (0.9, 0.99) and no weight decay, a linear warm-up over 10 optimiser steps,
+   gradient clipping at norm 1.0; rollout length, batch size and number of steps are options.
 2. old_logp are the log-probabilities the sampler drew the tokens with (sample.py returns them, computed
    from logits / temperature), not a second forward pass: in fp32 they equal the training forward's
    (tests/test_sample.py). In bf16 rounding makes the first pass's ratio near 1, not exactly 1: a token that
    rounding alone carries past the clip range, on its advantage's side, loses its gradient on that pass (the
    clipped term wins the min of eq. (2); `clip_low`/`clip_high` in metrics.jsonl count such tokens).
-3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once
-   (the paper uses the instruct model for both roles: pi_ref in section 4.3).
+3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once,
+   unless --listener names another (the paper uses the instruct model for both roles: pi_ref in section 4.3).
 4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed
    over the whole global batch before any micro-batch's loss is formed (grpo.py, `loss_type`).
 5. Sampling randomness is a function of (seed, step, pair): the rollouts of a pair do not depend on how many
    processes share the batch, so 1 and 2 processes train identically, and a resumed run samples exactly
    what the uninterrupted run sampled.
-6. The toy default starts from an SFT cold start (demo.py, toy.py) that writes the format and reads a
-   reasoning, as the instruct model the paper starts from does; its answers are drawn at random, so it does
-   not know the preference. Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (README: why).
+6. The toy default (toy/demo.py) has two models where the paper has one instruct model in two roles. The
+   paper's GRPO reasoner answers as well without its reasoning as with it (table 5: 73% against 72%), while
+   the instruct model, its listener, reads reasoning; a tiny model trained for a minute has one property or the
+   other, not both. So the listener is an SFT run that reads (each pair with a reasoning for each image), and
+   the reasoner starts, and keeps its KL reference, at an SFT run of 100 steps whose answers do not yet follow
+   its reasoning; both properties are measured on every run. Its GRPO stages sample at temperature 0.5 without
+   eq. (1)'s std (docs/toy.md: why).
 7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
    follows the images), since files list images in an order that often carries the answer (ranked groups
    best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
    held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders too.
+8. The SFT baseline (--mode=sft) trains on completions with an empty reasoning, `<think></think>\n<answer>A
+   </answer>`: the paper does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. At test
+   time it is scored like every reasoner, after whatever reasoning it writes.
 """
 from __future__ import annotations
 
@@ -62,16 +74,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
-import cli
 import grpo
 import reward
 import sample
-from cli import OptionError, fail, option
-from parallel import all_sum, join_listener_pass, log, peak_memory_gb, setup_distributed, to_device
-from prompt import PROMPT, Pair
-from static_decode import DECODES
-from trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
+from fast import listener_from_reference
+from fast.static_decode import DECODES
+from formats.records import Pair
+from infra import checkpoint, cli
+from infra.cli import OptionError, fail, option
+from infra.parallel import all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
+from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
+from prompt import PROMPT
+from toy import demo, world
 
 
 @dataclass
@@ -108,9 +122,14 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of the rollouts", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
-    decode: str = option("reference", "how rollouts are decoded: reference (sample.extend, the readable one), static "
-                         "(static_decode.StaticDecoder: a static KV cache, each prompt's keys and values stored once) or "
-                         "compiled (that step under torch.compile; CUDA graphs on GPU)", choices=DECODES)
+    decode: str = option("reference", "how rollouts are decoded: reference (sample.CopiedCache, the readable one), "
+                         "static (fast/static_decode.py: a static KV cache, each prompt's keys and values stored once) "
+                         "or compiled (that step under torch.compile; CUDA graphs on GPU)", choices=DECODES)
+    shared_prompt: bool = option(False, "the update and the KL reference pass read each prompt once for its G "
+                                        "completions (fast/shared_prompt.py) instead of once per completion")
+    listener_from_reference: bool = option(False, "read the listener's answer slot out of the KL reference pass "
+                                                  "where a rollout allows it (fast/listener_from_reference.py); the "
+                                                  "listener must be the reference model (no --listener)")
     num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
     clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
     clip_high: float = option(0.2, "PPO clip range above 1 (eq. (2))", min=0.0)
@@ -132,7 +151,8 @@ class Config:
     sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
                                   "(toy.caption_example)", min=0)
     # optimisation
-    steps: int = option(1000, "training steps (--mode=demo: each GRPO stage's steps, 400 unless given)", min=1)
+    steps: int = option(1000, "training steps (--mode=demo: each GRPO stage's steps, toy/demo.py's 130 unless "
+                                "given)", min=1)
     lr: float = option(1e-6, "AdamW learning rate", min=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = option(10, "linear warm-up steps", min=0)
@@ -179,6 +199,9 @@ class Config:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
+        if self.listener_from_reference and (self.listener or self.beta == 0 or self.mode != "grpo" or self.w_list == 0):
+            fail("listener_from_reference", True, "a listener that is the KL reference model: --mode=grpo, --w_list > 0, "
+                 "--beta > 0 and no --listener")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,79 +211,70 @@ class Config:
 def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
 
-    In the score mode `pairs` are `prompt.Rated` images and the rewards those of section 5; the rest is the same.
+    In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
     """
     t0 = time.time()
     tok = trainer.processor.tokenizer
-    batch = to_device(trainer.processor.encode(pairs), trainer.device)
-    rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             stop_token_ids=sample.end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
-                             generator=trainer.generators(pairs, step), decoder=trainer.decoder)
-    texts = rollouts.texts(tok)
+    batch = trainer.encode(pairs)  # B prompts with their images
+    with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
+        rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tok),
+                                 pad_token_id=tok.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 generator=trainer.generators(pairs, step), decoder=trainer.decoder)
+    texts = rollouts.texts(tok)  # N = B*G completions
     t1 = time.time()
     trainer.boundary()  # a stop request abandons the step here, or at the next boundary
-    micro = trainer.micro_batches(pairs, cfg.group_size)
-    ref_logp, known = reference_pass(cfg, trainer, pairs, texts, micro, rollouts)  # (N, T), (N, 2)
-    rewards, p_correct = rollout_rewards(cfg, trainer, pairs, texts, known)
+    micro = trainer.micro_batches(batch, cfg.group_size)
+    fast = {}
+    if cfg.listener_from_reference:  # fast/: one pass gives pi_ref's log-probs and, where it can, p_corr
+        ref_logp, p_correct, fast["listener_from_reference"] = listener_from_reference.reference_and_listener(
+            trainer.reference, trainer.listener, trainer.logits_fn, micro, rollouts.tokens, rollouts.mask, pairs,
+            texts, cfg.temperature)  # (N, T), (N,), the fraction of rows it read
+    else:
+        ref_logp = reference_pass(cfg, trainer, micro, rollouts)  # (N, T) or None
+        p_correct = listener_pass(cfg, trainer, pairs, texts)  # (N,) or None
+    rewards = rollout_rewards(cfg, trainer, pairs, texts, p_correct)  # eq. (5)
     advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
     mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
     t2 = time.time()
     trainer.boundary()
     metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
-    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, known))
+    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct), **fast)
     metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
                    time_update=torch.tensor(time.time() - t2))
     return metrics
 
 
-def reference_pass(cfg: Config, trainer: Trainer, pairs: list, texts: list[str], micro, rollouts):
-    """The reference model's log-probs of the rollouts (N, T) for the KL term, or None when beta = 0; and, when
-    the listener is that same model, its answer probabilities (N, 2) for the rollouts whose answer slot this
-    pass reads anyway (NaN rows for the others; None when the listener is another model).
-
-    The listener reads prompt + `<think>{reasoning}</think>\n<answer>` and the reference pass reads prompt +
-    completion: for a well-formed rollout these are the same tokens up to the answer slot, and one pass of the
-    frozen model serves both. `listener.answer_slots` states the condition and checks it per rollout.
-    """
+@torch.no_grad()
+def reference_pass(cfg: Config, trainer: Trainer, micro, rollouts) -> torch.Tensor | None:
+    """The reference model's log-probs of the rollouts (N, T), for eq. (2)'s KL term; None when beta = 0. They
+    are taken at the sampling temperature, as the policy's are (grpo.py's departure 8)."""
     if cfg.beta == 0:
-        return None, None
-    lst = trainer.listener
-    fused = lst is not None and lst.model is trainer.reference and lst.fmt == PROMPT  # conditions (a), (b)
-    if fused:
-        import listener
-        slots = listener.answer_slots(trainer.processor.tokenizer, pairs, texts, rollouts.tokens, rollouts.mask)  # (N,)
-    ref_logp, known = [], []
-    with torch.no_grad():
-        for mb, rows in micro:
-            tokens = rollouts.tokens[rows]  # (n, T)
-            logits = grpo.completion_logits(trainer.reference, mb, tokens, rollouts.mask[rows])  # (n, T+1, V)
-            ref_logp.append(grpo.token_logprobs(logits[:, :-1], tokens, cfg.temperature))  # (n, T)
-            if fused:
-                slot = slots[rows]  # (n,)
-                at_slot = logits[torch.arange(len(slot), device=slot.device), slot.clamp(min=0)]  # (n, V)
-                probs = listener.slot_probs(at_slot, lst.answer_ids)  # (n, 2) eq. (4)
-                known.append(probs.masked_fill((slot < 0)[:, None], float("nan")))
-    return torch.cat(ref_logp), (torch.cat(known) if fused else None)  # (N, T), (N, 2)
+        return None
+    return torch.cat([grpo.token_logprobs(trainer.logits_fn(trainer.reference, mb, rollouts.tokens[rows],
+                                                            rollouts.mask[rows])[:, :-1],
+                                          rollouts.tokens[rows], cfg.temperature) for mb, rows in micro])  # (N, T)
 
 
-def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str], known=None):
-    """Rewards of the B*G completions (eq. (5), or section 5's in the score mode); the listener's p_correct.
+def listener_pass(cfg: Config, trainer: Trainer, pairs: list[Pair], texts: list[str]) -> torch.Tensor | None:
+    """p_corr of eq. (5) for each rollout (N,): the listener reads its reasoning without the answer
+    (listener.py). None without a listener, and when it is not rewarded (w_list = 0: it is scored on the
+    held-out pairs only)."""
+    if trainer.listener is None or cfg.w_list == 0:
+        return None
+    return trainer.listener.p_correct(pairs, texts).to(trainer.device)  # (N,)
 
-    `known` (N, 2): listener probabilities already read by the reference pass (NaN rows where not).
-    """
+
+def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str], p_correct) -> dict:
+    """Rewards of the B*G completions: eq. (5), or section 5's in the score mode; each component (N,)."""
     if cfg.mode == "score":
         targets = [r.rating for r in pairs for _ in range(cfg.group_size)]
         rewards = reward.score_rewards(texts, targets)  # format, exact, distance, total
-        return {k: v.to(trainer.device).float() for k, v in rewards.items()}, None
-    labels = [p.label for p in pairs for _ in range(cfg.group_size)]
-    p_correct = None
-    if trainer.listener is not None and cfg.w_list > 0:  # with w_list = 0 it is scored on the held-out pairs only
-        known = None if known is None else join_listener_pass(known)
-        p_correct = trainer.listener.p_correct(pairs, texts, known).to(trainer.device)  # reads the NaN rows itself
-    rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
-                                        w_list=cfg.w_list if p_correct is not None else 0.0)
-    return {k: v.to(trainer.device).float() for k, v in rewards.items()}, p_correct
+    else:
+        labels = [p.label for p in pairs for _ in range(cfg.group_size)]
+        rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
+                                            w_list=cfg.w_list if p_correct is not None else 0.0)
+    return {k: v.to(trainer.device).float() for k, v in rewards.items()}
 
 
 def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
@@ -276,7 +290,8 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
         for i, (mb, rows) in enumerate(micro):
             if iteration == 0 and i > 0:
                 trainer.boundary()  # after the first optimiser step the step runs to its end
-            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], mask[rows], cfg.temperature)
+            logits = trainer.logits_fn(trainer.policy, mb, rollouts.tokens[rows], mask[rows])  # (n, T+1, V)
+            logp = grpo.token_logprobs(logits[:, :-1], rollouts.tokens[rows], cfg.temperature)  # (n, T)
             loss, m = grpo.grpo_loss(logp, rollouts.logprobs[rows], None if ref_logp is None else ref_logp[rows],
                                      advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
                                      cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
@@ -289,23 +304,21 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
     return metrics
 
 
-def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, known=None) -> dict:
+def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct) -> dict:
     """What the rollouts looked like: rewards per component, accuracy, lengths, the listener's view."""
     lengths = rollouts.mask.sum(-1).float()  # (N,)
     total = rewards["total"]
     out = {f"reward_{k}": v.mean() for k, v in rewards.items() if k != "total"}  # each component
     out.update({"reward": total.mean(), "reward_std": total.std(unbiased=False),
-           "flat_groups": (total.view(-1, cfg.group_size).std(-1, unbiased=False) == 0).float().mean(),
-           "length": lengths.mean(), "length_max": lengths.max(), "truncated": (~rollouts.stopped).float().mean(),
-           "tokens": lengths.sum()})
+                "flat_groups": (total.view(-1, cfg.group_size).std(-1, unbiased=False) == 0).float().mean(),
+                "length": lengths.mean(), "length_max": lengths.max(), "truncated": (~rollouts.stopped).float().mean(),
+                "tokens": lengths.sum()})
     if p_correct is not None:
         labels = torch.tensor([p.label for p in pairs], device=p_correct.device).repeat_interleave(cfg.group_size)
         picked = torch.tensor([PROMPT.answers.index(a) if a is not None else -1
                                for a in (reward.parse_completion(t)[1] for t in texts)], device=p_correct.device)
         listener_pick = torch.where(p_correct > 0.5, labels, 1 - labels)  # (N,) the image the listener favours
         out["listener_p_correct"] = p_correct.mean()
-        if known is not None:
-            out["listener_from_reference"] = (~torch.isnan(known).any(-1)).float().mean()  # fused rows
         out["listener_agreement"] = (picked == listener_pick).float().mean()
     return out
 
@@ -318,8 +331,8 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
     if cfg.sft_answers == "both":
         pairs = [p for p in pairs for _ in (0, 1)]
-    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device)
-    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(pairs, 1)]
+    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device)  # (B, T)
+    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
     if cfg.sft_captions:
         batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
     num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
@@ -327,7 +340,7 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     for i, (mb, t, m) in enumerate(batches):
         if i > 0:
             trainer.boundary()
-        logp = grpo.completion_logprobs(trainer.policy, mb, t, m)  # (n, T)
+        logp = grpo.token_logprobs(trainer.logits_fn(trainer.policy, mb, t, m)[:, :-1], t)  # (n, T)
         loss = -(logp * m).sum() / num_tokens
         (loss * trainer.world).backward()
         loss_total = loss_total + loss.detach()
@@ -338,7 +351,7 @@ def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) ->
     """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>`, right-padded.
 
     The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
-    the target answer (toy.cold_start_reasoning).
+    the target answer (toy/world.py's `cold_start_reasoning`).
     """
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     texts = []
@@ -348,8 +361,7 @@ def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) ->
         else:
             label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
         if cfg.sft_reasoning == "toy":
-            import toy
-            reasoning = toy.cold_start_reasoning(pair.prompt, label)
+            reasoning = world.cold_start_reasoning(pair.prompt, label)
         else:
             reasoning = cfg.sft_reasoning
         texts.append(PROMPT.completion(reasoning, PROMPT.answers[label]))
@@ -369,14 +381,13 @@ def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor
 
 def caption_batches(trainer: Trainer, pairs: list[Pair], step: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
     """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
-    "The first image is green." (toy.caption_example). It teaches where colours are, not which image people
-    prefer. Returns micro-batches of (model inputs, target tokens, their mask)."""
-    import toy
+    "The first image is green." (toy/world.py's `caption_example`). It teaches where colours are, not which image
+    people prefer. Returns micro-batches of (model inputs, target tokens, their mask)."""
     rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
     out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
     for i in range(0, len(pairs), m):
         chunk = pairs[i:i + m]
-        messages, targets = zip(*(toy.caption_example(pair.images, rng) for pair in chunk))
+        messages, targets = zip(*(world.caption_example(pair.images, rng) for pair in chunk))
         batch = trainer.processor(list(messages), [pair.images for pair in chunk])
         tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
         out.append((to_device(batch, trainer.device), tokens, mask))
@@ -446,7 +457,6 @@ def main() -> None:
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"world size {world}, device {device.type}")
     if cfg.mode == "demo":
-        import demo
         demo.run(cfg, train)
     else:
         train(cfg)

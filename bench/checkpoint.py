@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import checkpoint  # noqa: E402
-import toy  # noqa: E402
-import parallel  # noqa: E402
+from infra import checkpoint  # noqa: E402
+from toy import world as toy  # noqa: E402
+from infra import parallel  # noqa: E402
 
 
 def rss() -> int:

@@ -20,8 +20,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import toy  # noqa: E402
-from prompt import Pair, Processor, listener_prefix, reasoner_messages  # noqa: E402
+from toy import world as toy  # noqa: E402
+from formats.records import Pair  # noqa: E402
+from prompt import Processor, listener_prefix, reasoner_messages  # noqa: E402
 from listener import answer_probs, answer_token_ids  # noqa: E402
 
 B, G, SIZE = 2, 8, 448

@@ -26,8 +26,8 @@ import json, random, sys, time
 sys.path.insert(0, sys.argv[1])
 import pyarrow.parquet, PIL.Image
 try:
-    from images import load_image
-    from layouts import load_pickapic
+    from formats.images import load_image
+    from formats.layouts import load_pickapic
 except ImportError:  # a revision from before data.py was split into layouts.py, images.py and prompt.py
     from data import load_image, load_pickapic
 

@@ -47,11 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
+from infra import cli  # noqa: E402
 import sample  # noqa: E402
-import toy  # noqa: E402
+from toy import world as toy  # noqa: E402
 from prompt import Processor, reasoner_messages  # noqa: E402
-from static_decode import StaticDecoder  # noqa: E402
+from fast.static_decode import StaticDecoder  # noqa: E402
 
 
 @dataclass

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch.distributed as dist  # noqa: E402
 
-import cli  # noqa: E402
-import demo  # noqa: E402
-import parallel  # noqa: E402
+from infra import cli  # noqa: E402
+from toy import demo  # noqa: E402
+from infra import parallel  # noqa: E402
 import train  # noqa: E402
 
 DIFFERENCES = ("contradiction_rate", "faithfulness", "listener_agreement", "accuracy", "ood_accuracy")

@@ -1,5 +1,6 @@
 """Benchmark: a GRPO step's passes over the rollouts with each prompt read once per group
-(`grpo.completion_logprobs`) against each prompt and its images repeated G times (tests/repeated.py).
+(fast/shared_prompt.py, `--shared_prompt=true`) against the reference, `grpo.completion_logits`, which repeats
+each prompt and its images G times.
 
 The passes of one step and micro-batch (train.py's default: one pair and its G rollouts):
 - update: the policy's log-probs with gradients, the GRPO loss, backward (num_iterations times a step);
@@ -27,14 +28,14 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
 import grpo  # noqa: E402
-import toy  # noqa: E402
-from repeated import completion_logprobs_repeated  # noqa: E402
+from fast import shared_prompt  # noqa: E402
+from infra import cli  # noqa: E402
+from toy import world as toy  # noqa: E402
 
 
 def _bench_sample():
@@ -65,7 +66,13 @@ class Config:
     worker: str = ""  # internal: "shared:G" or "repeated:G" measures memory in this process
 
 
-METHODS = {"shared": grpo.completion_logprobs, "repeated": completion_logprobs_repeated}
+def logprobs(logits_fn):
+    """Per-token log-probs (N, T) through one of the two logits functions, as train.py computes them."""
+    return lambda model, batch, tokens, mask, temperature=1.0: grpo.token_logprobs(
+        logits_fn(model, batch, tokens, mask)[:, :-1], tokens, temperature)
+
+
+METHODS = {"shared": logprobs(shared_prompt.completion_logits), "repeated": logprobs(grpo.completion_logits)}
 
 
 def setup(cfg: Config):
@@ -73,7 +80,7 @@ def setup(cfg: Config):
     tok = toy.make_tokenizer()
     model, batch = bench_sample.build_model(cfg, tok), bench_sample.build_batch(cfg, tok)
     if cfg.checkpointing:
-        import parallel
+        from infra import parallel
         parallel.checkpoint_blocks(model)
     return model.train(), batch
 

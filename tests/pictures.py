@@ -4,7 +4,7 @@ import os
 
 from PIL import Image
 
-from images import load_image
+from formats.images import load_image
 
 RED, GREEN, BLUE, WHITE = (220, 40, 40), (40, 180, 60), (50, 80, 220), (255, 255, 255)
 

@@ -24,11 +24,12 @@ import torch
 from PIL import Image
 
 import data
-import toy
+from toy import world as toy
 from data import ExampleStream, groups_to_pairs, load
-from images import DataError, ParquetImage, load_image
-from layouts import load_hpdv2, load_imagereward, load_rapidata, subsample
-from prompt import PROMPT, Group, Pair
+from formats.images import DataError, ParquetImage, load_image
+from formats.layouts import load_hpdv2, load_imagereward, load_rapidata, subsample
+from formats.records import Group, Pair
+from prompt import PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +132,7 @@ def test_rapidata_cell_truncated_after_an_intact_header(tmp_path):
 
 def test_read_size_cap_and_directory(tmp_path, monkeypatch):
     write(tmp_path / "big.png", encoded(noise((64, 64))))
-    monkeypatch.setattr("images.MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr("formats.images.MAX_IMAGE_BYTES", 1000)
     with pytest.raises(DataError, match=r"big\.png: \d+ bytes, over MAX_IMAGE_BYTES=1000") as err:
         load_image(str(tmp_path / "big.png"))
     assert err.value.problem == "too large"

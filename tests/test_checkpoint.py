@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import checkpoint  # noqa: E402
+from infra import checkpoint  # noqa: E402
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, real_checkpoint  # noqa: E402, F401
 from test_train import launch  # noqa: E402
 
@@ -166,7 +166,7 @@ def test_one_live_run_per_out_dir(run, tmp_path):
     assert second.returncode != 0 and f"{out} is in use by a live run (host {socket.gethostname()} pid {os.getpid()}" \
         in second.stderr, second.stderr
     held.close()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); import checkpoint;"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); from infra import checkpoint;"
                                " from pathlib import Path; h = checkpoint.lock(Path(sys.argv[2])); print('locked', flush=True);"
                                " time.sleep(600)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

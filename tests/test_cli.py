@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import cli
-import eval_inputs
+from infra import cli
+
 import evaluate
 import train
-import trainer
+from infra import trainer
 from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_strict_booleans(parse, capsys):
     refused(parse, ["--both_orders=ture"], capsys, "both_orders", "ture", "true/false")
 
 
-@pytest.mark.parametrize("script, config", [("train.py", train.Config), ("evaluate.py", eval_inputs.Config)])
+@pytest.mark.parametrize("script, config", [("train.py", train.Config), ("evaluate.py", evaluate.Config)])
 def test_help_lists_every_option_with_its_default_and_help(script, config):
     out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
@@ -125,7 +125,7 @@ def test_pickled_weights_are_refused(real_checkpoint, tmp_path, capsys):
     refused(train.parse_args, ["--mode=grpo", f"--listener={pickled}"], capsys, "--listener", "safetensors")
     refused(evaluate.parse_config, ["--judge", str(pickled)], capsys, "--judge", "safetensors")
     with pytest.raises(OSError):
-        eval_inputs.load_reasoner(str(pickled), eval_inputs.Config())
+        evaluate.load_reasoner(str(pickled), evaluate.Config())
 
 
 def test_option_checks_are_declared_once():

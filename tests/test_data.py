@@ -9,11 +9,11 @@ import random
 import numpy as np
 import pytest
 
-import toy
+from toy import world as toy
 from data import ExampleStream, groups_to_pairs, load
-from images import load_image
-from layouts import load_imagereward
-from prompt import Group, Pair
+from formats.images import load_image
+from formats.layouts import load_imagereward
+from formats.records import Group, Pair
 
 
 # ---------------------------------------------------------------- groups_to_pairs, load

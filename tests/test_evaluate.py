@@ -1,4 +1,4 @@
-"""Tests for evaluate.py, metrics.py and eval_inputs.py: metrics against hand counts, scoring against its
+"""Tests for evaluate.py and report/ (metrics, judge): metrics against hand counts, scoring against its
 definition, the CLI end to end.
 
 The metrics are checked on hand-made groups, pairs and votes whose answers are counted by hand in the
@@ -20,19 +20,20 @@ import pytest
 import torch
 from PIL import Image
 
-import eval_inputs
+
 import evaluate
-import metrics
+from report import metrics
 import sample
-import toy
-from prompt import PROMPT, Group, Pair
-from static_decode import StaticDecoder
+from toy import world as toy
+from formats.records import Group, Pair
+from prompt import PROMPT
+from fast.static_decode import StaticDecoder
 from test_sample import sharpened
 from evaluate import Comparison, compare, compare_pairs, majority, mean_at, score_group, vote_share
-from metrics import (accuracy_by_agreement, accuracy_by_bin, binarized, confident, contradiction_rate,
-                     expected_calibration_error, judge_margins, judge_verdicts, pair_accuracy, pairwise_accuracy,
-                     score_distance)
-from listener import answer_probs, reasoning_of
+from report.judge import contradiction_rate, judge_margins, judge_verdicts
+from report.metrics import (accuracy_by_agreement, accuracy_by_bin, binarized, confident, expected_calibration_error,
+                            pair_accuracy, pairwise_accuracy, score_distance)
+from listener import Listener, answer_probs, reasoning_of
 
 FAST = dict(max_new_tokens=6, batch_size=8)
 
@@ -40,7 +41,7 @@ FAST = dict(max_new_tokens=6, batch_size=8)
 @pytest.fixture(scope="module")
 def world():
     torch.set_num_threads(1)
-    processor = eval_inputs.toy_processor()
+    processor = evaluate.toy_processor()
     model = toy.make_model(processor.tokenizer)
     rng = random.Random(0)
     prompt, images, _ = toy.make_group(rng, n_images=4)
@@ -132,7 +133,7 @@ def test_mean_at_and_majority():
 def test_score_group_makes_n_minus_1_comparisons(world, monkeypatch):
     model, processor, prompt, images = world
     prefill_rows, sampled, scored = [], [], []
-    real_prefill, real_sample, real_probs = sample.prefill, evaluate.sample_rollouts, evaluate.answer_probs
+    real_prefill, real_sample, real_probs = sample.prefill, evaluate.sample, evaluate.answer_probs
 
     def counting_prefill(model, batch):
         prefill_rows.append(batch["input_ids"].shape[0])
@@ -148,7 +149,7 @@ def test_score_group_makes_n_minus_1_comparisons(world, monkeypatch):
         return out
 
     monkeypatch.setattr(sample, "prefill", counting_prefill)
-    monkeypatch.setattr(evaluate, "sample_rollouts", counting_sample)
+    monkeypatch.setattr(evaluate, "sample", counting_sample)
     monkeypatch.setattr(evaluate, "answer_probs", recording_probs)
     n, anchor, k = len(images), 2, 2
     scores = score_group(model, processor, prompt, images, k=k, anchor=anchor, **FAST)
@@ -166,8 +167,7 @@ def test_score_group_makes_n_minus_1_comparisons(world, monkeypatch):
 
 def test_compare_reads_each_rollouts_reasoning(world):
     model, processor, prompt, images = world
-    gen = torch.Generator().manual_seed(3)
-    result = compare(model, processor, prompt, images[0], images[1], k=3, generator=gen, **FAST)
+    result = compare(model, processor, prompt, images[0], images[1], k=3, seed=3, **FAST)
     assert len(result.texts) == len(result.probs) == len(result.answers) == 3
     pair = Pair(prompt, (images[0], images[1]), 0)
     for text, p in zip(result.texts, result.probs):  # each rollout on its own: eq. (4) given its reasoning
@@ -189,7 +189,7 @@ def test_both_orders_is_symmetric(world, no_thinking):
 
 def test_no_thinking_reads_the_fixed_sentence(world, monkeypatch):
     model, processor, prompt, images = world
-    monkeypatch.setattr(evaluate, "sample_rollouts", lambda *a, **k: pytest.fail("no_thinking must not sample"))
+    monkeypatch.setattr(evaluate, "sample", lambda *a, **k: pytest.fail("no_thinking must not sample"))
     pairs = [Pair(prompt, (images[0], images[i]), 0) for i in (1, 2)]
     results = compare_pairs(model, processor, pairs, k=3, no_thinking=True)
     expected = answer_probs(model, processor, pairs, [["I have finished thinking."]] * 2)[:, 0, 1]  # (B,)
@@ -203,12 +203,12 @@ def test_static_decode_gives_the_reference_comparisons(world):
     cache column would change the numbers."""
     _, processor, prompt, images = world
     model = sharpened(toy.make_model(processor.tokenizer, seed=2))
-    decoder = eval_inputs.sampling_args(eval_inputs.Config(decode="static"))["decoder"]
+    decoder = evaluate.sampling_args(evaluate.Config(decode="static"), "cpu")["decoder"]
     assert isinstance(decoder, StaticDecoder) and not decoder.compile
-    assert eval_inputs.sampling_args(eval_inputs.Config())["decoder"] is None  # the default: the reference
+    assert evaluate.sampling_args(evaluate.Config(), "cpu")["decoder"] is None  # the default: the reference
     pairs = [Pair(prompt, (images[0], images[i]), 0) for i in (1, 2, 3)]
-    run = lambda d: compare_pairs(model, processor, pairs, k=3, seeds=[0, 1, 2], decoder=d, max_new_tokens=12,
-                                  batch_size=2)
+    run = lambda d: compare_pairs(model, processor, pairs, k=3, keys=[(0,), (1,), (2,)], decoder=d,
+                                  max_new_tokens=12, batch_size=2)
     reference, static = run(None), run(decoder)
     assert len({t for r in reference for t in r.texts}) > 3, "identical rollouts would make this test weak"
     for r, s in zip(reference, static):
@@ -218,13 +218,12 @@ def test_static_decode_gives_the_reference_comparisons(world):
 
 def test_disagreement_against_direct_listener_scores(world):
     model, processor, prompt, images = world
-    p = eval_inputs.dataset_pairs([Group(prompt, images, [1, 2, 2, 1])], anchor=0, seed=0)  # labelled: images 1 and 2
-    results = compare_pairs(model, processor, p.compared, k=2, generator=torch.Generator().manual_seed(0), **FAST)
-    cfg = eval_inputs.Config(batch_size=2)
-    same = metrics.disagreement_metrics(model, processor, p, results, cfg)  # the reasoner as its own listener
+    p = evaluate.dataset_pairs([Group(prompt, images, [1, 2, 2, 1])], anchor=0, seed=0)  # labelled: images 1 and 2
+    results = compare_pairs(model, processor, p.compared, k=2, seed=0, **FAST)
+    same = evaluate.disagreement_metrics(Listener(model, processor), p, results, 2)  # the reasoner as its own listener
     assert same["bins"][0]["n"] == 4 and same["mean_distance"] < 1e-5
     other = toy.make_model(processor.tokenizer, seed=1)
-    out = metrics.disagreement_metrics(other, processor, p, results, cfg)
+    out = evaluate.disagreement_metrics(Listener(other, processor), p, results, 2)
     expected = []
     for i in p.labelled:  # ||(1 - q_l, q_l) - (1 - q_r, q_r)|| = sqrt(2) |q_l - q_r|, each rollout on its own
         for reasoning, q_r in zip(results[i].reasonings, results[i].probs):
@@ -238,7 +237,7 @@ def test_disagreement_against_direct_listener_scores(world):
 
 def test_contradiction_rate_against_plain_loop():
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tokenizer = eval_inputs.toy_processor().tokenizer
+    tokenizer = evaluate.toy_processor().tokenizer
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -279,10 +278,10 @@ def test_contradiction_metrics_judges_each_well_formed_rollout():
     results = [Comparison(0.5, [0.5] * 2, [good[0], "no tags"], ["", ""], [0, None], 0),
                Comparison(0.5, [0.5] * 2, [good[1], good[2]], ["", ""], [1, 1], 1),
                Comparison(0.5, [0.5], [good[0]], [""], [0], 0)]
-    cfg = eval_inputs.Config(judge="toy", judge_batch_size=2)
+    cfg = evaluate.Config(judge="toy", judge_batch_size=2)
     out = evaluate.contradiction_metrics("toy", results, [0, 1], cfg)  # pair 2 is outside the subset
     assert out["judged"] == 3
-    judge, tokenizer = eval_inputs.load_judge("toy")
+    judge, tokenizer = evaluate.load_judge("toy")
     expected = contradiction_rate(judge, tokenizer, ["red", "blue", "x"], [
         "1 (the first image)", "2 (the second image)", "2 (the second image)"])
     assert out["rate"] == pytest.approx(expected)

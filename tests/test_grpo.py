@@ -245,8 +245,9 @@ def test_gradient_flows_only_through_logp():
 def test_completion_logprobs_equal_naive_forward_per_row():
     import random
 
-    import toy
-    from prompt import Pair, Processor
+    from toy import world as toy
+    from formats.records import Pair
+    from prompt import Processor
     from grpo import completion_logprobs
 
     torch.manual_seed(0)
@@ -282,8 +283,9 @@ def grpo_toy_batch():
     """Two left-padded prompts of different lengths with images of two sizes, G=3 ragged completions."""
     import random
 
-    import toy
-    from prompt import Pair, Processor
+    from toy import world as toy
+    from formats.records import Pair
+    from prompt import Processor
     processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
     rng = random.Random(0)
     pairs = []
@@ -304,16 +306,15 @@ def grpo_toy_batch():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
-    """One prompt pass per group == the prompt repeated G times: log-probs and every parameter's gradient, 1e-5.
-
-    The oracle (tests/repeated.py) repeats each prompt and its image patches G times and runs one plain forward
-    over prompt + completion per row. With activation checkpointing each layer is recomputed in the backward
-    pass: the prompt cache must neither grow nor change then.
+    """One prompt pass per group (fast/shared_prompt.py) == the reference, grpo.completion_logits, which repeats
+    each prompt and its image patches G times and runs one plain forward over prompt + completion per row:
+    log-probs and every parameter's gradient, 1e-5. With activation checkpointing each layer is recomputed in the
+    backward pass: the prompt cache must neither grow nor change then.
     """
-    import parallel
-    import toy
-    from grpo import completion_logprobs
-    from repeated import completion_logprobs_repeated
+    from fast import shared_prompt
+    from grpo import completion_logits, token_logprobs
+    from infra import parallel
+    from toy import world as toy
 
     processor, batch, completions, mask = grpo_toy_batch()
     model = toy.make_model(processor.tokenizer, seed=0).train()
@@ -321,9 +322,9 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
         parallel.checkpoint_blocks(model)
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
     results = []
-    for fn in (completion_logprobs, completion_logprobs_repeated):
+    for fn in (shared_prompt.completion_logits, completion_logits):
         model.zero_grad(set_to_none=True)
-        logp = fn(model, batch, completions, mask, temperature=0.7)  # (N, T)
+        logp = token_logprobs(fn(model, batch, completions, mask)[:, :-1], completions, temperature=0.7)  # (N, T)
         (logp * weights * mask).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         results.append((logp.detach(), grads))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from images import load_image
+from formats.images import load_image
 from pictures import BLUE, RED, WHITE, png_bytes
 
 
@@ -73,8 +73,8 @@ def test_load_image_exif_rotation(tmp_path):
 
 
 def test_decompression_bomb_guard(monkeypatch):
-    monkeypatch.setattr("images.MAX_IMAGE_PIXELS", 63)
+    monkeypatch.setattr("formats.images.MAX_IMAGE_PIXELS", 63)
     with pytest.raises(ValueError, match="8x8 pixels is over MAX_IMAGE_PIXELS=63"):
         load_image(png_bytes(RED))
-    monkeypatch.setattr("images.MAX_IMAGE_PIXELS", 64)
+    monkeypatch.setattr("formats.images.MAX_IMAGE_PIXELS", 64)
     assert load_image(png_bytes(RED)).size == (8, 8)

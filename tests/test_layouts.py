@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from data import load
-from images import DataError
-from layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, subsample
+from formats.images import DataError
+from formats.layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, subsample
 from pictures import BLUE, GREEN, RED, WHITE, colour_of, png_bytes, write_png
-from prompt import Group
+from formats.records import Group
 
 
 # ---------------------------------------------------------------- helpers
@@ -182,7 +182,7 @@ def test_rapidata(tmp_path, convention, variant):
     assert report == {"records": 4, "pairs": 3, "ties": 1, "skipped": 0}
     again = load(f"rapidata:{half[0]},{half[1]}", image_root=str(tmp_path))
     assert [(p.prompt, p.label) for p in again] == expected
-    from metrics import binarized, confident
+    from report.metrics import binarized, confident
     assert binarized(pairs) == [0, 1]  # winner >= 80% and > 15 votes: 19/2 and 3/18 (or .91 and .86 of 21)
     assert confident(pairs, min_votes=20) == [0, 1, 2]
 

@@ -12,8 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-import toy
-from prompt import PROMPT, Pair, listener_prefix, reasoner_messages
+from toy import world as toy
+from formats.records import Pair
+from prompt import PROMPT, listener_prefix, reasoner_messages
 from listener import Listener, answer_probs, answer_token_ids, reasoning_of
 
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
@@ -155,8 +156,9 @@ def test_listener_is_frozen(world):
 
 
 def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
-    """The reference pass over prompt + completion (grpo.completion_logits) read at `answer_slots` == the
-    listener's own pass, on every row it claims; the other rows are scored by the listener and all agree.
+    """fast/listener_from_reference.py: the reference pass over prompt + completion (grpo.completion_logits),
+    read at `answer_slots`, equals the listener's own pass on every row it claims; `reference_and_listener`
+    gives the reference pass's log-probs and the listener's p_corr on every row, claimed or not.
 
     Rows: well-formed completions written as the tokenizer writes them (claimed), a truncated one and one whose
     ids spell the same text in other tokens (both not claimed: what the listener reads is not what the
@@ -164,7 +166,7 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     """
     import grpo
     import sample
-    from listener import answer_slots, slot_probs
+    from fast.listener_from_reference import answer_slots, reference_and_listener
     model, processor, pairs = world
     tok = processor.tokenizer
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
@@ -181,17 +183,25 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     for n, r in enumerate(rows * 2):
         tokens[n, :len(r)], mask[n, :len(r)] = torch.tensor(r), True
     stopped = torch.tensor([True, True, False, True] * 2)
-    texts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, stopped, G).texts(tok)
+    texts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, stopped).texts(tok)
 
     slots = answer_slots(tok, pairs, texts, tokens, mask)  # (N,)
     claimed = slots >= 0
     assert claimed.tolist() == [True, True, False, False] * 2
+    batch = processor.pairs(pairs)
     with torch.no_grad():
-        logits = grpo.completion_logits(model, processor.pairs(pairs), tokens, mask)  # (N, T+1, V)
-    fused = slot_probs(logits[torch.arange(2 * G), slots.clamp(min=0)], answer_token_ids(tok))  # (N, 2)
+        logits = grpo.completion_logits(model, batch, tokens, mask)  # (N, T+1, V)
+    at_slot = logits[torch.arange(2 * G), slots.clamp(min=0)][:, answer_token_ids(tok)].softmax(-1)  # (N, 2)
     listener = Listener(model, processor)
     separate = listener.scores(pairs, [[reasoning_of(t) for t in texts[b * G:(b + 1) * G]] for b in range(2)])
-    torch.testing.assert_close(fused[claimed], separate.view(-1, 2)[claimed], atol=1e-5, rtol=0)
-    known = fused.masked_fill(~claimed[:, None], float("nan"))
-    torch.testing.assert_close(listener.p_correct(pairs, texts, known), listener.p_correct(pairs, texts),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(at_slot[claimed], separate.view(-1, 2)[claimed], atol=1e-5, rtol=0)
+    for logits_fn in (grpo.completion_logits, __import__("fast.shared_prompt").shared_prompt.completion_logits):
+        ref_logp, p_correct, read = reference_and_listener(model, listener, logits_fn, [(batch, slice(0, 2 * G))],
+                                                           tokens, mask, pairs, texts, temperature=0.7)
+        assert read.item() == 0.5  # the claimed rows
+        expected_logp = grpo.token_logprobs(logits[:, :-1], tokens, 0.7)  # (N, T)
+        torch.testing.assert_close(ref_logp[mask], expected_logp[mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(p_correct, listener.p_correct(pairs, texts), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
+        reference_and_listener(toy.make_model(tok, seed=5), listener, grpo.completion_logits,
+                               [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)

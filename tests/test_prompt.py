@@ -5,9 +5,13 @@ Run: .venv/bin/python -m pytest -q tests/test_prompt.py
 """
 import pytest
 
-import toy
+from toy import world as toy
 from pictures import RED, png_bytes
-from prompt import PROMPT, Group, Pair, Processor, PromptFormat, listener_prefix, reasoner_messages
+from formats.records import Group, Pair
+
+
+# ---------------------------------------------------------------- prompts and model inputs
+from prompt import PROMPT, Processor, PromptFormat, listener_prefix, reasoner_messages
 
 
 # ---------------------------------------------------------------- prompts and model inputs
@@ -64,7 +68,7 @@ def test_processor_image_tokens():
 def test_to_rated_maps_ranks_onto_the_rating_scale():
     """Best rank -> R, worst -> 1, linear between; all tied -> the middle; a pair's winner R, loser 1."""
     from data import to_rated
-    from prompt import Rated
+    from formats.records import Rated
     group = Group("p", ["a", "b", "c", "d", "e"], [1, 2, 3, 5, 3])
     assert [r.rating for r in to_rated([group], 5)] == [5, 4, 3, 1, 3]  # x = 1, 0.75, 0.5, 0, 0.5
     assert [r.rating for r in to_rated([Group("q", ["a", "b"], [2, 2])], 5)] == [3, 3]

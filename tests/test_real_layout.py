@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import evaluate
-from prompt import Pair, Processor, reasoner_messages
+from formats.records import Pair
+from prompt import Processor, reasoner_messages
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, legacy_name, real_checkpoint  # noqa: F401
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 import data
 import train
-import trainer
-from prompt import PROMPT, Pair, Rated, score_messages
+from infra import trainer
+from formats.records import Pair, Rated
+from prompt import PROMPT, score_messages
 from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +96,8 @@ def test_evaluate_two_processes_equal_one(tmp_path):
     two = run_script(common + [f"--out={tmp_path / 'two'}", "--batch-size=3"], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     a, b = rollouts(tmp_path / "one"), rollouts(tmp_path / "two")
-    assert len(a) == len(b) == 9  # 3 prompts of 4 images, 3 anchor comparisons each
+    # 3 prompts of 3 to 5 images, one comparison against the anchor for each other image
+    assert len(a) == len(b) and 3 * 2 <= len(a) <= 3 * 4
     for x, y in zip(a, b):
         assert x["texts"] == y["texts"] and x["reversed"]["texts"] == y["reversed"]["texts"]
         assert x["probs"] == pytest.approx(y["probs"], abs=1e-5)
@@ -126,7 +128,7 @@ def test_rating_logits_equal_a_full_forward():
     the rating prompt + `<think>reasoning</think>\\n<answer>` for each reasoning."""
     import torch
     import evaluate
-    import toy
+    from toy import world as toy
     processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer, seed=0)
     record = Rated("a red circle", Image.new("RGB", (56, 56), (200, 40, 40)), 0)
@@ -221,12 +223,13 @@ def test_score_mode_then_absolute_evaluation(real_checkpoint, real_data, tmp_pat
 
 
 def test_sampler_logits_give_p_b_without_a_second_pass():
-    """The sampler keeps the answer tokens' logits at each step (`watch_ids`); at the answer slot of a completion
-    that reads like the second pass's input, p(b) from them equals `answer_probs` (the second pass)."""
+    """fast/answer_logits.py: the sampler keeps the answer tokens' logits at each step (`WatchAnswers`); at the
+    answer slot of a completion that reads like the second pass's input, p(b) from them equals `answer_probs`
+    (the second pass)."""
     import torch
-    import evaluate
     import sample
-    import toy
+    from fast.answer_logits import WatchAnswers, sampled_p_b
+    from toy import world as toy
     from listener import answer_probs, answer_token_ids
     processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer, seed=0)
@@ -235,13 +238,14 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
                                          Image.new("RGB", (56, 56), (40, 40, 200))), 0) for c in ("red", "blue")]
     batch = processor.pairs(pairs)
     ids = answer_token_ids(tok)
-    rollouts = sample.sample(model, batch, num_samples=2, max_new_tokens=6, temperature=1.0, watch_ids=ids,
+    decoder = WatchAnswers(ids)
+    rollouts = sample.sample(model, batch, num_samples=2, max_new_tokens=6, temperature=1.0, decoder=decoder,
                              pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
     # (1) what the sampler kept at step 0 is a full forward's next-token logits after each prompt
     with torch.no_grad():
         first = model(**batch).logits[:, -1, ids].repeat_interleave(2, 0)  # (4, 2)
-    assert rollouts.watched.shape == (4, rollouts.tokens.shape[1], 2)
-    assert torch.allclose(rollouts.watched[:, 0], first, atol=1e-4)
+    assert decoder.watched().shape == (4, rollouts.tokens.shape[1], 2)
+    assert torch.allclose(decoder.watched()[:, 0], first, atol=1e-4)
     # (2) hand-written well-formed completions: their answer-slot logits, read as the sampler reads them
     texts = [PROMPT.completion(r, "1") for r in ("it is red", "blue, I think", "red", "both squares")]
     rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
@@ -257,9 +261,9 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
     for i, r in enumerate(rows):  # logits before completion token t = position (end - len(r) + 1 + t - 1)
         n = len(r) - 1
         watched[i, :n] = logits[i, -n - 1:-1][:, ids]
-    fake = sample.Rollouts(tokens, torch.zeros(4, width), mask, torch.ones(4, dtype=torch.bool), 2, watched)
-    p_b = evaluate.sampled_p_b(processor, pairs, [t.split("<answer>")[0] + "<answer>1</answer>" for t in texts],
-                               fake, PROMPT)
+    fake = sample.Rollouts(tokens, torch.zeros(4, width), mask, torch.ones(4, dtype=torch.bool))
+    p_b = sampled_p_b(processor, pairs, [t.split("<answer>")[0] + "<answer>1</answer>" for t in texts], fake,
+                      watched, PROMPT)
     reasonings = [["it is red", "blue, I think"], ["red", "both squares"]]
     second = answer_probs(model, processor, pairs, reasonings)[..., 1]
     assert not p_b.isnan().any()

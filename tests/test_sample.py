@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import sample
-import toy
+from toy import world as toy
 from prompt import Processor, left_pad, reasoner_messages
-from static_decode import StaticDecoder, shared_prompt_attention
+from fast.static_decode import StaticDecoder, shared_prompt_attention
 
 torch.set_num_threads(1)
 
@@ -236,7 +236,7 @@ def test_top_k_top_p_stay_in_allowed_set(tok, batch, top_k, top_p, allowed):
 @pytest.mark.parametrize("path", ["eager", "static"])
 def test_vision_tokens_never_sampled(tok, batch, path):
     """Logits that favour <|image_pad|> and the other vision tokens: none is ever emitted (an emitted
-    <|image_pad|> would make the next forward fail), neither are `blocked_token_ids`."""
+    <|image_pad|> would make the next forward fail)."""
     config = toy.make_config(tok)
     V = config.text_config.vocab_size
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
@@ -247,12 +247,11 @@ def test_vision_tokens_never_sampled(tok, batch, path):
     sub = take_prompts(batch, [0, 2])
     prefix = sample.prefill(model, sub)
     assert prefix.logits.argmax(-1).eq(config.image_token_id).all()  # the model does favour <|image_pad|>
-    extra = int(logits.masked_fill(torch.isin(torch.arange(V), torch.tensor(vision)), -1e9).argmax())
     for temperature in (0.0, 1.0, 5.0):
         rollouts = sample.sample(model, sub, num_samples=4, max_new_tokens=6, temperature=temperature,
-                                 stop_token_ids=[], blocked_token_ids=[extra],
-                                 generator=torch.Generator().manual_seed(0), decoder=decoder_for(path))
-        assert not torch.isin(rollouts.tokens, torch.tensor(vision + [extra])).any()
+                                 stop_token_ids=[], generator=torch.Generator().manual_seed(0),
+                                 decoder=decoder_for(path))
+        assert not torch.isin(rollouts.tokens, torch.tensor(vision)).any()
         assert rollouts.mask.all()
 
 
@@ -367,9 +366,11 @@ def test_extend_matches_full_forward(tok, model, batch):
 
 
 def test_gathered_unshards_once_under_fsdp2(tok, batch):
-    """Under FSDP2 (one process), `sample` all-gathers each sharded module once for the whole rollout, where
-    plain forwards gather again at every decode step; it returns the same tokens as the unsharded model and
-    leaves the weights sharded and the reshard-after-forward settings as they were."""
+    """Under FSDP2 (one process), `sample` inside `infra.parallel.gathered` all-gathers each sharded module once
+    for the whole rollout, where plain forwards gather again at every decode step; it returns the same tokens as
+    the unsharded model, also when it is the sharded model's first use, and leaves the weights sharded and the
+    reshard-after-forward settings as they were."""
+    from infra.parallel import gathered
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
@@ -388,12 +389,22 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
             gathers.append(group)
         return unshard(group, *args, **kwargs)
 
-    try:
-        FSDPParamGroup.unshard = counting_unshard
+    def sharded_model():
         model = sharpened(toy.make_model(tok, seed=0))
         for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
             fully_shard(block)
         fully_shard(model)
+        return model
+
+    def gathered_sample(model, **kwargs):
+        with gathered(model):
+            return sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[], **kwargs)
+
+    try:
+        FSDPParamGroup.unshard = counting_unshard
+        first_use = gathered_sample(sharded_model()).tokens  # gathered before FSDP2 has seen a forward
+        assert torch.equal(first_use, expected)
+        model = sharded_model()
         n_modules = sum(isinstance(m, FSDPModule) for m in model.modules())
 
         def plain_decode():  # prefill + 3 decode steps, without `gathered`
@@ -415,7 +426,7 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
                    and any(isinstance(p, DTensor) for p in own_parameters(m))]
         assert 0 < len(sharded) < n_modules
         gathers.clear()
-        tokens = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[]).tokens
+        tokens = gathered_sample(model).tokens
         assert len(gathers) == len(sharded) == len(set(gathers))  # once per sharded module, not per step
         assert torch.equal(tokens, expected)
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded on exit
@@ -423,17 +434,16 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
         # the static decode runs on a plain copy of the gathered weights, refreshed at every call
         decoder = StaticDecoder()
         gathers.clear()
-        static = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[], decoder=decoder)
+        static = gathered_sample(model, decoder=decoder)
         assert torch.equal(static.tokens, expected) and len(gathers) == len(sharded)
         assert decoder.text is not model.model.language_model
         assert not any(isinstance(p, DTensor) for p in decoder.text.parameters())
         with torch.no_grad():  # an "optimiser step" on the sharded weights
             for p in model.model.language_model.parameters():
                 p.to_local().mul_(1.5)
-        updated = sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[])
+        updated = gathered_sample(model)
         assert not torch.equal(updated.tokens, expected)
-        assert torch.equal(sample.sample(model, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[],
-                                         decoder=decoder).tokens, updated.tokens)
+        assert torch.equal(gathered_sample(model, decoder=decoder).tokens, updated.tokens)
     finally:
         FSDPParamGroup.unshard = unshard
         dist.destroy_process_group()

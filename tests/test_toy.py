@@ -11,8 +11,9 @@ import socket
 import pytest
 import torch
 
-import toy
-from prompt import PROMPT, Pair
+from toy import world as toy
+from formats.records import Pair
+from prompt import PROMPT
 
 RED_BLUE = ("red", "blue")  # the true colours of image 0 and image 1 in the hand-written cases below
 
@@ -130,8 +131,8 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     """The demo on tiny sizes, in this process (a group of one): the table's every column for every stage,
     both reading preconditions and the time, all in [0, 1] (seconds > 0), and the learning curve PNG; the GRPO
     stages start from the reasoner's start's final export (also their KL reference) and read the listener's."""
-    import demo
-    import parallel
+    from toy import demo
+    from infra import parallel
     import train
     from PIL import Image
     with socket.socket() as sock:
@@ -142,9 +143,10 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     parallel.setup_distributed()
     cfg = train.Config(out_dir=str(tmp_path / "default"), steps=3)  # --steps: the GRPO stages' length
     sizes = demo.Settings(listener_steps=2, start_steps=2, captions=1, grpo_steps=2, global_pairs=4, group_size=2,
-                          eval_every=1, eval_pairs=6, n_train=16, n_test=3, n_ood=4)
+                          eval_every=1, eval_pairs=6)
+    toy.write_dataset(demo.toy_data_root(cfg), n_train=16, n_test=3, n_ood=4, seed=0)  # tiny: found, not rewritten
     loaded = {}  # out_dir -> the weights each GRPO stage's Trainer holds once built
-    import trainer
+    from infra import trainer
     real_init = trainer.Trainer.__init__
 
     def init(self, cfg, *args, **kwargs):  # trainer.Trainer, noting what a GRPO stage loaded

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--train_data=toy", "--eval_data=toy", "--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
+FAST_PATHS = dict(activation_checkpointing="true", shared_prompt="true", listener_from_reference="true")  # fast/
 COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I have finished thinking.", "--pairs_per_rank=16",
         "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
 
@@ -81,10 +82,10 @@ def grpo_args(cold_start, out_dir, pairs_per_rank, **extra):
 
 @pytest.fixture(scope="module")
 def two_procs(cold_start, runs):
-    """GRPO with the listener on 2 FSDP2 ranks of 2 pairs with activation checkpointing, two steps, a checkpoint
-    after each."""
+    """GRPO with the listener on 2 FSDP2 ranks of 2 pairs with activation checkpointing and the update's and the
+    listener's speed-ups (fast/), two steps, a checkpoint after each."""
     out = runs / "two"
-    launch(grpo_args(cold_start, out, pairs_per_rank=2, save_every=1, activation_checkpointing="true"), nproc=2)
+    launch(grpo_args(cold_start, out, pairs_per_rank=2, save_every=1, **FAST_PATHS), nproc=2)
     return out
 
 
@@ -93,9 +94,10 @@ def test_two_processes_equal_one(cold_start, runs, two_procs):
 
     Both see the same global batches and the same rollouts (sampling is seeded per pair); the loss is
     normalised over the global token count, so only float summation order differs. Losses agree to 1e-5.
-    The 2-process run also checkpoints activations: each prompt's single pass, its cache read by G rows, the
-    layers recomputed in the backward pass, under FSDP2, must give the 1-process gradients. Both runs read
-    the listener's answer from the reference pass where they can (listener_from_reference).
+    The 1-process run takes the reference paths; the 2-process run checkpoints activations and takes the fast
+    ones: each prompt's single pass, its cache read by G rows, the layers recomputed in the backward pass, under
+    FSDP2, must give the 1-process gradients, and the listener's answer read from the reference pass where it
+    can be (listener_from_reference) the listener's own pass's.
     Weights move by about 4e-3 per step here (lr 1e-3); they agree to 5e-5, because AdamW divides each
     gradient by its running RMS, which turns summation noise in a gradient of ~1e-9 (a token the batch never
     uses) into a difference of ~1e-5 (the largest measured: 1.1e-5, one lm_head row).
@@ -105,7 +107,8 @@ def test_two_processes_equal_one(cold_start, runs, two_procs):
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward_std"] > 0 for r in rows), "no reward signal: the comparison would be vacuous"
-    assert all(r["listener_from_reference"] > 0 for r in rows), "the reference pass never served the listener"
+    fast = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["listener_from_reference"] > 0 for r in fast), "the reference pass never served the listener"
     w1, w2 = weights(one), weights(two)
     start = load_file(cold_start / "model.safetensors")
     assert any(not torch.equal(w1[k], start[k]) for k in w1), "training changed nothing"
@@ -142,18 +145,20 @@ def test_export_loads_with_from_pretrained(cold_start):
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
-# Makes every policy/reference forward (grpo.completion_logits) of a step slow (the SIGTERM test): a step then outlasts torchrun's grace.
+# Makes every policy/reference forward (fast/shared_prompt.py's completion_logits, the path the run takes) of a
+# step slow (the SIGTERM test): a step then outlasts torchrun's grace.
 SLOW = """
 import os, sys, time
 sys.path.insert(0, {root!r})
-import grpo, train
-original = grpo.completion_logits
+import train
+from fast import shared_prompt
+original = shared_prompt.completion_logits
 def slow(*args, **kwargs):
     with open(os.environ["SLOW_LOG"], "a") as f:
         f.write(os.environ["RANK"])
     time.sleep(float(os.environ["SLOW_SECONDS"]))
     return original(*args, **kwargs)
-grpo.completion_logits = slow
+shared_prompt.completion_logits = slow
 train.main()
 """
 
@@ -167,7 +172,7 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW.format(root=str(ROOT)))
     env = {"SLOW_LOG": str(log_file), "SLOW_SECONDS": "4"}
-    proc = launch(grpo_args(cold_start, out, 2, activation_checkpointing="true"), nproc=2, env=env, wait=False, script=script,
+    proc = launch(grpo_args(cold_start, out, 2, **FAST_PATHS), nproc=2, env=env, wait=False, script=script,
                   torchrun=["--shutdown-timeout=20"])
     deadline = time.time() + 300
     metrics = out / "metrics.jsonl"
@@ -185,7 +190,7 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
     assert [p.name for p in sorted(out.glob("step_*"))] == ["step_0000001"], output
     state = json.loads((out / "step_0000001" / "trainer_state.json").read_text())
     assert state["step"] == 1 and (state["stream"]["epoch"], state["stream"]["index"]) == (0, 1)
-    launch(grpo_args(cold_start, out, 2, activation_checkpointing="true"), nproc=2)  # resume, at full speed
+    launch(grpo_args(cold_start, out, 2, **FAST_PATHS), nproc=2)  # resume, at full speed
     assert losses(out) == pytest.approx(losses(two_procs), abs=1e-6)
     w1, w2 = weights(out), weights(two_procs)
     for k in w1:
@@ -195,8 +200,8 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
 def test_nan_gradient_step_is_skipped(cold_start, runs, monkeypatch):
     """A NaN in any gradient: the optimiser step is skipped and counted; the weights stay as they were."""
     import train
-    from parallel import setup_distributed
-    from trainer import Trainer
+    from infra.parallel import setup_distributed
+    from infra.trainer import Trainer
     cfg = train.Config(mode="sft", model=str(cold_start), out_dir=str(runs / "nan"), eval_pairs=2,
                        pairs_per_rank=2, micro_pairs=2)
     import socket
@@ -212,8 +217,8 @@ def test_nan_gradient_step_is_skipped(cold_start, runs, monkeypatch):
     assert metrics["skipped"] == 0 and trainer.optimizer_steps == 1
     moved = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
     assert any(not torch.equal(moved[k], before[k]) for k in before)
-    original = train.grpo.completion_logprobs
-    monkeypatch.setattr(train.grpo, "completion_logprobs", lambda *a, **k: original(*a, **k) * float("nan"))
+    original = train.grpo.token_logprobs
+    monkeypatch.setattr(train.grpo, "token_logprobs", lambda *a, **k: original(*a, **k) * float("nan"))
     metrics = train.sft_step(cfg, trainer, next(trainer.stream), 1)
     assert metrics["skipped"] == 1 and trainer.optimizer_steps == 1
     for k, v in trainer.policy.state_dict().items():
@@ -238,9 +243,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     import random
 
     import grpo
-    import parallel
-    import toy
-    from prompt import Pair, Processor
+    from infra import parallel
+    from toy import world as toy
+    from formats.records import Pair
+    from prompt import Processor
 
     processor = toy.make_processor()
     rng = random.Random(0)

@@ -1,20 +1,15 @@
-"""Metrics: the paper's numbers from scores, human labels and a second reader of the reasoning.
+"""Metrics: the paper's numbers from scores and human labels. Pure functions: numbers in, numbers out.
 
-Pure functions of scores and labels: pairwise accuracy over a group's untied pairs (micro as ImageReward's test
-script, macro per prompt as the HPSv2 evaluation), pair accuracy, the Rapidata binarized and confident subsets
-and accuracy by human agreement (figure 3), expected calibration error, the listener-reasoner distance binned
-(figure 2), the 95% interval of table 5. Then the contradiction judge of table 4: a text model that reads a
-reasoning and its final answer and says whether they contradict.
+Pairwise accuracy over a group's untied pairs (micro as ImageReward's test script, macro per prompt as the HPSv2
+evaluation), pair accuracy, the Rapidata binarized and confident subsets and accuracy by human agreement
+(figure 3), expected calibration error, the listener-reasoner distance binned (figure 2), the 95% interval of
+table 5. judge.py holds table 4's contradiction judge, which runs a model.
 
 Choices the paper leaves open, made here (evaluate.py lists those of the scoring):
-1. The judge of table 4 is read, not sampled: it says YES when its next-token logit for the first token of
-   "YES" exceeds that of "NO" after the chat template's generation prompt. evaluate.py has it judge every
-   well-formed rollout (a reasoning and a readable answer) of the pairs of table 5; it reads the reasoning,
-   then "Final answer: 1 (the first image)" or "... 2 (the second image)".
-2. Expected calibration error bins the confidence max(p, 1 - p) in equal-width bins over [0, 1] (Guo et al.
+1. Expected calibration error bins the confidence max(p, 1 - p) in equal-width bins over [0, 1] (Guo et al.
    2017); the "±" of table 5 is a 95% normal interval, 1.96 sqrt(acc (1 - acc) / n), which is the paper's
    1.2 points at n = 5139 and 72%.
-3. Figure 2 is drawn per rollout: the distance between the listener's and the reasoner's (s1, s2) for the
+2. Figure 2 is drawn per rollout: the distance between the listener's and the reasoner's (s1, s2) for the
    same reasoning, and whether that rollout's p(b) orders the pair as people do.
 
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
@@ -27,10 +22,8 @@ from itertools import combinations
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
-from listener import Listener
-from prompt import Group, Pair, left_pad
+from formats.records import Group, Pair
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,13 +56,13 @@ def pairwise_accuracy(groups: Sequence[Group], scores: Sequence[Sequence[float]]
             "prompts": len(per_prompt), "pairs": total}
 
 
-def pair_accuracy(pairs: Sequence[Pair], p_second: Sequence[float]) -> float:
+def pair_accuracy(pairs: Sequence[Pair], p_b: Sequence[float]) -> float:
     """Fraction of pairs where (p > 0.5) == (label == 1); p == 0.5 is wrong."""
-    if len(pairs) != len(p_second):
-        raise ValueError(f"{len(pairs)} pairs but {len(p_second)} probabilities")
+    if len(pairs) != len(p_b):
+        raise ValueError(f"{len(pairs)} pairs but {len(p_b)} probabilities")
     if not pairs:
         return math.nan
-    return statistics.fmean(float(p != 0.5 and (p > 0.5) == (pair.label == 1)) for pair, p in zip(pairs, p_second))
+    return statistics.fmean(float(p != 0.5 and (p > 0.5) == (pair.label == 1)) for pair, p in zip(pairs, p_b))
 
 
 def winner_share(pair: Pair, index: int | None = None) -> float:
@@ -91,7 +84,7 @@ def confident(pairs: Sequence[Pair], min_votes: float = 20, top: int | None = No
     return keep[:top]
 
 
-def accuracy_by_agreement(pairs: Sequence[Pair], p_second: Sequence[float],
+def accuracy_by_agreement(pairs: Sequence[Pair], p_b: Sequence[float],
                           thresholds: Sequence[float] = tuple(range(50, 101, 5))) -> list[dict]:
     """Figure 3: accuracy over the pairs whose winner has at least `threshold` percent of the votes."""
     shares = [100 * winner_share(p, i) for i, p in enumerate(pairs)]
@@ -99,7 +92,7 @@ def accuracy_by_agreement(pairs: Sequence[Pair], p_second: Sequence[float],
     for t in thresholds:
         keep = [i for i, s in enumerate(shares) if s >= t - 1e-9]
         rows.append({"threshold": t, "pairs": len(keep),
-                     "accuracy": pair_accuracy([pairs[i] for i in keep], [p_second[i] for i in keep])})
+                     "accuracy": pair_accuracy([pairs[i] for i in keep], [p_b[i] for i in keep])})
     return rows
 
 
@@ -127,9 +120,9 @@ def interval95(accuracy: float, n: int) -> float:
     return 1.96 * math.sqrt(accuracy * (1 - accuracy) / n) if n else math.nan
 
 
-def accuracy_with_interval(pairs: Sequence[Pair], p_second: Sequence[float]) -> dict:
+def accuracy_with_interval(pairs: Sequence[Pair], p_b: Sequence[float]) -> dict:
     """Table 5's cell: pair accuracy, the half-width of its 95% interval, and the number of pairs."""
-    accuracy = pair_accuracy(pairs, p_second)
+    accuracy = pair_accuracy(pairs, p_b)
     return {"accuracy": accuracy, "pm95": interval95(accuracy, len(pairs)), "pairs": len(pairs)}
 
 
@@ -150,7 +143,7 @@ def rating_accuracy(records: Sequence[Group | Pair], ratings: Sequence[float]) -
 def vote_metrics(dataset, probs: dict[str, list[float]]) -> dict:
     """Rapidata: binarized accuracy and accuracy by agreement threshold (figure 3), for each rule of `probs`.
 
-    `dataset`: the `eval_inputs.DatasetPairs` that `probs` hold one p(b) per comparison of; {} for groups or
+    `dataset`: the `evaluate.DatasetPairs` that `probs` hold one p(b) per comparison of; {} for groups or
     for pairs without votes."""
     pairs = dataset.compared
     if dataset.groups is not None or any(pair.votes is None for pair in pairs):
@@ -182,83 +175,10 @@ def accuracy_by_bin(values: Sequence[float], correct: Sequence[bool], bins: int 
              "accuracy": statistics.fmean(r) if r else None} for b, r in enumerate(binned)]
 
 
-def disagreement_metrics(listener_model, listener_processor, dataset, results, cfg) -> dict:
-    """Figure 2: per rollout, ||listener (s1, s2) - reasoner (s1, s2)|| for the same reasoning, binned.
-
-    `dataset` is an `eval_inputs.DatasetPairs`, `results` the `evaluate.Comparison` of each of its labelled
-    comparisons; the listener reads `cfg.batch_size` pairs at a time."""
-    listener = Listener(listener_model, listener_processor)
-    distances, correct = [], []
-    for start in tqdm(range(0, len(dataset.labelled), cfg.batch_size), desc="listener"):
-        idx = dataset.labelled[start:start + cfg.batch_size]
-        scores = listener.scores([dataset.compared[i] for i in idx], [results[i].reasonings for i in idx])  # (B, G, 2)
-        reasoner = torch.tensor([[[1 - q, q] for q in results[i].probs] for i in idx])  # (B, G, 2)
-        distances += score_distance(reasoner, scores.float().cpu()).flatten().tolist()  # (N,)
-        correct += [(q != 0.5 and (q > 0.5) == (dataset.compared[i].label == 1)) for i in idx for q in results[i].probs]
-    return {"bins": accuracy_by_bin(distances, correct),
-            "mean_distance": statistics.fmean(distances) if distances else None}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Contradiction judge (table 4)
-
-JUDGE_SYSTEM = ("You are an expert factual verifier. Determine whether the model's final answer contradicts its "
-                "reasoning. Reply with the single word YES if it contradicts, otherwise NO. Answer only YES or NO.")
-
-
-def judge_messages(reasoning: str, answer: str) -> list[dict]:
-    """The paper's system prompt, then the reasoning and the final answer."""
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Reasoning:\n{reasoning.strip()}\n\nFinal answer: {answer}"}]
-
-
-def judge_margins(judge_model, judge_tokenizer, reasonings: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 8) -> list[float]:
-    """logit("YES") - logit("NO") of the judge's next token (first token of each word), one per item."""
-    if len(reasonings) != len(answers):
-        raise ValueError(f"{len(reasonings)} reasonings but {len(answers)} answers")
-    yes, no = (judge_tokenizer.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
-    if yes == no:
-        raise ValueError("the judge's tokenizer starts YES and NO with the same token")
-    pad = judge_tokenizer.pad_token_id if judge_tokenizer.pad_token_id is not None else judge_tokenizer.eos_token_id
-    device = next(judge_model.parameters()).device
-    margins = []
-    for start in range(0, len(reasonings), batch_size):
-        rows = [judge_tokenizer.apply_chat_template(judge_messages(r, a), tokenize=False, add_generation_prompt=True)
-                for r, a in zip(reasonings[start:start + batch_size], answers[start:start + batch_size])]
-        batch = left_pad([judge_tokenizer(t, add_special_tokens=False)["input_ids"] for t in rows], pad)
-        mask = batch["attention_mask"].to(device)  # (B, T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) each row counts from its first real token
-        with torch.no_grad():
-            logits = judge_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                 position_ids=positions, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-        margins += (logits[:, yes] - logits[:, no]).tolist()
-    return margins
-
-
-def judge_verdicts(judge_model, judge_tokenizer, reasonings: Sequence[str], answers: Sequence[str],
-                   batch_size: int = 8) -> list[bool]:
-    """True where the judge says YES (the answer contradicts the reasoning): logit(YES) > logit(NO)."""
-    return [m > 0 for m in judge_margins(judge_model, judge_tokenizer, reasonings, answers, batch_size)]
-
-
-def contradiction_rate(judge_model, judge_tokenizer, reasonings: Sequence[str], answers: Sequence[str],
-                       batch_size: int = 8) -> float:
-    """Table 4: the fraction of (reasoning, answer) pairs the judge calls contradictory."""
-    verdicts = judge_verdicts(judge_model, judge_tokenizer, reasonings, answers, batch_size)
-    return statistics.fmean(verdicts) if verdicts else math.nan
-
-
-def make_toy_judge(tokenizer, seed: int = 0):
-    """A tiny random `Qwen2ForCausalLM` over `tokenizer`: the judge of table 4 with nothing downloaded.
-
-    Weights drawn wider than usual (std 0.3) so that its verdict depends on what it reads.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, initializer_range=0.3, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.pad_token_id)
-    return Qwen2ForCausalLM(config).eval()
-
+def confident_or_labelled(dataset, min_votes: int, top: int) -> list[int]:
+    """The comparisons of tables 4-5 (indices into `dataset.compared`, an evaluate.DatasetPairs): the most
+    confident pairs with enough votes when the data has votes, else every labelled one."""
+    if all(dataset.compared[i].votes is not None for i in dataset.labelled) and dataset.groups is None \
+            and dataset.labelled:
+        return confident(dataset.compared, min_votes, top or None)
+    return dataset.labelled

@@ -22,8 +22,8 @@ import os
 import random
 import sys
 
-from images import DataError, ParquetImage, expand_paths, image_file, parquet_file, parquet_rows
-from prompt import Group, Pair
+from formats.images import DataError, ParquetImage, expand_paths, image_file, parquet_file, parquet_rows
+from formats.records import Group, Pair
 
 
 def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict | None = None,

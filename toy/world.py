@@ -1,7 +1,7 @@
 """The toy world: a tiny Qwen2.5-VL, a synthetic preference task and a small language to reason in, built
 in-process with no download.
 
-The embedded default of `train.py` (demo.py), the tests and the benchmarks run here, on a CPU, in minutes.
+The embedded default of `train.py` (toy/demo.py), the tests and the benchmarks run here, on a CPU, in minutes.
 Nothing is simplified away: the model is the real `Qwen2_5_VLForConditionalGeneration` (vision tower with
 window attention, patch merger, mRoPE), only small; the tokenizer carries Qwen2.5-VL's special tokens and chat
 template; the images go through the real `Qwen2VLImageProcessor`; and the synthetic data is written to disk in
@@ -18,14 +18,20 @@ image; the tiny model did not learn that within a few hundred SFT steps. Here th
 checkable, a rule can judge it (`judge`): does the answer contradict the reasoning (table 4 of the paper in
 miniature), and do the descriptions match the images (faithfulness)?
 
-The cold start (`cold_start_reasoning`, `caption_example`): its SFT targets name an image at *random*, the
-answer consistent with the reasoning, so the cold start learns to read (reasoning -> answer: the competent
-listener of section 4.3) but not what people prefer (its held-out accuracy is chance). Captions of the same
-pairs ("Which of the two images above is green?" -> "The first image is green.", about either image alike)
-teach it where colours are, not which image people prefer: GRPO then learns the preference, and whether
-its reasoning keeps up with its answers.
+The cold starts (`cold_start_reasoning`, `caption_example`; toy/demo.py trains them): SFT targets whose
+reasoning names an image at *random* and whose answer is the one it names, so nothing in them says what people
+prefer. Trained on each pair with both reasonings, a model can only explain the answer by reading the reasoning:
+the listener of section 4.3. Trained on one random reasoning per pair, with captions of the same pairs ("Which
+of the two images above is green?" -> "The first image is green.", about either image alike) that teach where
+colours are, a model learns to write the language and to see, and for its first hundred steps its answer does
+not yet follow what it wrote: the reasoner's start. GRPO then learns the preference, and the table says whether
+the reasoning keeps up with the answers.
 
-    python toy.py OUT_DIR    # write a toy dataset to OUT_DIR and print what was written
+The out-of-distribution split (`ood_pair`), the paper's Rapidata evaluation in miniature: pairs that break the
+training data's shortcut (the preferred image is always the vivid one) and prompts naming colour-shape
+combinations training never showed (`HELD_OUT`).
+
+    python -m toy.world OUT_DIR    # write the toy dataset to OUT_DIR and print what was written
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from prompt import PROMPT, Processor, reasoner_messages, score_messages
+from reward import parse_completion
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -81,7 +90,6 @@ CAPTION_QUESTION = "Which of the two images above is {colour}?"
 
 def _corpus() -> list[str]:
     """Text the toy tokenizer's byte-level BPE is trained on: every string the toy world ever writes."""
-    from prompt import PROMPT, reasoner_messages, score_messages
     texts = [PROMPT.question, PROMPT.score_question, PROMPT.no_thinking,
              "You are a helpful assistant.", "system user assistant"]
     for colour in COLOURS:
@@ -102,7 +110,6 @@ def make_tokenizer(vocab_size: int = 640):
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from prompt import PROMPT
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -126,7 +133,6 @@ def make_image_processor(min_pixels: int = IMAGE_SIZE * IMAGE_SIZE, max_pixels: 
 
 def make_processor():
     """The toy `prompt.Processor`: the toy tokenizer and image processor."""
-    from prompt import Processor
     return Processor(make_tokenizer(), make_image_processor())
 
 
@@ -391,6 +397,33 @@ def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, n_oo
     return paths
 
 
+DEFAULT_SIZES = dict(n_train=4000, n_test=128, n_ood=256)  # pairs, held-out prompts (3-5 images), OOD pairs
+
+
+def dataset(root: str | Path) -> dict[str, Path]:
+    """The toy dataset at `root` in the default sizes, written there first if it is not (`write_dataset`): what
+    train.py's `--train_data=toy` and the demo read. Call it on one process, then wait for it on the others."""
+    root = Path(root)
+    if not (root / "ood" / "test.json").exists():
+        return write_dataset(root, **DEFAULT_SIZES, seed=0)
+    return {"train": root / "hpdv2" / "train.json", "train_images": root / "hpdv2",
+            "test": root / "imagereward" / "test.json", "test_images": root / "imagereward",
+            "ood": root / "ood" / "test.json", "ood_images": root / "ood"}
+
+
+def truth(pair) -> str:
+    """The correct reasoning about a pair in the toy language: what its images really show."""
+    named = prompt_colour(pair.prompt)
+    return describe(named, [colour_of(im) for im in pair.images].index(named))
+
+
+def verdict(pair, text: str) -> dict:
+    """`judge` on one completion for a pair: the image its answer names (0, 1 or None) and the judge's verdicts."""
+    reasoning, answer = parse_completion(text)
+    index = PROMPT.answers.index(answer) if answer is not None else None
+    return {"answer": index, **judge(pair.prompt, reasoning, index, tuple(map(colour_of, pair.images)))}
+
+
 def is_faded(image) -> bool:
     """Whether a toy image's shape is drawn faded (washed out towards the grey background), read from its pixels."""
     if not isinstance(image, Image.Image):
@@ -401,6 +434,14 @@ def is_faded(image) -> bool:
     return max(abs(c - g) for c, g in zip(rgb, GREY)) < 40  # faded shades lie within 10 of grey, vivid ones 88 or more from it
 
 
-if __name__ == "__main__":
-    out = write_dataset(sys.argv[1] if len(sys.argv) > 1 else "toy_data")
+def main(argv: list[str]) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m toy.world", description="Write the toy dataset (the default "
+                                     "sizes of train.py's --train_data=toy) in the published layouts.")
+    parser.add_argument("out_dir", help="the folder to write it to (made if missing)")
+    out = write_dataset(parser.parse_args(argv).out_dir, **DEFAULT_SIZES, seed=0)
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

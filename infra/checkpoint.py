@@ -34,13 +34,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from models import families
+
 STEP_DIR = re.compile(r"step_(\d{7})")
 # Config fields that do not change what is trained: how long, where, how often to evaluate or save, and how
 # the global batch is split over ranks and micro-batches (the stream and the sampling seeds are global), and
-# which code decodes the rollouts (the same distribution; the same tokens up to rounding).
+# which speed-ups compute it (fast/: the same numbers up to rounding).
 NOT_TRAINING = {"out_dir", "steps", "eval_every", "eval_pairs", "eval_data", "eval_images", "save_every",
                 "keep_last", "export_every", "allow_config_change", "activation_checkpointing", "micro_pairs",
-                "pairs_per_rank", "decode"}
+                "pairs_per_rank", "decode", "shared_prompt", "listener_from_reference"}
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -271,7 +273,7 @@ def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 3
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         config = policy.config
-        config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+        config.architectures = [families.family_of(config).model_class]
         config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(tmp)
         save_weights(weights, tmp, shard_bytes)

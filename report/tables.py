@@ -1,9 +1,10 @@
-"""Report: an evaluation's numbers laid out as the paper shows them, and written to disk.
+"""Tables and figures: an evaluation's numbers laid out as the paper shows them, and written to disk.
 
 `markdown_tables` lays a report (the dict `evaluate.run` builds) out like tables 2-5 and the data of figures
-2-3; `write_figures` draws figures 2-4 as PNGs with `line_plot`, a small line chart drawn with PIL;
-`write_outputs` writes results.json, results.md, rollouts.jsonl (one line per comparison) and the figures,
-`write_ratings` the same for the absolute-score evaluation (ratings.jsonl, one line per image).
+2-3; `write_figures` draws figures 2-4 as PNGs with `line_plot`, and `panels_plot` the toy demo's learning
+curves, small line charts drawn with PIL; `write_outputs` writes results.json, results.md, rollouts.jsonl (one
+line per comparison) and the figures, `write_ratings` the same for the absolute-score evaluation (ratings.jsonl,
+one line per image).
 
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
@@ -195,7 +196,7 @@ def finite(x):
 
 def write_outputs(out: Path, report: dict, dataset, results: Sequence) -> None:
     """results.json (the report), results.md (tables), rollouts.jsonl (one line per comparison of `dataset`, an
-    `eval_inputs.DatasetPairs`, with its `evaluate.Comparison` from `results`), the figures."""
+    `evaluate.DatasetPairs`, with its `evaluate.Comparison` from `results`), the figures."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False))
     (out / "results.md").write_text(markdown_tables(report))

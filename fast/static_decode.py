@@ -1,14 +1,15 @@
-"""The fast decode: a static KV cache, the prompt's keys and values shared by its G rollouts, and a decode step
-of fixed shapes, optionally compiled (gpt-fast).
+"""A static KV cache, the prompt's keys and values shared by its G rollouts, and a decode step of fixed shapes,
+optionally compiled (gpt-fast): steps 2-3 of sample.py, faster.
 
-`sample.sample(..., decoder=StaticDecoder())` runs its decode steps here instead of through `sample.extend`
-(the eager reference, which copies each prompt's cache to its G rows and grows it by `torch.cat` at every
-step). The prompt is prefilled once per prompt by `sample.prefill`; here its keys and values stay one copy
-per prompt, and each call feeds one token per row. tests/test_sample.py checks that both decodes give the
-same rollouts; bench/sample.py measures them side by side.
+Seam: `sample.sample(..., decoder=StaticDecoder())` runs its decode steps here instead of through
+`sample.CopiedCache` (the reference, which copies each prompt's cache to its G rows and grows it by `torch.cat`
+at every step). Option: `--decode=static` (eager) or `--decode=compiled`, in train.py and evaluate.py
+(`make_decoder`). The prompt is prefilled once by `sample.prefill`; here its keys and values stay one copy per
+prompt, and each step feeds one token per row. tests/test_sample.py checks that both decodes give the same
+rollouts; bench/sample.py measures them side by side.
 
-Legend: B prompts, G rollouts per prompt, N = B*G rows, T prompt tokens, P prompt columns, M completion
-columns, Hq query heads, Hkv key/value heads, R = Hq / Hkv, D head dim, C hidden size, V vocabulary.
+Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, P' prompt columns (P rounded up),
+M completion columns, Hq query heads, Hkv key/value heads, R = Hq / Hkv, D head dim, C hidden size, V vocabulary.
 """
 from __future__ import annotations
 
@@ -22,17 +23,17 @@ from sample import Prefix
 class StaticDecoder:
     """Decode steps over a KV cache allocated once, written in place, so every step has the same shapes.
 
-    Each layer's cache has two parts. The prompt's keys and values, (B, Hkv, P, D), are stored once per prompt
-    (P = T rounded up to `block`), not once per rollout: the G rollouts of a prompt all attend to the same
+    Each layer's cache has two parts. The prompt's keys and values, (B, Hkv, P', D), are stored once per prompt
+    (P' = P rounded up to `block`), not once per rollout: the G rollouts of a prompt all attend to the same
     prompt, so their G * R query rows read its keys in one matrix product (`shared_prompt_attention`). The
     completions' keys and values, (B, Hkv, G, M, D) with M = max_new_tokens rounded up to `block`, are written
     in place, column t at step t. Boolean masks mark what each row attends to: the prompt's real tokens (left
     padding and rounding off), and the completion columns written while the row was live.
 
-    Run eagerly (the default), a step attends to the prompt's T columns and the completion columns written so
+    Run eagerly (the default), a step attends to the prompt's P columns and the completion columns written so
     far, views of the cache: nothing is copied and no empty column is read. Compiled (`compile=True`:
-    `torch.compile`, CUDA graphs on GPU), it attends to all P + M columns, the masks switching off the empty
-    ones, so that every step has the same shapes and the step is compiled once per (B, G, P, M).
+    `torch.compile`, CUDA graphs on GPU), it attends to all P' + M columns, the masks switching off the empty
+    ones, so that every step has the same shapes and the step is compiled once per (B, G, P', M).
 
     The step runs on plain modules: the policy's own text model and lm_head, or, when the policy is sharded by
     FSDP2 (whose hooks would run on every module at every step) or `dtype` differs, an unsharded copy refreshed
@@ -43,20 +44,26 @@ class StaticDecoder:
     def __init__(self, compile: bool = False, dtype: torch.dtype | None = None, block: int = 256):
         self.compile, self.dtype, self.block = compile, dtype, block
         self.text = self.lm_head = None  # the modules the step runs
-        self.prompt_keys: list[Tensor] = []  # per layer (B, Hkv, P, D)
-        self.prompt_values: list[Tensor] = []  # per layer (B, Hkv, P, D)
+        self.prompt_keys: list[Tensor] = []  # per layer (B, Hkv, P', D)
+        self.prompt_values: list[Tensor] = []  # per layer (B, Hkv, P', D)
         self.keys: list[Tensor] = []  # per layer (B, Hkv, G, M, D) the completions'
         self.values: list[Tensor] = []  # per layer (B, Hkv, G, M, D)
-        self.step = decode_step
+        self.step_fn = decode_step
         if compile:  # CUDA graphs on GPU: one replay per step instead of ~1,300 kernel launches
-            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+            self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if torch.cuda.is_available() else None)
 
+    def start(self, model, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+        """sample.py's seam: load `model`'s text weights, take the B prompts' cache; the first logits (N, V)."""
+        self.load(model)
+        return self.begin(prefix, G, max_new_tokens)
+
     def load(self, model) -> None:
-        """Point the step at `model`'s text weights (call inside `gathered`): its own modules, or a plain copy."""
+        """Point the step at `model`'s text weights (under FSDP2, inside `infra.parallel.gathered`): its own
+        modules, or a plain copy."""
         from torch.distributed.fsdp import FSDPModule
         text, head = model.model.language_model, model.lm_head
-        if any(kind != "full_attention" for kind in text.config.layer_types):
+        if any(kind != "full_attention" for kind in getattr(text.config, "layer_types", None) or ()):
             raise ValueError(f"StaticDecoder: config.text_config.layer_types = {text.config.layer_types}: "
                              "decode_step implements full attention only")
         dtype = self.dtype or head.weight.dtype
@@ -70,52 +77,52 @@ class StaticDecoder:
             for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
                 t.copy_(tensors[name])
 
-    def start(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
-        """Copy the B prompts' cache (columns 0..T-1 of the prompt part); return the first logits (N, V)."""
-        (B, T), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
-        P, M = (-(-n // self.block) * self.block for n in (T, max_new_tokens))
-        D = self.text.config.hidden_size // self.text.config.num_attention_heads
+    def begin(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+        """Copy the B prompts' cache (columns 0..P-1 of the prompt part); return the first logits (N, V)."""
+        (B, P), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
+        P_cols, M = (-(-n // self.block) * self.block for n in (P, max_new_tokens))  # P', M
+        D = head_dim(self.text.config)
         weight = self.lm_head.weight
-        if not self.keys or self.mask.shape != (B, G, M) or self.prompt_mask.shape != (B, P) \
+        if not self.keys or self.mask.shape != (B, G, M) or self.prompt_mask.shape != (B, P_cols) \
                 or self.mask.device != weight.device:
             empty = lambda *shape: torch.zeros(*shape, dtype=weight.dtype, device=weight.device)
-            self.prompt_keys = [empty(B, H, P, D) for _ in self.text.layers]  # (B, Hkv, P, D)
-            self.prompt_values = [empty(B, H, P, D) for _ in self.text.layers]
+            self.prompt_keys = [empty(B, H, P_cols, D) for _ in self.text.layers]  # (B, Hkv, P', D)
+            self.prompt_values = [empty(B, H, P_cols, D) for _ in self.text.layers]
             self.keys = [empty(B, H, G, M, D) for _ in self.text.layers]  # (B, Hkv, G, M, D)
             self.values = [empty(B, H, G, M, D) for _ in self.text.layers]
-            self.prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=weight.device)  # (B, P) attended
+            self.prompt_mask = torch.zeros(B, P_cols, dtype=torch.bool, device=weight.device)  # (B, P') attended
             self.mask = torch.zeros(B, G, M, dtype=torch.bool, device=weight.device)  # (B, G, M) attended
             for t in self.prompt_keys + self.prompt_values + self.keys + self.values:
                 torch._dynamo.mark_static_address(t)  # CUDA graphs may then write them in place (as StaticCache does)
         for layer, keys, values in zip(prefix.cache.layers, self.prompt_keys, self.prompt_values):
-            keys[:, :, :T].copy_(layer.keys)  # (B, Hkv, T, D) once per prompt, not per rollout
-            values[:, :, :T].copy_(layer.values)
+            keys[:, :, :P].copy_(layer.keys)  # (B, Hkv, P, D) once per prompt, not per rollout
+            values[:, :, :P].copy_(layer.values)
         self.prompt_mask.zero_()
-        self.prompt_mask[:, :T] = prefix.attention_mask.bool()  # (B, T) left padding off
+        self.prompt_mask[:, :P] = prefix.attention_mask.bool()  # (B, P) left padding off
         self.mask.zero_()
-        self.T, self.column = T, 0
+        self.P, self.column = P, 0
         self.column_index = torch.tensor([0], device=weight.device)  # (1,) the same, on the device
         self.next_position = prefix.next_position.repeat_interleave(G, dim=0)  # (N,)
         self.rope_deltas = prefix.rope_deltas.repeat_interleave(G, dim=0)  # (N, 1)
         return prefix.logits.repeat_interleave(G, dim=0)  # (N, V)
 
-    def __call__(self, token: Tensor, live: Tensor) -> Tensor:
+    def step(self, token: Tensor, live: Tensor) -> Tensor:
         """Feed one token per row (N,) at the next completion column; rows not `live` are written but never
         attended to and do not advance. Returns the next-token logits (N, V)."""
         B, G, M = self.mask.shape
         if self.column >= M:
-            raise ValueError(f"StaticDecoder: the cache holds {M} completion columns; start() sized it")
+            raise ValueError(f"StaticDecoder: the cache holds {M} completion columns; begin() sized it")
         self.mask[:, :, self.column] = live.view(B, G)  # outside the step: the column index changes every step
         prompt = (self.prompt_keys, self.prompt_values, self.prompt_mask)  # compiled: all columns, fixed shapes
         keys, values, mask = self.keys, self.values, self.mask
         if not self.compile:  # eager: the prompt's columns and the columns written so far, views of the cache
-            end, T = self.column + 1, self.T
-            prompt = ([k[:, :, :T] for k in prompt[0]], [v[:, :, :T] for v in prompt[1]], prompt[2][:, :T])
+            end, P = self.column + 1, self.P
+            prompt = ([k[:, :, :P] for k in prompt[0]], [v[:, :, :P] for v in prompt[1]], prompt[2][:, :P])
             keys, values, mask = [k[..., :end, :] for k in keys], [v[..., :end, :] for v in values], mask[..., :end]
         if self.compile and self.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         position = (self.next_position[:, None] + self.rope_deltas)[:, 0]  # (N,) text position + rope delta
-        logits = self.step(self.text, self.lm_head, *prompt, keys, values, mask, token.contiguous(), position,
+        logits = self.step_fn(self.text, self.lm_head, *prompt, keys, values, mask, token.contiguous(), position,
                            self.column_index)  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
@@ -127,7 +134,7 @@ DECODES = ("reference", "static", "compiled")  # the choices of train.py's and e
 
 
 def make_decoder(decode: str, device: torch.device | str) -> StaticDecoder | None:
-    """What `--decode` asks for: None for the reference decode (`sample.extend`), else a `StaticDecoder`, run eagerly
+    """What `--decode` asks for: None for the reference decode (`sample.CopiedCache`), else a `StaticDecoder`, run eagerly
     ("static") or compiled ("compiled"). On GPU its weights are a bf16 copy (the policy trains in fp32)."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
@@ -153,7 +160,7 @@ def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Te
     """
     config, N = text.config, token.shape[0]
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
-    R, D = Hq // Hkv, config.hidden_size // Hq
+    R, D = Hq // Hkv, head_dim(config)
     B, G = mask.shape[:2]
     by_prompt = lambda t: t.view(B, G, Hkv, -1, D).transpose(1, 2)  # (N, Hkv, r, D) -> (B, Hkv, G, r, D) a view
     rope = text.rotary_emb
@@ -200,6 +207,11 @@ def shared_prompt_attention(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, promp
     weights = (scores.float() * scale).softmax(-1).to(q.dtype)  # (B, Hkv, G, R, P+M)
     prompt_part = (weights[..., :P].reshape(B, H, G * R, P) @ prompt_v).view(B, H, G, R, D)
     return prompt_part + weights[..., P:] @ v  # (B, Hkv, G, R, D)
+
+
+def head_dim(config) -> int:
+    """The size of one attention head: the config's head_dim where it gives one, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def plain_copy(module, dtype: torch.dtype):

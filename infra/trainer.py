@@ -2,9 +2,10 @@
 one SFT step, the loop), this file what it runs on. `cfg` is a train.Config throughout.
 
 - data: the training examples of a dataset spec, and the held-out sample scored during training;
-- `Trainer`: the run's state (policy, reference model, listener, AdamW, the data stream, the step counters),
-  built by loading and sharding the models (parallel.py); its optimiser step, and its checkpoints
-  (checkpoint.py is the on-disk format; `open_run` locks out_dir and picks what to resume);
+- `Trainer`: the run's state (policy, reference model, listener, AdamW, the data stream, the step counters, the
+  speed-ups the config switches on), built by loading and sharding the models (parallel.py); its optimiser
+  step, and its checkpoints (checkpoint.py is the on-disk format; `open_run` locks out_dir and picks what to
+  resume);
 - metrics: held-out accuracy, each step's metrics reduced over ranks, metrics.jsonl;
 - stopping: `Stop` turns SIGTERM/Ctrl-C into a clean exit with the last finished step saved.
 """
@@ -21,14 +22,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import data
-import reward
+import grpo
 import sample
 from data import ExampleStream
-from parallel import all_sum, frozen, load_model, log, shard, to_device
-from prompt import PROMPT, Group, Pair, Processor, Rated
-from static_decode import make_decoder
+from fast import shared_prompt
+from fast.static_decode import make_decoder
+from formats.records import Group, Pair
+from infra import checkpoint
+from infra.parallel import all_sum, frozen, gathered, load_model, log, shard, to_device
+from listener import Listener
+from prompt import PROMPT, Processor, prompt_rows
+from report.heldout import greedy_verdicts
+from toy import world
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -36,11 +42,10 @@ from static_decode import make_decoder
 
 
 def toy_data(cfg) -> Path:
-    """Where the toy task lives: next to the run's directory, written once by rank 0 (toy.py)."""
+    """Where the toy task lives: next to the run's directory, written there once by rank 0 (toy/world.py)."""
     root = Path(cfg.out_dir).parent / "toy_data"
-    if dist.get_rank() == 0 and not (root / "imagereward" / "test.json").exists():
-        import toy
-        toy.write_dataset(root, n_train=4000, n_test=128, seed=0)
+    if dist.get_rank() == 0:
+        world.dataset(root)
     dist.barrier()
     return root
 
@@ -101,11 +106,12 @@ class Trainer:
         if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
             self.reference = frozen(shard(load_model(cfg.model, device, trainable=False), device))
         if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
-            import listener
             model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
-            self.listener = listener.Listener(model, self.processor)
+            self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor)
+        # The speed-ups the config switches on (fast/), each in place of one reference function:
+        self.decoder = make_decoder(cfg.decode, device)  # sample.py's decode; None: sample.CopiedCache
+        self.logits_fn = shared_prompt.completion_logits if cfg.shared_prompt else grpo.completion_logits
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.decoder = make_decoder(cfg.decode, device)  # None: the reference decode; see static_decode.py
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
         self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
@@ -119,21 +125,25 @@ class Trainer:
 
     def _processor(self, path: str):
         if path == "toy":
-            import toy
-            return toy.make_processor()
+            return world.make_processor()
         return Processor.from_pretrained(path, self.cfg.min_pixels or None, self.cfg.max_pixels or None)
+
+    def encode(self, examples: list) -> dict:
+        """The step's examples as model inputs on this rank's device, encoded once (sampling reads them whole,
+        the update in micro-batches: `micro_batches`)."""
+        return to_device(self.processor.encode(examples), self.device)
 
     def generators(self, pairs: list[Pair], step: int) -> list[torch.Generator]:
         """One generator per pair, seeded by (seed, step, the pair's place in the global batch): train.py's departure 5."""
         first = self.rank * len(pairs)
-        return [torch.Generator(self.device).manual_seed(hash((self.cfg.seed, step, first + i)) % 2**62)
-                for i in range(len(pairs))]
+        return sample.seeded_generators(self.device, [(self.cfg.seed, step, first + i) for i in range(len(pairs))])
 
-    def micro_batches(self, pairs: list[Pair], group_size: int):
-        """[(processor batch of micro_pairs prompts, slice of their rows in the (B*G) rollout batch)]."""
-        m = self.cfg.micro_pairs
-        return [(to_device(self.processor.encode(pairs[i:i + m]), self.device),
-                 slice(i * group_size, (i + len(pairs[i:i + m])) * group_size)) for i in range(0, len(pairs), m)]
+    def micro_batches(self, batch: dict, group_size: int):
+        """[(the inputs of micro_pairs prompts, the slice of their rows in the (B*G) rollout batch)], cut out of
+        the step's encoded `batch` of B prompts."""
+        B, m = batch["input_ids"].shape[0], self.cfg.micro_pairs
+        return [(prompt_rows(batch, i, min(i + m, B)), slice(i * group_size, min(i + m, B) * group_size))
+                for i in range(0, B, m)]
 
     def lr(self) -> float:
         return self.cfg.lr * min(1.0, (self.optimizer_steps + 1) / max(1, self.cfg.warmup_steps))
@@ -242,47 +252,34 @@ def open_run(cfg, rank: int, world: int) -> tuple:
 
 @torch.no_grad()
 def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
-    """Greedy rollouts on the held-out examples: the fraction answered right (the preferred image; in the score
-    mode the exact rating), and the fraction well formed. On the toy task also the judge's verdicts
-    (toy.judge): the fraction of contradictions and of faithful reasonings. With a listener, its mean p_correct
-    on the rollouts' reasoning and how often the image it favours is the one answered.
+    """Greedy rollouts on the held-out examples (report/heldout.py): the fraction answered right (the preferred
+    image; in the score mode the exact rating), and the fraction well formed. On the toy task also the judge's
+    verdicts (toy/world.py): the fraction of contradictions and of faithful reasonings. With a listener, its
+    mean p_correct on the rollouts' reasoning and how often the image it favours is the one answered.
 
     Every rank runs the same number of batches (sampling under FSDP2 is collective); a rank whose shard is
     shorter re-scores a pair it does not count.
     """
-    tok, device = trainer.processor.tokenizer, trainer.device
     if not trainer.heldout_total:
         return {"accuracy": math.nan, "format": math.nan}
-    judged = trainer.cfg.mode == "grpo" and trainer.cfg.eval_data in ("", "toy")  # the toy task: toy.judge reads it
-    if judged:
-        from demo import verdict
-    listened = trainer.listener is not None
-    counts = torch.zeros(7, device=device)  # right, well-formed, scored, contradictions, faithful, p_correct, agreed
+    judged = trainer.cfg.mode == "grpo" and trainer.cfg.eval_data in ("", "toy")  # the toy task: its judge reads it
+    keys = ["right", "well_formed"] + (["contradiction", "faithful"] if judged else []) + \
+        (["p_correct", "agrees"] if trainer.listener is not None else [])
+    sums = torch.zeros(len(keys) + 1, device=trainer.device)  # each key's sum, then the examples scored
     batches = math.ceil(math.ceil(trainer.heldout_total / trainer.world) / batch_pairs)
     for i in range(batches):
-        pairs = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
-        batch = to_device(trainer.processor.encode(pairs or trainer.spare), device)
-        rollouts = sample.sample(trainer.policy, batch, num_samples=1, max_new_tokens=trainer.cfg.max_new_tokens,
-                                 temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tok),
-                                 pad_token_id=tok.pad_token_id, decoder=trainer.decoder)
-        texts = rollouts.texts(tok)
-        p_correct = trainer.listener.p_correct(pairs or trainer.spare, texts).tolist() if listened else [0.0] * len(texts)
-        for example, text, p in zip(pairs, texts, p_correct):
-            if isinstance(example, Rated):  # the score mode: the exact rating
-                answer, target = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1], PROMPT.ratings[example.rating - 1]
-            else:
-                answer, target = reward.parse_completion(text)[1], PROMPT.answers[example.label]
-            judge = verdict(example, text) if judged else {"contradiction": 0, "faithful": 0}
-            listener_pick = PROMPT.answers[example.label if p > 0.5 else 1 - example.label] if listened else None
-            counts += torch.tensor([answer == target, answer is not None, 1.0, judge["contradiction"],
-                                    judge["faithful"], p, answer == listener_pick], device=device)
-    right, formatted, n, contradictions, faithful, p_correct, agreed = all_sum(counts).tolist()
-    out = {"accuracy": right / max(n, 1), "format": formatted / max(n, 1)}
-    if judged:
-        out.update(contradiction_rate=contradictions / max(n, 1), faithfulness=faithful / max(n, 1))
-    if listened:
-        out.update(listener_p_correct=p_correct / max(n, 1), listener_agreement=agreed / max(n, 1))
-    return out
+        examples = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
+        with gathered(trainer.policy):
+            seen = greedy_verdicts(trainer.policy, trainer.processor, examples or trainer.spare,
+                                   trainer.cfg.max_new_tokens, trainer.listener, world.verdict if judged else None,
+                                   trainer.decoder)[:len(examples)]
+        for v in seen:
+            sums += torch.tensor([float(v[k]) for k in keys] + [1.0], device=trainer.device)
+    totals = all_sum(sums).tolist()
+    n = max(totals[-1], 1)
+    names = {"right": "accuracy", "well_formed": "format", "contradiction": "contradiction_rate",
+             "faithful": "faithfulness", "p_correct": "listener_p_correct", "agrees": "listener_agreement"}
+    return {names[k]: total / n for k, total in zip(keys, totals)}
 
 
 def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:

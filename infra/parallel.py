@@ -4,17 +4,22 @@
 everything else asks for `rank`/`world_size`, and only rank 0 prints (`log`). `load_model` reads a checkpoint
 on rank 0 only; `shard` applies FSDP2's `fully_shard` block by block, bottom-up, root last (as torchtitan's
 parallelize.py does), with bf16 compute and fp32 gradient reduction on GPU, and broadcasts rank 0's weights
-into every rank's shards.
+into every rank's shards. `gathered` holds a sharded model's full weights for a whole rollout.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from models import families
+from toy import world
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,42 +60,23 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def join_listener_pass(known: torch.Tensor) -> torch.Tensor:
-    """`known` with row 0 set to NaN, to be scored again, when this rank has no row left for the listener's own
-    pass but another rank has: that pass gathers the FSDP2 weights, a collective every rank must join."""
-    here = torch.isnan(known).any()
-    if bool(all_sum(here.float()) > 0) and not bool(here):
-        known = known.clone()
-        known[0] = float("nan")
-    return known
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
 
 def load_model(path: str, device: torch.device, trainable: bool):
-    """A checkpoint directory (or "toy") -> `Qwen2_5_VLForConditionalGeneration` in host memory (rank 0) or
-    on the meta device (the other ranks); `shard` puts it on `device`.
+    """A checkpoint directory (or "toy") -> its model in host memory (rank 0) or on the meta device (the other
+    ranks); `shard` puts it on `device`.
 
     Trainable weights load in fp32 (the optimiser's master copy; FSDP2 computes in bf16 on GPU); frozen ones
-    load in bf16 when `device` is a GPU (fp32 on CPU). Weights load from safetensors; no remote code. Only
-    rank 0 reads them: the other ranks build the model on the meta device, and `shard` broadcasts rank 0's
-    weights into their shards (one copy of the checkpoint in host memory per node, not one per process).
+    load in bf16 when `device` is a GPU (fp32 on CPU). Only rank 0 reads the checkpoint (models/families.py:
+    safetensors, no remote code): the other ranks build the model on the meta device, and `shard` broadcasts
+    rank 0's weights into their shards (one copy of the checkpoint in host memory per node, not one per process).
     """
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
     if path == "toy":
-        import toy
-        return toy.make_model(seed=0).train(trainable)
+        return world.make_model(seed=0).train(trainable)
     dtype = torch.float32 if trainable or device.type == "cpu" else torch.bfloat16
-    if dist.get_rank() == 0:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                                   use_safetensors=True, local_files_only=True)
-    else:
-        with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(path, local_files_only=True),
-                                                                    dtype=dtype, attn_implementation="sdpa")
-    return model.train(trainable)
+    return families.load(path, dtype, meta=dist.get_rank() != 0).train(trainable)
 
 
 def checkpoint_blocks(model) -> None:
@@ -117,7 +103,7 @@ def shard(model, device: torch.device, checkpointing: bool = False):
     fully_shard(model.model.visual, **kw)
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)  # the root's weights are used again at once (`gathered`)
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device=device)
     elif device.type == "cuda":
@@ -136,3 +122,28 @@ def frozen(model):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside this context every FSDP2 module of `model` holds its full weights; plain modules pass through.
+
+    Without it, an FSDP2 model all-gathers each block's weights at every forward, i.e. at every decode step.
+    Here each block is unsharded once on entry (a collective: every rank enters together) and resharded on
+    exit; meanwhile `reshard_after_forward` is off, so forwards keep the full weights and ranks need not run
+    the same number of decode steps. On exit the setting `shard` gave is put back: on for the blocks, off for
+    the root. Nested use is a no-op (the outer context owns the gather).
+    """
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    if not fsdp_modules or not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield model  # not sharded, or already gathered by an enclosing `gathered`
+        return
+    try:
+        for m in reversed(fsdp_modules):  # bottom-up: blocks first, root last (the order `fully_shard` ran)
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
