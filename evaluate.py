@@ -435,9 +435,9 @@ def disagreement_metrics(listener: Listener, dataset: DatasetPairs, results, bat
     distances, correct = [], []
     for start in tqdm(range(0, len(dataset.labelled), batch_size), desc="listener"):
         idx = dataset.labelled[start:start + batch_size]
-        heard = listener.scores([dataset.compared[i] for i in idx], [results[i].reasonings for i in idx])  # (B, G, 2)
+        listened = listener.scores([dataset.compared[i] for i in idx], [results[i].reasonings for i in idx])  # (B, G, 2)
         reasoner = torch.tensor([[[1 - q, q] for q in results[i].probs] for i in idx])  # (B, G, 2)
-        distances += metrics.score_distance(reasoner, heard.float().cpu()).flatten().tolist()  # (N,)
+        distances += metrics.score_distance(reasoner, listened.float().cpu()).flatten().tolist()  # (N,)
         correct += [(q != 0.5 and (q > 0.5) == (dataset.compared[i].label == 1)) for i in idx for q in results[i].probs]
     return {"bins": metrics.accuracy_by_bin(distances, correct),
             "mean_distance": statistics.fmean(distances) if distances else None}

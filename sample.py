@@ -60,11 +60,12 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def prefill(model, batch: dict) -> Prefix:
+def prefill(model, batch: dict, cache: DynamicCache | None = None) -> Prefix:
     """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
 
     `batch` is what `prompt.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, P), and
-    `pixel_values`, `image_grid_thw` when the prompts hold images.
+    `pixel_values`, `image_grid_thw` when the prompts hold images. `cache`: where the keys and values go (a fresh
+    `DynamicCache` when None; fast/shared_prompt.py passes its own).
     """
     device = model_device(model)
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -74,7 +75,7 @@ def prefill(model, batch: dict) -> Prefix:
     position_ids, rope_deltas = model.model.get_rope_index(
         input_ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), attention_mask=attention_mask,
     )  # (3, B, P), (B, 1)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"), logits_to_keep=1)

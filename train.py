@@ -214,14 +214,14 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
     """
     t0 = time.time()
-    tok = trainer.processor.tokenizer
+    tokenizer = trainer.processor.tokenizer
     batch = trainer.encode(pairs)  # B prompts with their images
     with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
         rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tok),
-                                 pad_token_id=tok.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                                 pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
                                  generator=trainer.generators(pairs, step), decoder=trainer.decoder)
-    texts = rollouts.texts(tok)  # N = B*G completions
+    texts = rollouts.texts(tokenizer)  # N = B*G completions
     t1 = time.time()
     trainer.boundary()  # a stop request abandons the step here, or at the next boundary
     micro = trainer.micro_batches(batch, cfg.group_size)

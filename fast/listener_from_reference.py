@@ -71,26 +71,26 @@ def reference_and_listener(reference, listener: Listener, logits_fn, micro, toke
     if listener.model is not reference or listener.fmt != PROMPT:  # conditions (a) and (b) of answer_slots
         raise ValueError("the listener is read from the reference pass only when it is the reference model")
     slots = answer_slots(listener.processor.tokenizer, pairs, texts, tokens, mask)  # (N,)
-    ref_logp, known = [], []
+    ref_logp, probs = [], []
     for mb, rows in micro:
         logits = logits_fn(reference, mb, tokens[rows], mask[rows])  # (n, T+1, V)
         ref_logp.append(grpo.token_logprobs(logits[:, :-1], tokens[rows], temperature))  # (n, T)
         slot = slots[rows]  # (n,)
         at_slot = logits[torch.arange(len(slot), device=slot.device), slot.clamp(min=0)]  # (n, V)
-        probs = at_slot[:, listener.answer_ids].float().softmax(-1)  # (n, 2) eq. (4)
-        known.append(probs.masked_fill((slot < 0)[:, None], float("nan")))
-    known = torch.cat(known)  # (N, 2): NaN rows are still to score
-    todo = torch.isnan(known).any(-1)  # (N,)
-    read = 1.0 - todo.float().mean()
+        read = at_slot[:, listener.answer_ids].float().softmax(-1)  # (n, 2) eq. (4)
+        probs.append(read.masked_fill((slot < 0)[:, None], float("nan")))
+    probs = torch.cat(probs)  # (N, 2): NaN on the rows the reference pass could not read
+    unread = torch.isnan(probs).any(-1)  # (N,)
+    share_read = 1.0 - unread.float().mean()
     if dist.is_initialized():  # every rank asks whether any rank has rows to score
-        anyone = todo.any().float()
+        anyone = unread.any().float()
         dist.all_reduce(anyone)
-        if bool(anyone > 0) and not bool(todo.any()):
-            todo[0] = True  # scored again below, the same numbers: this rank joins the collective pass
-    if bool(todo.any()):
-        known[todo] = own_pass(listener, pairs, texts, todo.nonzero()[:, 0].tolist()).to(known.device)
-    labels = torch.tensor([p.label for p in pairs], device=known.device).repeat_interleave(len(texts) // len(pairs))
-    return torch.cat(ref_logp), known.gather(-1, labels[:, None])[:, 0], read  # (N, T), (N,), ()
+        if bool(anyone > 0) and not bool(unread.any()):
+            unread[0] = True  # scored again below, the same numbers: this rank joins the collective pass
+    if bool(unread.any()):
+        probs[unread] = own_pass(listener, pairs, texts, unread.nonzero()[:, 0].tolist()).to(probs.device)
+    labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(len(texts) // len(pairs))
+    return torch.cat(ref_logp), probs.gather(-1, labels[:, None])[:, 0], share_read  # (N, T), (N,), ()
 
 
 def own_pass(listener: Listener, pairs: Sequence[Pair], texts: Sequence[str], rows: list[int]) -> torch.Tensor:

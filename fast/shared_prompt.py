@@ -5,7 +5,8 @@ times the prompt's work, with gradients. At the paper's shape (two 256-token ima
 completions up to 512 tokens, G=10) about half of the update's token work is a prompt read again. Here, as
 sample.py does for sampling (prefill, expand, decode), and with autograd:
 
-  1. `prompt_pass`: the vision tower and the B prompts, once, recording each layer's keys and values;
+  1. `sample.prefill` into a `PromptCache`: the vision tower and the B prompts, once, recording each layer's keys
+     and values;
   2. `PromptCache.expand(G)`: each prompt's keys and values read by its G rows (a differentiable copy:
      autograd sums the G rows' gradients back into the prompt's);
   3. `completion_logits`: the N = B*G completions run over that cache.
@@ -23,7 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sample import layer_masks
+from sample import layer_masks, prefill
 
 
 class PromptCache(DynamicCache):
@@ -65,45 +66,26 @@ class PromptCache(DynamicCache):
         return PromptCache([(layer.keys, layer.values) for layer in self.layers], group_size)
 
 
-def prompt_pass(model, batch: dict):
-    """The vision tower and the B left-padded prompts, once, with autograd if enabled.
-
-    Returns (PromptCache recording every layer, rope_deltas (B, 1), logits (B, V) at the last prompt position).
-    mRoPE positions come from the model's `get_rope_index` (images advance positions less than their count);
-    a completion token's position is then its text position + rope delta (sample.py explains).
-    """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P), (B, P)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("completion_logits: batch['attention_mask'] must be left-padded (last column all ones)")
-    position_ids, rope_deltas = model.model.get_rope_index(input_ids, batch["mm_token_type_ids"],
-                                                           batch.get("image_grid_thw"),
-                                                           attention_mask=attention_mask)  # (3, B, P), (B, 1)
-    cache = PromptCache()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, pixel_values=batch.get("pixel_values"),
-                image_grid_thw=batch.get("image_grid_thw"), logits_to_keep=1)
-    return cache, rope_deltas.to(input_ids.device), out.logits[:, -1]  # (B, 1), (B, V)
-
-
 def completion_logits(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Next-token logits before and after each completion token: (N, T+1, V), index t predicts token t.
 
     batch: the processor's output for B prompts (left-padded); completions, completion_mask: (N, T) with
     N = B*G, prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1.
-    Each prompt and its images run once (`prompt_pass`); the completions run over its cache.
+    Each prompt and its images run once (`sample.prefill`, with autograd if enabled); the completions run over
+    its cache, each prompt's keys and values read by its G rows.
     """
     B, (N, T) = batch["input_ids"].shape[0], completions.shape
     if N % B:
         raise ValueError(f"completion_logits: {N} completions do not split into {B} prompts")
     G = N // B
-    cache, rope_deltas, first = prompt_pass(model, batch)  # first: (B, V)
+    prefix = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, logits at the last position
     repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
-    prompt_mask = repeat(batch["attention_mask"])  # (N, P)
+    prompt_mask = repeat(prefix.attention_mask)  # (N, P)
     mask = completion_mask.to(prompt_mask.dtype)  # (N, T)
-    text_position = prompt_mask.sum(-1, keepdim=True) + mask.cumsum(-1) - 1  # (N, T) real tokens count on
-    position_ids = (text_position + repeat(rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
-    shared = cache.expand(G)
+    text_position = repeat(prefix.next_position)[:, None] + mask.cumsum(-1) - 1  # (N, T) real tokens count on
+    position_ids = (text_position + repeat(prefix.rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
+    shared = prefix.cache.expand(G)
     full_mask = torch.cat([prompt_mask, mask], dim=-1)  # (N, P+T)
     logits = model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),
                    position_ids=position_ids, past_key_values=shared, use_cache=True).logits  # (N, T, V)
-    return torch.cat([repeat(first)[:, None], logits], dim=1)  # (N, T+1, V)
+    return torch.cat([repeat(prefix.logits)[:, None], logits], dim=1)  # (N, T+1, V)

@@ -86,14 +86,14 @@ def check_shared(out: Path, rank: int, world: int) -> None:
         write_synced(probe, token[0].encode())
     dist.barrier()
     sees = probe.exists() and probe.read_bytes() == token[0].encode()
-    blind = [None] * world
-    dist.all_gather_object(blind, None if sees else f"rank {rank} on {socket.gethostname()}")
+    unseen = [None] * world
+    dist.all_gather_object(unseen, None if sees else f"rank {rank} on {socket.gethostname()}")
     dist.barrier()
     if rank == 0:
         probe.unlink()
-    blind = [b for b in blind if b]
-    if blind:
-        raise RuntimeError(f"--out_dir={out} is not shared between the nodes: {', '.join(blind)} cannot see a file "
+    unseen = [b for b in unseen if b]
+    if unseen:
+        raise RuntimeError(f"--out_dir={out} is not shared between the nodes: {', '.join(unseen)} cannot see a file "
                            f"rank 0 wrote there; put out_dir on a filesystem every node mounts")
 
 

@@ -117,7 +117,8 @@ class Trainer:
                                  rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
                                  decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg)
-        self.heldout, self.heldout_total, self.spare = heldout[rank::world], len(heldout), heldout[:1]
+        # this rank's share of the held-out examples; `filler` is scored, not counted, when the share runs out
+        self.heldout, self.heldout_total, self.filler = heldout[rank::world], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
         self.stop = None  # a Stop, checked at the phase boundaries of a step (train.train sets it)
         if resume:
@@ -270,7 +271,7 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
     for i in range(batches):
         examples = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
         with gathered(trainer.policy):
-            seen = greedy_verdicts(trainer.policy, trainer.processor, examples or trainer.spare,
+            seen = greedy_verdicts(trainer.policy, trainer.processor, examples or trainer.filler,
                                    trainer.cfg.max_new_tokens, trainer.listener, world.verdict if judged else None,
                                    trainer.decoder)[:len(examples)]
         for v in seen:
@@ -290,8 +291,8 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
     dist.all_reduce(summed)
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     row = {}
-    for k, s_, m in zip(names, summed.tolist(), largest.tolist()):
-        row[k] = s_ if k in ("loss", "tokens", "replaced_examples") else m if k in ("length_max", "skipped") else s_ / world
+    for k, total, m in zip(names, summed.tolist(), largest.tolist()):
+        row[k] = total if k in ("loss", "tokens", "replaced_examples") else m if k in ("length_max", "skipped") else total / world
     return row
 
 

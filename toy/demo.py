@@ -194,8 +194,8 @@ def evaluate_stages(checkpoints: dict, cfg, s: Settings, batch_pairs: int = 64) 
         for i in range(0, len(pairs), batch_pairs):
             chunk = pairs[i:i + batch_pairs]
             seen += greedy_verdicts(policy, processor, chunk, s.max_new_tokens, listener, world.verdict)
-            blind = answer_probs(policy, processor, chunk, [[PROMPT.no_thinking]] * len(chunk))  # (B, 1, 2) table 5
-            no_thinking += (blind[:, 0].argmax(-1) == torch.tensor([p.label for p in chunk])).tolist()
+            without_reasoning = answer_probs(policy, processor, chunk, [[PROMPT.no_thinking]] * len(chunk))  # (B, 1, 2) table 5
+            no_thinking += (without_reasoning[:, 0].argmax(-1) == torch.tensor([p.label for p in chunk])).tolist()
         ood_seen = [v for i in range(0, len(ood), batch_pairs)
                     for v in greedy_verdicts(policy, processor, ood[i:i + batch_pairs], s.max_new_tokens)]
         mean = lambda values: statistics.fmean(map(float, values))
