@@ -149,7 +149,9 @@ class Config:
     sft_reasoning: str = option("", "the reasoning written in every SFT target; 'toy': the toy world's cold start "
                                     "(toy.cold_start_reasoning)")
     sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
-                                  "(toy.caption_example)", min=0)
+                                  "(toy/world.py's caption_example)", min=0)
+    sft_answer_captions: int = option(0, "toy world's cold start: captions per SFT pair asked in the answer format, "
+                                         "answered at the answer slot: it learns to see there too", min=0)
     # optimisation
     steps: int = option(1000, "training steps (--mode=demo: each GRPO stage's steps, toy/demo.py's 130 unless "
                                 "given)", min=1)
@@ -335,6 +337,8 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
     if cfg.sft_captions:
         batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
+    if cfg.sft_answer_captions:
+        batches += caption_batches(trainer, pairs * cfg.sft_answer_captions, step + 10**6, answer_slot=True)
     num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
     loss_total = 0
     for i, (mb, t, m) in enumerate(batches):
@@ -379,15 +383,17 @@ def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor
     return tokens.to(device), mask.to(device)
 
 
-def caption_batches(trainer: Trainer, pairs: list[Pair], step: int) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
+                    answer_slot: bool = False) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
     """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
-    "The first image is green." (toy/world.py's `caption_example`). It teaches where colours are, not which image
-    people prefer. Returns micro-batches of (model inputs, target tokens, their mask)."""
+    "The first image is green.", or, `answer_slot`, the same question in the answer format answered "1" at the
+    answer slot (toy/world.py's `caption_example`). It teaches where colours are, not which image people prefer.
+    Returns micro-batches of (model inputs, target tokens, their mask)."""
     rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
     out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
     for i in range(0, len(pairs), m):
         chunk = pairs[i:i + m]
-        messages, targets = zip(*(world.caption_example(pair.images, rng) for pair in chunk))
+        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot) for pair in chunk))
         batch = trainer.processor(list(messages), [pair.images for pair in chunk])
         tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
         out.append((to_device(batch, trainer.device), tokens, mask))

@@ -7,10 +7,11 @@ Four trainings on the toy task (world.py), then one table on the same held-out p
 1. the listener (SFT): learns to read, not to see. Each training pair is shown twice, with a reasoning arguing
    for each image and the answer it argues for ("The second image is blue. The other image is not." -> 2), so
    that only reading the reasoning explains the answer. It never learns which image people prefer.
-2. the reasoner's start, "cold start (SFT)": learns to write the toy language, and where colours are (captions
-   of the same pairs: "Which of the two images above is green?"). Its answers are drawn at random and apart
-   from what its reasoning argues for, so its answer does not follow its reasoning: the paper's GRPO reasoner
-   answers as well without its reasoning as with it (table 5).
+2. the reasoner's start, "cold start (SFT)": learns to write the toy language and to see, from captions of the
+   same pairs ("Which of the two images above is green?" -> "The first image is green.", and the same question
+   answered "1" at the answer slot). Its targets' answers are drawn at random, and after its 100 steps its
+   answer does not yet follow its reasoning: the paper's GRPO reasoner answers as well without its reasoning
+   as with it (table 5).
 3. GRPO: format + accuracy rewards (the paper's baseline, w_list = 0), from the reasoner's start, which is also
    the KL reference of eq. (2). The listener is loaded and scored on the held-out curve, not rewarded.
 4. GRPO + listener: eq. (5), the listener's p_corr on each reasoning with its answer removed; all else equal.
@@ -71,7 +72,8 @@ class Settings:
     other train.Config fields do not."""
     listener_steps: int = 100  # reading forms at 60-80 steps, seed by seed (docs/toy.md)
     start_steps: int = 100  # the reasoner's start: the language and the captions are learnt by then
-    captions: int = 1  # caption examples per SFT pair of the reasoner's start (train.caption_batches)
+    captions: int = 1  # caption examples per SFT pair of the reasoner's start (train.caption_batches) ...
+    answer_captions: int = 1  # ... and the same asked in the answer format: its answer slot learns to see
     grpo_steps: int = 130  # the listener stage's contradictions reach 0 by step 60-105, seed by seed
     decode: str = "static"  # the GRPO stages' rollouts: fast/static_decode.py, tested equal to the reference
     shared_prompt: bool = True  # the GRPO updates: fast/shared_prompt.py, tested equal to the reference
@@ -100,7 +102,8 @@ def stage_configs(cfg, s: Settings) -> dict:
     sft = dict(common, mode="sft", sft_reasoning="toy", lr=2e-3, warmup_steps=10, eval_every=0, eval_pairs=0)
     listener = dataclasses.replace(cfg, **sft, sft_answers="both", sft_captions=0, steps=s.listener_steps,
                                    out_dir=str(root / "listener"))
-    start = dataclasses.replace(cfg, **sft, sft_answers="random", sft_captions=s.captions, steps=s.start_steps,
+    start = dataclasses.replace(cfg, **sft, sft_answers="random", sft_captions=s.captions,
+                                sft_answer_captions=s.answer_captions, steps=s.start_steps,
                                 out_dir=str(root / "cold_start"))
     grpo = dict(common, mode="grpo", model=str(final_export(start)), listener=str(final_export(listener)),
                 steps=s.grpo_steps, group_size=s.group_size, decode=s.decode, shared_prompt=s.shared_prompt,

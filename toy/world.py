@@ -342,19 +342,22 @@ def cold_start_reasoning(prompt: str, answer: int) -> str:
     return describe(prompt_colour(prompt), answer)
 
 
-def caption_example(images, rng: random.Random) -> tuple[list[dict], str]:
+def caption_example(images, rng: random.Random, answer_slot: bool = False) -> tuple[list[dict], str]:
     """The cold start's perception task on two images of different colours: (chat messages, target answer).
 
     It asks where one of the two colours is, drawn at random, the preferred image's or the other's alike:
-    it teaches where colours are, not which image people prefer.
+    it teaches where colours are, not which image people prefer. `answer_slot`: asked in the reasoner's answer
+    format, answered with an empty reasoning and the image's number at the answer slot.
     """
     colours = [colour_of(im) for im in images]
     if colours[0] == colours[1]:
         raise ValueError(f"caption_example needs two images of different colours, got {colours}")
     k = rng.randrange(2)
     question = CAPTION_QUESTION.format(colour=colours[k])
+    if answer_slot:
+        question += " " + PROMPT.question[PROMPT.question.index("Think it through"):]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}]
-    return messages, caption(colours[k], k)
+    return messages, PROMPT.completion("", PROMPT.answers[k]) if answer_slot else caption(colours[k], k)
 
 
 def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, n_ood: int = 0,
