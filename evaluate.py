@@ -59,7 +59,7 @@ from infra.cli import fail, option
 from infra.parallel import setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
 from models import families
-from prompt import PROMPT, Processor, PromptFormat, score_messages
+from prompt import PROMPT, Processor, PromptFormat, pixel_bounds_problem, score_messages
 from report import judge, metrics
 from report.tables import markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
@@ -114,6 +114,11 @@ class Config:
         for name in ("model", "listener", "judge"):
             if getattr(self, name) not in ("", "toy"):
                 cli.check_checkpoint(name, getattr(self, name))
+        for name in ("model", "listener"):
+            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
+                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
+            if problem:
+                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.prompt:
             if len(self.images) < 2:
                 fail("images", self.images, "at least two image files to compare with --prompt")

@@ -104,7 +104,11 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+        """The checkpoint's own tokenizer and image processor; `min_pixels`/`max_pixels` override its bounds."""
         from transformers import AutoImageProcessor, AutoTokenizer
+        problem = pixel_bounds_problem(path, min_pixels, max_pixels)
+        if problem:
+            raise ValueError(problem)
         kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path, **kwargs))
 
@@ -181,6 +185,33 @@ class Processor:
     def encode(self, records: Sequence) -> dict[str, torch.Tensor]:
         """Pairs -> the preference prompt, Rated records -> the rating prompt."""
         return self.rated(records) if records and isinstance(records[0], Rated) else self.pairs(records)
+
+
+def pixel_bounds(path: str) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) of a checkpoint's preprocessor_config.json, in either layout: Qwen2.5-VL's
+    `min_pixels`/`max_pixels`, or Qwen3-VL's `size` {`shortest_edge`, `longest_edge`} (both in pixels)."""
+    import json
+    from pathlib import Path
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return None, None  # the processor's loader names the missing file
+    config = json.loads(file.read_text())
+    size = config.get("size") or {}
+    return (config.get("min_pixels", size.get("shortest_edge")), config.get("max_pixels", size.get("longest_edge")))
+
+
+def pixel_bounds_problem(path: str, min_pixels: int | None, max_pixels: int | None) -> str | None:
+    """What is wrong with overriding a checkpoint's pixel bounds so, or None. A `max_pixels` below the
+    checkpoint's own `min_pixels` (Qwen3-VL's is 65,536) would make the image processor enlarge small images past
+    `max_pixels` while it shrinks large ones: `min_pixels` must then be given too."""
+    if max_pixels is None or min_pixels is not None:
+        return None
+    own_min, _ = pixel_bounds(path)
+    if own_min is not None and max_pixels < own_min:
+        return (f"max_pixels={max_pixels} is below the min_pixels={own_min} of {path}/preprocessor_config.json: images "
+                f"under {own_min} pixels would be enlarged while larger ones are shrunk; give min_pixels (at most "
+                f"{max_pixels}) too")
+    return None
 
 
 def images_per_row(mm_token_type_ids: torch.Tensor) -> torch.Tensor:

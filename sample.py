@@ -124,23 +124,25 @@ def extend(model, prefix: Prefix, input_ids: Tensor, attention_mask: Tensor, log
     return logits
 
 
-def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T: int) -> dict:
+def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T: int):
     """The attention mask the decoder layers read, for T queries on top of `cache`, given the 2D padding mask
-    `full_mask` (N, S + T): (N, 1, T, S + T) for sdpa and eager attention.
+    `full_mask` (N, S + T): (N, 1, T, S + T) for sdpa and eager attention (a dict by layer type when a config
+    has sliding-window layers, which released Qwen2.5-VL and Qwen3-VL configs do not).
 
     The same builder the model would call, with one difference: `allow_is_causal_skip=False`. Otherwise it
     checks `full_mask.all()` on the host at every forward to see if it may drop the mask, which would make
-    every decode step wait for the GPU. (flash-attention takes the 2D mask and still checks.)
+    every decode step wait for the GPU. (flash-attention takes the 2D mask and still checks.) The model takes a
+    4D mask as it is.
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     text = model.model.language_model
     shape_only = torch.empty((full_mask.shape[0], T, 0), dtype=text.dtype, device=full_mask.device)  # (N, T, 0)
     kwargs = dict(config=text.config, inputs_embeds=shape_only, attention_mask=full_mask, past_key_values=cache,
                   allow_is_causal_skip=False)
-    masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in (getattr(text.config, "layer_types", None) or ()):  # not in released configs
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-    return masks
+    full = create_causal_mask(**kwargs)  # (N, 1, T, S + T)
+    if "sliding_attention" not in (getattr(text.config, "layer_types", None) or ()):
+        return full
+    return {"full_attention": full, "sliding_attention": create_sliding_window_causal_mask(**kwargs)}
 
 
 class CopiedCache:

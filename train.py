@@ -84,7 +84,7 @@ from infra import checkpoint, cli
 from infra.cli import OptionError, fail, option
 from infra.parallel import all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
-from prompt import PROMPT
+from prompt import PROMPT, pixel_bounds_problem
 from toy import demo, world
 
 
@@ -92,7 +92,7 @@ from toy import demo, world
 class Config:
     """Every option of `train.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
     # what to train
-    mode: str = option("demo", "demo: the toy world's three stages (demo.py; no other option needed); sft | grpo | score "
+    mode: str = option("demo", "demo: the toy world's four trainings and their table (toy/demo.py; no other option needed); sft | grpo | score "
                                "(absolute ratings, section 5) train --model", choices=("demo", "sft", "grpo", "score"))
     model: str = option("toy", "the starting checkpoint, a local save_pretrained directory with safetensors weights "
                                "(also the KL reference and the listener); 'toy' builds the tiny toy model")
@@ -147,7 +147,7 @@ class Config:
                                        "toy listener, whose answer only reading can explain). The toy reasoning "
                                        "(--sft_reasoning=toy) argues for the answer", choices=("label", "random", "both"))
     sft_reasoning: str = option("", "the reasoning written in every SFT target; 'toy': the toy world's cold start "
-                                    "(toy.cold_start_reasoning)")
+                                    "(toy/world.py's cold_start_reasoning)")
     sft_captions: int = option(0, "toy world's cold start: captions per SFT pair, teaching where colours are "
                                   "(toy/world.py's caption_example)", min=0)
     sft_answer_captions: int = option(0, "toy world's cold start: captions per SFT pair asked in the answer format, "
@@ -199,6 +199,11 @@ class Config:
             fail("pairs_per_rank", self.pairs_per_rank, "an even number with --both_orders=true")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
+        for name in ("model", "listener"):
+            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
+                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
+            if problem:
+                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
         if self.listener_from_reference and (self.listener or self.beta == 0 or self.mode != "grpo" or self.w_list == 0):
@@ -453,7 +458,7 @@ def train(cfg: Config) -> dict:
 
 
 def parse_args(argv: list[str]) -> Config:
-    """The command line -> a checked Config (cli.py: `--name=value` or `--name value`, `--help`)."""
+    """The command line -> a checked Config (infra/cli.py: `--name=value` or `--name value`, `--help`)."""
     return cli.parse(Config, argv, __doc__)
 
 

@@ -1,10 +1,10 @@
 """Peak memory of loading a Pick-a-Pic-style parquet file, and the cost of reading its images lazily.
 
 Writes a parquet file of about --mib MiB in the published Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0;
-incompressible JPEG bytes), then, each in a fresh process, loads it with `layouts.load_pickapic` and reports the
+incompressible JPEG bytes), then, each in a fresh process, loads it with `formats.layouts.load_pickapic` and reports the
 peak resident set size (VmHWM) above that of the same process after its imports, the time to load, and the
-same after decoding 64 random images (each read costs a row group of its column). With --compare REV, the data
-files as of git revision REV are measured the same way in the same run, side by side.
+same after decoding 64 random images (each read costs a row group of its column). With --compare REV, the code
+as of git revision REV (extracted with `git archive`) is measured the same way in the same run, side by side.
 
     python bench/parquet_memory.py                       # this checkout, row groups of 100 rows (as HF writes)
     python bench/parquet_memory.py --compare 2fef065     # ... and the data files at 2fef065
@@ -28,8 +28,12 @@ import pyarrow.parquet, PIL.Image
 try:
     from formats.images import load_image
     from formats.layouts import load_pickapic
-except ImportError:  # a revision from before data.py was split into layouts.py, images.py and prompt.py
-    from data import load_image, load_pickapic
+except ImportError:  # an older revision: the loaders at the top level
+    try:
+        from images import load_image
+        from layouts import load_pickapic
+    except ImportError:  # older still: all in data.py
+        from data import load_image, load_pickapic
 
 
 def peak_mib():  # VmHWM: this process's peak resident set (unlike ru_maxrss, not inherited from the parent)
@@ -89,11 +93,8 @@ def main() -> None:
         if args.compare:
             old = os.path.join(tmp, "old")
             os.makedirs(old)
-            for name in ("data.py", "layouts.py", "images.py", "prompt.py"):  # the last three: after the split
-                show = subprocess.run(["git", "show", f"{args.compare}:{name}"], cwd=ROOT, capture_output=True, text=True)
-                if show.returncode == 0:
-                    Path(old, name).write_text(show.stdout)
-            Path(old, "toy.py").write_text((ROOT / "toy.py").read_text())  # what an older data.py may import
+            archive = subprocess.run(["git", "archive", args.compare], cwd=ROOT, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", old], input=archive.stdout, check=True)
             versions[f"at {args.compare}"] = old
         for name, code in versions.items():
             r = measure(code, path)

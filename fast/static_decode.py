@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import families
 from sample import Prefix
 
 
@@ -63,6 +64,7 @@ class StaticDecoder:
         modules, or a plain copy."""
         from torch.distributed.fsdp import FSDPModule
         text, head = model.model.language_model, model.lm_head
+        self.head_norm = families.family_of(model).head_norm  # Qwen3-VL: RMSNorm of each query and key head
         if any(kind != "full_attention" for kind in getattr(text.config, "layer_types", None) or ()):
             raise ValueError(f"StaticDecoder: config.text_config.layer_types = {text.config.layer_types}: "
                              "decode_step implements full attention only")
@@ -73,7 +75,8 @@ class StaticDecoder:
         if self.text is None or self.text is text:
             self.text, self.lm_head = plain_copy(text, dtype), plain_copy(head, dtype)
         for plain, source in ((self.text, text), (self.lm_head, head)):
-            tensors = dict(source.named_parameters()) | dict(source.named_buffers())
+            tensors = {name.replace("_checkpoint_wrapped_module.", ""): t  # activation checkpointing's wrapper
+                       for name, t in list(source.named_parameters()) + list(source.named_buffers())}
             for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
                 t.copy_(tensors[name])
 
@@ -123,7 +126,7 @@ class StaticDecoder:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         position = (self.next_position[:, None] + self.rope_deltas)[:, 0]  # (N,) text position + rope delta
         logits = self.step_fn(self.text, self.lm_head, *prompt, keys, values, mask, token.contiguous(), position,
-                           self.column_index)  # (N, V) a column of `tokens` has its stride: copy
+                              self.column_index, self.head_norm)  # (N, V) a column of `tokens` has its stride: copy
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
         self.column_index += 1  # in place, on the device: a tensor, so the compiled step is not recompiled
@@ -146,8 +149,8 @@ def make_decoder(decode: str, device: torch.device | str) -> StaticDecoder | Non
 
 def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Tensor], prompt_mask: Tensor,
                 keys: list[Tensor], values: list[Tensor], mask: Tensor, token: Tensor, position: Tensor,
-                column: Tensor) -> Tensor:
-    """One token per row through Qwen2.5-VL's text model on a static cache: (N,) -> next-token logits (N, V).
+                column: Tensor, head_norm: bool = False) -> Tensor:
+    """One token per row through the text model on a static cache: (N,) -> next-token logits (N, V).
 
     The text model's forward written out for this case, on its own modules (so the same weights and the same
     RMSNorm and MLP code). Per layer: `prompt_keys`, `prompt_values` (B, Hkv, P', D) and `prompt_mask` (B, P'),
@@ -157,6 +160,7 @@ def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Te
     position on mRoPE's three axes, so its rotation is plain RoPE at that position (the three axes' sections
     of the frequencies, put back together, are the frequencies). Grouped-query attention without copying the
     cache: the R = Hq / Hkv query heads that share a key/value head become R query rows of that head.
+    `head_norm` (Qwen3-VL, models/families.py): each query and key head goes through its RMSNorm before RoPE.
     """
     config, N = text.config, token.shape[0]
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
@@ -173,8 +177,11 @@ def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Te
     for layer, prompt_k, prompt_v, k_cache, v_cache in zip(text.layers, prompt_keys, prompt_values, keys, values):
         attn = layer.self_attn
         h = layer.input_layernorm(x)  # (N, C) RMSNorm
-        q = rotate(attn.q_proj(h).view(N, Hkv, R, D))  # (N, Hkv, R, D) query head j = (j // R, j % R)
-        k = rotate(attn.k_proj(h).view(N, Hkv, 1, D))  # (N, Hkv, 1, D)
+        q = attn.q_proj(h).view(N, Hkv, R, D)  # (N, Hkv, R, D) query head j = (j // R, j % R)
+        k = attn.k_proj(h).view(N, Hkv, 1, D)  # (N, Hkv, 1, D)
+        if head_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)  # over D, each head on its own
+        q, k = rotate(q), rotate(k)
         k_cache.index_copy_(3, column, by_prompt(k))  # in place: the cache's column `column`
         v_cache.index_copy_(3, column, by_prompt(attn.v_proj(h).view(N, Hkv, 1, D)))
         o = shared_prompt_attention(by_prompt(q), prompt_k, prompt_v, prompt_mask, k_cache, v_cache, mask,

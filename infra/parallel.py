@@ -83,8 +83,9 @@ def checkpoint_blocks(model) -> None:
     """Activation checkpointing: each vision block and decoder layer keeps only its input for the backward
     pass and recomputes the rest (memory for compute; needed for 7B with G=10, see README)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    blocks = {id(b) for b in list(model.model.visual.blocks) + list(model.model.language_model.layers)}
-    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+    vision, decoder = families.blocks(model)
+    wrapped = {id(b) for b in vision + decoder}
+    apply_activation_checkpointing(model, check_fn=lambda m: id(m) in wrapped)
 
 
 def shard(model, device: torch.device, checkpointing: bool = False):
@@ -98,10 +99,11 @@ def shard(model, device: torch.device, checkpointing: bool = False):
     kw = {"mp_policy": mp} if mp is not None else {}
     if checkpointing:
         checkpoint_blocks(model)
-    for block in model.model.visual.blocks:
+    vision, decoder = families.blocks(model)
+    for block in vision:
         fully_shard(block, **kw)
     fully_shard(model.model.visual, **kw)
-    for layer in model.model.language_model.layers:
+    for layer in decoder:
         fully_shard(layer, **kw)
     fully_shard(model, reshard_after_forward=False, **kw)  # the root's weights are used again at once (`gathered`)
     if any(p.is_meta for p in model.parameters()):

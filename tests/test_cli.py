@@ -1,4 +1,4 @@
-"""One command line for train.py and evaluate.py (cli.py): spellings, --help, and every bad option refused
+"""One command line for train.py and evaluate.py (infra/cli.py): spellings, --help, and every bad option refused
 before anything loads, with a message naming the option, the value and what is allowed."""
 import dataclasses
 import subprocess

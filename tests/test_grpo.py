@@ -242,7 +242,11 @@ def test_gradient_flows_only_through_logp():
 # completion_logprobs on the toy Qwen2.5-VL, against a naive full forward per row
 
 
-def test_completion_logprobs_equal_naive_forward_per_row():
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # toy/world.py builds either
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_completion_logprobs_equal_naive_forward_per_row(family):
     import random
 
     from toy import world as toy
@@ -251,8 +255,8 @@ def test_completion_logprobs_equal_naive_forward_per_row():
     from grpo import completion_logprobs
 
     torch.manual_seed(0)
-    processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
-    model = toy.make_model(processor.tokenizer)
+    processor = Processor(toy.make_tokenizer(family=family), toy.make_image_processor(max_pixels=128 * 128, family=family))
+    model = toy.make_model(processor.tokenizer, family=family)
     rng = random.Random(0)
     pairs = []
     for size in [(56, 56), (112, 56)]:  # different image sizes -> different numbers of image tokens
@@ -279,14 +283,14 @@ def test_completion_logprobs_equal_naive_forward_per_row():
             assert abs(got[n, t].item() - expected.item()) < 1e-4, (n, t)
 
 
-def grpo_toy_batch():
+def grpo_toy_batch(family="qwen2_5_vl"):
     """Two left-padded prompts of different lengths with images of two sizes, G=3 ragged completions."""
     import random
 
     from toy import world as toy
     from formats.records import Pair
     from prompt import Processor
-    processor = Processor(toy.make_tokenizer(), toy.make_image_processor(max_pixels=112 * 112))
+    processor = Processor(toy.make_tokenizer(family=family), toy.make_image_processor(max_pixels=128 * 128, family=family))
     rng = random.Random(0)
     pairs = []
     for size in [(56, 56), (112, 56)]:  # 4 and 8 image tokens per image
@@ -304,8 +308,9 @@ def grpo_toy_batch():
     return processor, batch, completions, mask
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
+def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, family):
     """One prompt pass per group (fast/shared_prompt.py) == the reference, grpo.completion_logits, which repeats
     each prompt and its image patches G times and runs one plain forward over prompt + completion per row:
     log-probs and every parameter's gradient, 1e-5. With activation checkpointing each layer is recomputed in the
@@ -316,8 +321,8 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing):
     from infra import parallel
     from toy import world as toy
 
-    processor, batch, completions, mask = grpo_toy_batch()
-    model = toy.make_model(processor.tokenizer, seed=0).train()
+    processor, batch, completions, mask = grpo_toy_batch(family)
+    model = toy.make_model(processor.tokenizer, seed=0, family=family).train()
     if checkpointing:
         parallel.checkpoint_blocks(model)
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)

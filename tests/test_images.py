@@ -1,4 +1,4 @@
-"""Tests for images.py: `load_image` turns every image mode into RGB the way a viewer shows it (palettes,
+"""Tests for formats/images.py: `load_image` turns every image mode into RGB the way a viewer shows it (palettes,
 transparency over white, 16-bit), applies EXIF rotation, and refuses decompression bombs.
 
 Run: .venv/bin/python -m pytest -q tests/test_images.py

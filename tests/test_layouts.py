@@ -1,4 +1,4 @@
-"""Tests for layouts.py: each dataset's published layout (ImageReward, HPDv2, Rapidata, Pick-a-Pic), written out
+"""Tests for formats/layouts.py: each dataset's published layout (ImageReward, HPDv2, Rapidata, Pick-a-Pic), written out
 in small files here, read back and checked, and bad records refused with the file, record and field named.
 
 Images are real PNG files (tests/pictures.py), each one a solid colour, so the test can tell which image a

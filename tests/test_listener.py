@@ -1,4 +1,6 @@
-"""Tests for listener.py: shared-prefix scoring against one full forward pass per rollout, built here.
+"""Tests for listener.py, on the toy model of each family: shared-prefix scoring against one full forward pass per
+rollout, built here; a listener of the other family than the reasoner; the listener read from the reference pass
+(fast/listener_from_reference.py).
 
 The reference path never touches sample.py or listener.py's batching: for each rollout it encodes images +
 prompt + `listener_prefix(reasoning)` as one sequence with `prompt.Processor`, runs one full forward with the
@@ -28,11 +30,11 @@ REASONINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture(scope="module", params=toy.FAMILIES)
+def world(request):
     torch.set_num_threads(1)
-    processor = toy.make_processor()
-    model = toy.make_model(processor.tokenizer)  # fp32, eval
+    processor = toy.make_processor(request.param)
+    model = toy.make_model(processor.tokenizer, family=request.param)  # fp32, eval
     rng = random.Random(0)
     pairs = []
     for label in (0, 1):
@@ -54,6 +56,11 @@ def full_forward_probs(model, processor, pair, reasoning):
     ids = [processor.tokenizer(a, add_special_tokens=False)["input_ids"] for a in PROMPT.answers]
     assert all(len(i) == 1 for i in ids)
     return logits[0, -1, [i[0] for i in ids]].softmax(-1)  # (2,)
+
+
+def family_of(world) -> str:
+    """The toy family `world`'s model is of."""
+    return "qwen3_vl" if "Qwen3" in type(world[0]).__name__ else "qwen2_5_vl"
 
 
 def completions(reasonings, answers):
@@ -95,6 +102,20 @@ def test_answer_never_changes_p_correct(world):
     for pair in pairs:
         p = listener.p_correct([pair], texts)  # (5,)
         torch.testing.assert_close(p, p[:1].expand(len(texts)), atol=1e-6, rtol=0)
+
+
+def test_a_listener_of_the_other_family(world):
+    """The listener needs only its own processor and the reasoner's text: a reasoner of one family, a listener of
+    the other, give the listener's own full-forward probabilities (the reasoning is read as text)."""
+    model, processor, pairs = world
+    other = next(f for f in toy.FAMILIES if f != family_of(world))
+    other_processor = toy.make_processor(other)
+    listener = Listener(toy.make_model(other_processor.tokenizer, seed=3, family=other), other_processor)
+    texts = completions(REASONINGS, [A0, A1, A1])  # what a reasoner of `world`'s family wrote about pairs[0]
+    p = listener.p_correct(pairs[:1], texts)  # (3,)
+    for g, r in enumerate(REASONINGS):
+        expected = full_forward_probs(listener.model, other_processor, pairs[0], r)  # (2,)
+        torch.testing.assert_close(p[g], expected[pairs[0].label], atol=1e-5, rtol=0)
 
 
 def test_reasoning_changes_p_correct(world):
@@ -148,7 +169,7 @@ def test_answer_token_ids(world):
 
 def test_listener_is_frozen(world):
     _, processor, pairs = world
-    model = toy.make_model(processor.tokenizer).train()
+    model = toy.make_model(processor.tokenizer, family=family_of(world)).train()
     listener = Listener(model, processor)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     p = listener.p_correct(pairs, completions(REASONINGS[:2], [A0, A1]) * len(pairs))
@@ -203,5 +224,5 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
         torch.testing.assert_close(ref_logp[mask], expected_logp[mask], atol=1e-5, rtol=0)
         torch.testing.assert_close(p_correct, listener.p_correct(pairs, texts), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
-        reference_and_listener(toy.make_model(tok, seed=5), listener, grpo.completion_logits,
+        reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_logits,
                                [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)

@@ -14,7 +14,7 @@ import train
 from infra import trainer
 from formats.records import Pair, Rated
 from prompt import PROMPT, score_messages
-from real_layout import real_checkpoint  # noqa: F401
+from real_layout import qwen3_checkpoint, real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 220), (230, 200, 40), (120, 60, 160), (40, 170, 170),
@@ -217,6 +217,48 @@ def test_score_mode_then_absolute_evaluation(real_checkpoint, real_data, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["scoring"] == "absolute" and report["images"] == 12 and report["accuracy"]["mean@1"]["pairs"] == 12
+
+
+# ---------------------------------------------------------------- Qwen3-VL, from the same commands
+
+QWEN3_PIXELS = ["--min_pixels=1024", "--max_pixels=4096"]  # the published min_pixels is 65,536: both bounds given
+TINY_QWEN3 = [a for a in TINY_REAL if not a.startswith("--max_pixels")] + QWEN3_PIXELS
+
+
+def test_qwen3_grpo_two_processes_equal_one_then_evaluate(qwen3_checkpoint, real_data, tmp_path):
+    """README's Qwen3-VL command on a Qwen3-VL-8B-Instruct-like checkpoint (nested config, no pad id, DeepStack):
+    torchrun x2 GRPO with the listener and the fast paths, 2 steps, equals the 1-process run on the reference
+    paths (losses to 1e-5; the bf16 exports to one bf16 step); its export loads with from_pretrained as a
+    Qwen3-VL; evaluate.py runs on it, on a dataset and as a reward model."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen3VLForConditionalGeneration
+    common = ["train.py", "--mode=grpo", f"--model={qwen3_checkpoint}", f"--train_data=imagereward:{real_data}",
+              f"--eval_data=imagereward:{real_data}", *TINY_QWEN3, "--pairs_per_rank=1"]
+    fast = ["--decode=static", "--shared_prompt=true", "--listener_from_reference=true", "--activation_checkpointing=true"]
+    two = run_script(common + fast + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one = run_script(common + ["--pairs_per_rank=2", "--micro_pairs=1", f"--out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    rows = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [1, 2] and all("listener_p_correct" in r for r in rows["two"])
+    assert [r["loss"] for r in rows["one"]] == pytest.approx([r["loss"] for r in rows["two"]], abs=1e-5)
+    checkpoint = exported(tmp_path / "two")
+    a, b = (load_file(exported(tmp_path / n) / "model.safetensors") for n in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-6, rtol=2 ** -7, msg=k)  # a bf16 step
+    model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint)
+    assert model.config.architectures == ["Qwen3VLForConditionalGeneration"] and a["lm_head.weight"].dtype == torch.bfloat16
+    run = run_script(["evaluate.py", "--model", str(checkpoint), "--data", f"imagereward:{real_data}", *QWEN3_PIXELS,
+                      "--max-new-tokens", "8", "--k", "2", "--both-orders", "--out", str(tmp_path / "eval")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["comparisons"] == 4 * 2 and "mean@2 both orders" in report["accuracy"]
+    images = [str(real_data.parent / "images" / f"{i}.png") for i in range(3)]
+    run = run_script(["evaluate.py", "--model", str(checkpoint), "--prompt", "a red fox", "--images", *images,
+                      *QWEN3_PIXELS, "--max-new-tokens", "8"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "best: " in run.stdout and len([ln for ln in run.stdout.splitlines() if ln[:1].isdigit()]) == 3
 
 
 # ---------------------------------------------------------------- p(b) without a second prefill

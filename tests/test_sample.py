@@ -1,5 +1,6 @@
-"""Tests for sample.py on the toy Qwen2.5-VL (CPU, fp32), each against an independent computation:
-`model.generate`, a full forward pass without a cache, or a distribution set through the model's lm_head.
+"""Tests for sample.py (and fast/static_decode.py) on the toy model of each family, Qwen2.5-VL and Qwen3-VL (CPU,
+fp32), each against an independent computation: `model.generate`, a full forward pass without a cache, or a
+distribution set through the model's lm_head.
 
 Run: .venv/bin/python -m pytest -q tests/test_sample.py
 """
@@ -22,14 +23,19 @@ IMAGE_SIZES = [((56, 56), (84, 56)), ((56, 112), (56, 56)), ((84, 56), (56, 112)
 IMAGES_PER_PROMPT = 2
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return toy.make_tokenizer()
+@pytest.fixture(scope="module", params=toy.FAMILIES)
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return sharpened(toy.make_model(tok, seed=0))
+def tok(family):
+    return toy.make_tokenizer(family=family)
+
+
+@pytest.fixture(scope="module")
+def model(tok, family):
+    return sharpened(toy.make_model(tok, seed=0, family=family))
 
 
 def sharpened(model, scale=10.0):
@@ -40,14 +46,15 @@ def sharpened(model, scale=10.0):
         for layer in model.model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
                 proj.weight.mul_(scale)
-                proj.bias.mul_(scale)
+                if proj.bias is not None:  # Qwen3-VL's projections have none
+                    proj.bias.mul_(scale)
     return model
 
 
 @pytest.fixture(scope="module")
-def batch(tok):
+def batch(tok, family):
     """Three prompts of different lengths, each with two images of different sizes (so different token counts)."""
-    processor = Processor(tok, toy.make_image_processor(max_pixels=112 * 112))
+    processor = Processor(tok, toy.make_image_processor(max_pixels=128 * 128, family=family))
     rng = random.Random(0)
     images = []
     for sizes in IMAGE_SIZES:
@@ -98,9 +105,9 @@ def full_forward_logits(model, batch, b, completion):
     return out.logits[0]  # (P + C, V)
 
 
-def controlled_model(tok, logits):
+def controlled_model(tok, logits, family):
     """The toy model with lm_head replaced so that every position's logits are exactly `logits` (V,)."""
-    model = toy.make_model(tok, seed=1)
+    model = toy.make_model(tok, seed=1, family=family)
     hidden, V = model.config.text_config.hidden_size, model.config.text_config.vocab_size
     head = nn.Linear(hidden, V, bias=True)
     with torch.no_grad():
@@ -215,13 +222,13 @@ def test_per_prompt_generators_make_rollouts_independent_of_the_batch(model, bat
     (2, 0.95, [100, 101]),  # top-k is the tighter bound
     (4, 0.65, [100, 101]),  # top-p is the tighter bound
 ])
-def test_top_k_top_p_stay_in_allowed_set(tok, batch, top_k, top_p, allowed):
+def test_top_k_top_p_stay_in_allowed_set(tok, family, batch, top_k, top_p, allowed):
     """With logits fixed through lm_head, every sampled token lies in the top-k / nucleus set computed here,
     every token of that set is drawn, and at about its renormalised probability."""
-    V = toy.make_config(tok).text_config.vocab_size
+    V = toy.make_config(tok, family=family).text_config.vocab_size
     probs = torch.full((V,), 0.05 / (V - 4))
     probs[[100, 101, 102, 103]] = torch.tensor([0.4, 0.3, 0.2, 0.05])
-    model = controlled_model(tok, probs.log())
+    model = controlled_model(tok, probs.log(), family)
     rollouts = sample.sample(model, take_prompts(batch, [0]), num_samples=64, max_new_tokens=8, temperature=1.0,
                              top_k=top_k, top_p=top_p, stop_token_ids=[], generator=torch.Generator().manual_seed(0))
     drawn = rollouts.tokens[rollouts.mask]  # (512,)
@@ -234,16 +241,16 @@ def test_top_k_top_p_stay_in_allowed_set(tok, batch, top_k, top_p, allowed):
 
 
 @pytest.mark.parametrize("path", ["eager", "static"])
-def test_vision_tokens_never_sampled(tok, batch, path):
+def test_vision_tokens_never_sampled(tok, family, batch, path):
     """Logits that favour <|image_pad|> and the other vision tokens: none is ever emitted (an emitted
     <|image_pad|> would make the next forward fail)."""
-    config = toy.make_config(tok)
+    config = toy.make_config(tok, family=family)
     V = config.text_config.vocab_size
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
     vision = [getattr(config, k) for k in sample.VISION_TOKEN_KEYS]
     logits[vision] = 20.0
     logits[config.image_token_id] = 30.0
-    model = controlled_model(tok, logits)
+    model = controlled_model(tok, logits, family)
     sub = take_prompts(batch, [0, 2])
     prefix = sample.prefill(model, sub)
     assert prefix.logits.argmax(-1).eq(config.image_token_id).all()  # the model does favour <|image_pad|>
@@ -298,12 +305,12 @@ def test_shared_prompt_attention_matches_a_plain_loop():
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (4, 4)])
-def test_static_decode_step_groups_query_heads(tok, batch, heads, kv_heads):
+def test_static_decode_step_groups_query_heads(tok, family, batch, heads, kv_heads):
     """`decode_step` does grouped-query attention itself (query head j reads key/value head j // R): with
     R = 4 query heads per key/value head (8 on 2, where a wrong grouping reads the wrong head) and R = 1 (4 on
     4), as with the suite's R = 2, greedy tokens equal model.generate's and sampled log-probs the eager
     reference's."""
-    model = sharpened(toy.make_model(tok, seed=2, heads=heads, kv_heads=kv_heads))
+    model = sharpened(toy.make_model(tok, seed=2, family=family, heads=heads, kv_heads=kv_heads))
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id, config.do_sample, config.max_new_tokens = None, False, 8
     config.suppress_tokens = vision_ids(model)
@@ -365,7 +372,7 @@ def test_extend_matches_full_forward(tok, model, batch):
                 assert int(prefix.next_position[n]) == full.shape[0]
 
 
-def test_gathered_unshards_once_under_fsdp2(tok, batch):
+def test_gathered_unshards_once_under_fsdp2(tok, family, batch):
     """Under FSDP2 (one process), `sample` inside `infra.parallel.gathered` all-gathers each sharded module once
     for the whole rollout, where plain forwards gather again at every decode step; it returns the same tokens as
     the unsharded model, also when it is the sharded model's first use, and leaves the weights sharded and the
@@ -378,7 +385,7 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     sub = take_prompts(batch, [0, 1])
-    reference = sharpened(toy.make_model(tok, seed=0))
+    reference = sharpened(toy.make_model(tok, seed=0, family=family))
     expected = sample.sample(reference, sub, max_new_tokens=5, temperature=0.0, stop_token_ids=[]).tokens
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     gathers = []
@@ -390,7 +397,7 @@ def test_gathered_unshards_once_under_fsdp2(tok, batch):
         return unshard(group, *args, **kwargs)
 
     def sharded_model():
-        model = sharpened(toy.make_model(tok, seed=0))
+        model = sharpened(toy.make_model(tok, seed=0, family=family))
         for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
             fully_shard(block)
         fully_shard(model)

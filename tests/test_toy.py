@@ -1,4 +1,4 @@
-"""The toy world's language, judge and cold start (toy.py), and the demo's summary (demo.py).
+"""The toy world's language, judge, cold starts and OOD split (toy/world.py), and the demo's summary (toy/demo.py).
 
 The judge is checked on reasonings written by hand; the cold start's SFT targets against the images they
 are about (read from the pixels); the demo end to end on tiny sizes, for every field of summary.json.

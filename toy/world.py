@@ -102,11 +102,16 @@ def _corpus() -> list[str]:
     return texts * 4
 
 
-def make_tokenizer(vocab_size: int = 640):
-    """A byte-level BPE tokenizer with Qwen2.5-VL's special tokens and chat template, trained in-process.
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # the toy model comes in both families (models/families.py)
+QWEN3_VL_CHAT_TEMPLATE = (Path(__file__).parent / "qwen3_vl_chat_template.jinja").read_text()  # as published
+
+
+def make_tokenizer(vocab_size: int = 640, family: str = "qwen2_5_vl"):
+    """A byte-level BPE tokenizer with the family's special tokens and chat template, trained in-process.
 
     The prompt tags (`<think>`, `</think>`, `<answer>`, `</answer>`) are single added tokens, so the tiny
-    model learns the format in a few steps. Byte-level: every string round-trips through encode/decode.
+    model learns the format in a few steps (Qwen3-VL's own tokenizer has `<think>` and `</think>` as added tokens
+    too). Byte-level: every string round-trips through encode/decode.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -121,25 +126,31 @@ def make_tokenizer(vocab_size: int = 640):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         extra_special_tokens={})
     tokenizer.add_tokens(tags)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = {"qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}[family]
     return tokenizer
 
 
-def make_image_processor(min_pixels: int = IMAGE_SIZE * IMAGE_SIZE, max_pixels: int = IMAGE_SIZE * IMAGE_SIZE):
-    """The real Qwen2-VL image processor (PIL backend: no torchvision needed), sized for 56x56 images."""
+def make_image_processor(min_pixels: int | None = None, max_pixels: int | None = None, family: str = "qwen2_5_vl"):
+    """The real Qwen2-VL image processor (PIL backend: no torchvision needed), sized for the toy's images: 56x56
+    is 4x4 patches of 14 pixels (Qwen2.5-VL); Qwen3-VL's 16-pixel patches take them resized to 64x64. Either way
+    2x2 = 4 image tokens after the merge."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    side = IMAGE_SIZE if family == "qwen2_5_vl" else 64
+    pixels = dict(min_pixels=min_pixels or side * side, max_pixels=max_pixels or side * side)
+    if family == "qwen2_5_vl":
+        return Qwen2VLImageProcessorPil(**pixels)
+    return Qwen2VLImageProcessorPil(**pixels, patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-def make_processor():
+def make_processor(family: str = "qwen2_5_vl"):
     """The toy `prompt.Processor`: the toy tokenizer and image processor."""
-    return Processor(make_tokenizer(), make_image_processor())
+    return Processor(make_tokenizer(family=family), make_image_processor(family=family))
 
 
 def make_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                vision_hidden: int = 64, vision_depth: int = 2, vision_heads: int = 2):
-    """A tiny `Qwen2_5_VLConfig`: the real architecture at a few hundred thousand parameters."""
-    from transformers import Qwen2_5_VLConfig
+                vision_hidden: int = 64, vision_depth: int = 2, vision_heads: int = 2, family: str = "qwen2_5_vl"):
+    """A tiny config of the family's real architecture, at a few hundred thousand parameters."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
     head_dim = hidden // heads
     section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # must sum to head_dim / 2
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -150,22 +161,27 @@ def make_config(tokenizer, hidden: int = 128, layers: int = 2, heads: int = 4, k
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                  num_heads=vision_heads, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+                  num_heads=vision_heads, out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    if family == "qwen2_5_vl":
+        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[vision_depth - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    text.update(head_dim=head_dim, attention_bias=False)
+    text["rope_parameters"].update(mrope_interleaved=True)
+    vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=list(range(vision_depth)))
+    return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
 
 
-def make_model(tokenizer=None, seed: int = 0, **config_overrides):
-    """A freshly initialised tiny `Qwen2_5_VLForConditionalGeneration` (fp32, eval mode)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    tokenizer = tokenizer or make_tokenizer()
+def make_model(tokenizer=None, seed: int = 0, family: str = "qwen2_5_vl", **config_overrides):
+    """A freshly initialised tiny model of the family (fp32, eval mode)."""
+    from models import families
+    tokenizer = tokenizer or make_tokenizer(family=family)
     torch.manual_seed(seed)
-    config = make_config(tokenizer, **config_overrides)
+    config = make_config(tokenizer, family=family, **config_overrides)
     config._attn_implementation = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.eval()
+    return families.model_class(families.FAMILIES[family])(config).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
