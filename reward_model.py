@@ -19,10 +19,11 @@ pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The 
 comparison are seeded by (seed, j): a prompt's scores depend on the prompt, its images and the options alone,
 not on the other prompts of a batch, the batch size, the process or the restart that computes them.
 
-Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out, one line per
-input line, in input order: its fields plus "scores" and "ranking" (and, with --reasonings, each comparison's
-k reasonings). Killed, the same command goes on where it stopped (lines already written are kept; a partial
-last line is redone). Under torchrun each process scores every N-th line and rank 0 writes them all:
+Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out comes one line
+per input line (blank lines aside), in input order: its fields plus "scores" and "ranking" (and, with
+--reasonings, each comparison's k reasonings). Killed, the same command goes on where it stopped: lines already
+written are kept, a partial last line is redone, and a rerun with other scoring options is refused (they are
+kept in OUT.options.json). Under torchrun each process scores every N-th line and rank 0 writes them all:
 
     python reward_model.py --model CKPT --input prompts.jsonl --out scores.jsonl --k 3
     torchrun --nproc_per_node=8 reward_model.py --model CKPT --input prompts.jsonl --out scores.jsonl --k 3

@@ -7,8 +7,13 @@ Everything runs the tiny random toy model (a saved copy of it where a checkpoint
 rollouts of 6 tokens. Run: .venv/bin/python -m pytest -q tests/test_reward_model.py
 """
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy
 import pytest
@@ -19,7 +24,7 @@ import evaluate
 import reward_model
 from formats.images import DataError
 from reward_model import RewardModel
-from test_real_use import run_script
+from test_real_use import ROOT, run_script
 from toy import world
 
 OPTIONS = dict(k=2, both_orders=True, max_new_tokens=6, seed=3, batch_size=4)
@@ -222,3 +227,30 @@ def test_jsonl_two_processes_write_what_one_writes(checkpoint_dir, scored, tmp_p
                       "--reasonings", *FLAGS[:-1], "--batch_size=2"], nproc=2)
     assert run.returncode == 0, run.stderr[-3000:]
     same_rows(rows(out), rows(full))
+
+
+def test_jsonl_resumes_after_a_real_kill(rm, checkpoint_dir, groups, tmp_path):
+    """SIGKILL a run as soon as it has written a line (it may be writing the next one): the rerun keeps the
+    lines that were whole, and the file ends with all 12 lines in order, each with the API's scores."""
+    many = [groups[i % len(groups)] for i in range(12)]
+    source, out = write_input(tmp_path / "in.jsonl", many), tmp_path / "out.jsonl"
+    args = ["--model", checkpoint_dir, "--input", source, "--out", str(out), *FLAGS[:-1], "--batch_size=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    run = subprocess.Popen([sys.executable, "reward_model.py", *args], cwd=ROOT,
+                           env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while run.poll() is None and not (out.exists() and out.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    at_kill = out.read_text()
+    whole = at_kill[:at_kill.rfind("\n") + 1]
+    if at_kill.count("\n") == len(many):
+        pytest.fail("the run finished before it was killed: nothing was tested")
+    again = run_script(["reward_model.py", *args])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert out.read_text().startswith(whole)
+    written = rows(out)
+    assert [r["id"] for r in written] == [f"g{i}" for i in range(len(many))]
+    for row, scores in zip(written, rm.score_batch(many)):
+        assert row["scores"] == pytest.approx(scores, abs=1e-5)
