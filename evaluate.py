@@ -16,6 +16,7 @@ the zero-shot row of table 3; every option: `python evaluate.py --help`):
         --k 3 --both-orders --no-thinking --listener /models/Qwen2.5-VL-7B-Instruct --judge /models/Qwen2.5-14B-Instruct
     python evaluate.py --model PATH --scoring absolute --data imagereward:test.json --images ROOT --k 3  # --mode=score
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
+    python reward_model.py --model PATH --input prompts.jsonl --out scores.jsonl     # many prompts (and its Python API)
 
 Under torchrun each process holds the whole model and takes every N-th comparison; each pair's rollouts are
 seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
@@ -526,14 +527,16 @@ def toy_processor():
     return world.make_processor()
 
 
-def load_reasoner(path: str, cfg: Config, seed: int = 0):
-    """A checkpoint (reasoner or listener) and its processor; 'toy' builds a random toy model."""
-    device, dtype = device_and_dtype()
+def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: torch.dtype | None = None):
+    """A checkpoint (reasoner or listener) and its processor; 'toy' builds a random toy model (fp32 unless `dtype`).
+    `device`, `dtype`: None takes `device_and_dtype()`'s (bf16 on this process's GPU, fp32 on the CPU)."""
+    default_device, default_dtype = device_and_dtype()
+    device = torch.device(device) if device is not None else default_device
     if path == "toy":
         from toy import world
         processor = toy_processor()
-        return world.make_model(processor.tokenizer, seed=seed).to(device), processor
-    model = families.load(path, dtype).to(device).eval()
+        return world.make_model(processor.tokenizer, seed=seed).to(device, dtype), processor
+    model = families.load(path, dtype or default_dtype).to(device).eval()
     return model, Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
 
 

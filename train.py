@@ -18,9 +18,11 @@ Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5
 
 The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant (one
 image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun's
---nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Every option is a
-field of `Config` below (--name=value or --name value; `--help` lists them), checked before anything loads. The
-last three options above switch on speed-ups (fast/), each tested equal to the reference path this file shows.
+--nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Each step's metrics
+go to out_dir/metrics.jsonl, and with --report_to=tensorboard|wandb also to TensorBoard or W&B, to watch the run
+live (infra/tracking.py; the packages are needed only when asked for). Every option is a field of `Config`
+below (--name=value or --name value; `--help` lists them), checked before anything loads. The last three
+options above switch on speed-ups (fast/), each tested equal to the reference path this file shows.
 
 This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
 G rollouts per pair (sample.py), reads them with the reference model (`reference_pass`, pi_ref of eq. (2)) and
@@ -80,7 +82,7 @@ import sample
 from fast import listener_from_reference
 from fast.static_decode import DECODES
 from formats.records import Pair
-from infra import checkpoint, cli
+from infra import checkpoint, cli, tracking
 from infra.cli import OptionError, fail, option
 from infra.parallel import all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
@@ -170,9 +172,14 @@ class Config:
     export_every: int = option(0, "a from_pretrained export every N steps (0: only the one at the end)", min=0)
     allow_config_change: bool = option(False, "resume a checkpoint whose run had other values of options that "
                                               "change training (listed when refused)")
+    report_to: str = option("none", "watch the run live, every metrics.jsonl field per step: tensorboard (event files "
+                                    "in out_dir/tensorboard), wandb, or tensorboard,wandb; each package is needed only "
+                                    "when named (infra/tracking.py)")
+    wandb_project: str = option("listener-grpo", "the W&B project of --report_to=wandb (the run is named after out_dir)")
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
+        tracking.require(self.report_to)  # a missing tensorboard or wandb stops the run here
         toy_model = self.model == "toy"
         if self.mode == "demo":
             given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images")

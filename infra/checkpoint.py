@@ -42,7 +42,7 @@ STEP_DIR = re.compile(r"step_(\d{7})")
 # which speed-ups compute it (fast/: the same numbers up to rounding).
 NOT_TRAINING = {"out_dir", "steps", "eval_every", "eval_pairs", "eval_data", "eval_images", "save_every",
                 "keep_last", "export_every", "allow_config_change", "activation_checkpointing", "micro_pairs",
-                "pairs_per_rank", "decode", "shared_prompt", "listener_from_reference"}
+                "pairs_per_rank", "decode", "shared_prompt", "listener_from_reference", "report_to", "wandb_project"}
 
 
 def step_dir(out: Path, step: int) -> Path:

@@ -6,7 +6,7 @@ one SFT step, the loop), this file what it runs on. `cfg` is a train.Config thro
   speed-ups the config switches on), built by loading and sharding the models (parallel.py); its optimiser
   step, and its checkpoints (checkpoint.py is the on-disk format; `open_run` locks out_dir and picks what to
   resume);
-- metrics: held-out accuracy, each step's metrics reduced over ranks, metrics.jsonl;
+- metrics: held-out accuracy, each step's metrics reduced over ranks, metrics.jsonl and the --report_to trackers;
 - stopping: `Stop` turns SIGTERM/Ctrl-C into a clean exit with the last finished step saved.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from data import ExampleStream
 from fast import shared_prompt
 from fast.static_decode import make_decoder
 from formats.records import Group, Pair
-from infra import checkpoint
+from infra import checkpoint, tracking
 from infra.parallel import all_sum, frozen, gathered, load_model, log, shard, to_device
 from listener import Listener
 from prompt import PROMPT, Processor, prompt_rows
@@ -298,13 +298,18 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
 
 class Progress:
     """Rank 0's record of the run: a row of metrics.jsonl per step (rows past a resumed step cut, see
-    `checkpoint.open_metrics`) and a progress bar; on the other ranks it does nothing."""
+    `checkpoint.open_metrics`), the same row to each tracker of --report_to (tracking.py) and a progress bar; on
+    the other ranks it does nothing."""
 
     def __init__(self, cfg, step: int, rank: int):
         self.file = self.bar = None
+        self.trackers = []
         if rank == 0:
             from tqdm import tqdm
-            self.file = checkpoint.open_metrics(Path(cfg.out_dir) / "metrics.jsonl", step)
+            path = Path(cfg.out_dir) / "metrics.jsonl"
+            earlier = tracking.read_rows(path)  # before the rows this run trains again are cut
+            self.file = checkpoint.open_metrics(path, step)
+            self.trackers = tracking.start(cfg, step, earlier)
             self.bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.mode} {Path(cfg.out_dir).name}", dynamic_ncols=True)
 
     def write(self, row: dict) -> None:
@@ -312,6 +317,8 @@ class Progress:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "reward_accuracy", "heldout_accuracy") if k in row})
 
@@ -319,6 +326,8 @@ class Progress:
         if self.file is not None:
             self.bar.close()
             self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 # ----------------------------------------------------------------------------------------------------------

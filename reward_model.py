@@ -1,0 +1,375 @@
+"""The trained reasoner as a reward model: load a checkpoint once, then score images for prompts.
+
+A prompt's n images are scored against an anchor, as in section 5: the anchor (image 0 unless `anchor=`)
+scores 0.5, every other image its probability of beating the anchor, p(b | C) = sigma(f(b | C) - f(a | C))
+(eq. (4)), averaged over k reasoning rollouts (Mean@k). Higher is preferred. A score compares the images of
+one prompt with each other, not with another prompt's images. This file is a thin shell over evaluate.py's
+scoring (`compare_pairs`, `anchor_pairs`, `anchor_scores`) and gives the numbers of
+`python evaluate.py --model CKPT --prompt P --images ...` for the same options and seed.
+
+    from reward_model import RewardModel
+    rm = RewardModel.from_pretrained("runs/hpdv2/export_0001000", k=3)  # bf16 on the GPU, fp32 on the CPU
+    rm.score("a red cube", ["a.png", "b.png", "c.png"])   # [0.5, 0.81, 0.23]: one score per image
+    rm.rank("a red cube", ["a.png", "b.png", "c.png"])    # [1, 0, 2]: image indices, best first
+    rm.compare("a red cube", "a.png", "b.png")            # .p_b, and the k .reasonings it was read after
+    rm.score_batch([(prompt, images), ...])               # many prompts: batches filled across prompts
+
+Images are paths, PIL images, encoded bytes or (3, H, W) tensors (floats in [0, 1] or uint8, what a diffusion
+pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The rollouts of a prompt's j-th
+comparison are seeded by (seed, j): a prompt's scores depend on the prompt, its images and the options alone,
+not on the other prompts of a batch, the batch size, the process or the restart that computes them.
+
+Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out comes one line
+per input line (blank lines aside), in input order: its fields plus "scores" and "ranking" (and, with
+--reasonings, each comparison's k reasonings). Killed, the same command goes on where it stopped: lines already
+written are kept, a partial last line is redone, and a rerun with other scoring options is refused (they are
+kept in OUT.options.json). Under torchrun each process scores every N-th line and rank 0 writes them all:
+
+    python reward_model.py --model CKPT --input prompts.jsonl --out scores.jsonl --k 3
+    torchrun --nproc_per_node=8 reward_model.py --model CKPT --input prompts.jsonl --out scores.jsonl --k 3
+
+Tests: .venv/bin/python -m pytest -q tests/test_reward_model.py; images/s: bench/reward_model.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import evaluate
+from evaluate import Comparison, anchor_pairs, anchor_scores, compare_pairs
+from fast.static_decode import DECODES, make_decoder
+from formats.images import DataError, load_image
+from formats.records import Pair
+from infra import checkpoint, cli
+from infra.cli import fail, option
+from infra.parallel import log, setup_distributed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Python API
+
+
+class RewardModel:
+    """A reasoner held once, scoring the images of prompts against an anchor (eq. (4), Mean@k)."""
+
+    def __init__(self, model, processor, k: int = 1, both_orders: bool = False, anchor: int = 0,
+                 max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False):
+        for name, value, least in (("k", k, 1), ("anchor", anchor, 0), ("max_new_tokens", max_new_tokens, 1),
+                                   ("seed", seed, 0), ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
+        if decode not in DECODES:
+            raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
+        self.model, self.processor = model.eval(), processor
+        self.k, self.both_orders, self.anchor, self.seed, self.batch_size = k, both_orders, anchor, seed, batch_size
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             decoder=make_decoder(decode, model.device), reuse_sampler_logits=reuse_sampler_logits)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype: torch.dtype | str | None = None, min_pixels: int = 0,
+                        max_pixels: int = 0, **options) -> RewardModel:
+        """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
+        (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
+        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `options` are `__init__`'s."""
+        if path != "toy":
+            cli.check_checkpoint("model", path)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model, processor = evaluate.load_reasoner(path, evaluate.Config(min_pixels=min_pixels, max_pixels=max_pixels),
+                                                  device=device, dtype=dtype)
+        return cls(model, processor, **options)
+
+    def score(self, prompt: str, images: Sequence) -> list[float]:
+        """One score per image: the anchor's 0.5, every other image's Mean@k probability of beating it."""
+        return self.score_batch([(prompt, images)])[0]
+
+    def rank(self, prompt: str, images: Sequence) -> list[int]:
+        """The image indices, best first (ties keep their order)."""
+        return best_first(self.score(prompt, images))
+
+    @torch.no_grad()
+    def compare(self, prompt: str, image_a, image_b) -> Comparison:
+        """The two images shown as (a, b): `.p_b` is the Mean@k probability that b is preferred, `.reasonings`
+        the k reasonings it was read after (evaluate.Comparison). Seeded as `score(prompt, [a, b])`'s comparison."""
+        _, (a, b) = read_group((prompt, [image_a, image_b]), "compare")
+        return compare_pairs(self.model, self.processor, [Pair(prompt, (a, b), 0)], keys=[(self.seed, 0)],
+                             **self._options())[0]
+
+    def score_batch(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False) -> list[list[float]]:
+        """`score` of each (prompt, images), computed together: each batch holds comparisons of several prompts."""
+        return [anchor_scores(len(c) + 1, self.anchor, [r.p_b for r in c]) for c in self.compare_groups(groups, progress)]
+
+    @torch.no_grad()
+    def compare_groups(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False) -> list[list[Comparison]]:
+        """Each (prompt, images)'s n - 1 comparisons (anchor, image i), i != anchor in order, with their rollouts.
+
+        The comparisons of all prompts go through `compare_pairs` together, `batch_size` at a time, each seeded by
+        (seed, its index within its prompt). Images are read `4 * batch_size` prompts at a time, so a list of
+        10,000 prompts of image paths never holds more than that many prompts' images in memory.
+        """
+        groups, chunk, out = list(groups), 4 * self.batch_size, []
+        with tqdm(total=len(groups), desc="score", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(groups), chunk):
+                read = [read_group(g, f"prompt {start + i}", self.anchor) for i, g in enumerate(groups[start:start + chunk])]
+                pairs = [anchor_pairs(prompt, images, self.anchor) for prompt, images in read]
+                keys = [(self.seed, j) for ps in pairs for j in range(len(ps))]  # within its prompt: see the docstring
+                results = iter(compare_pairs(self.model, self.processor, [p for ps in pairs for p in ps], keys=keys,
+                                             **self._options()))
+                out += [[next(results) for _ in ps] for ps in pairs]
+                bar.update(len(read))
+        return out
+
+    def _options(self) -> dict:
+        return dict(k=self.k, both_orders=self.both_orders, batch_size=self.batch_size, **self.sampling)
+
+
+def best_first(scores: Sequence[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def read_group(group, where: str, anchor: int = 0) -> tuple[str, list[Image.Image]]:
+    """(prompt, images) -> (prompt, its images decoded as RGB PIL images), checked: errors name `where` and the
+    image's index (and its path, for a path)."""
+    try:
+        prompt, images = group
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: expected a (prompt, images) pair, got {str(group)[:80]}") from None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: the prompt must be a non-empty string, got {prompt!r:.80}")
+    images = list(images)  # a (G, 3, H, W) tensor becomes G images
+    if len(images) < 2:
+        raise ValueError(f"{where}: {len(images)} image(s): scoring compares at least two")
+    if anchor >= len(images):
+        raise ValueError(f"{where}: anchor {anchor} is not an index into its {len(images)} images")
+    return prompt, [read_image(image, f"{where}: image {j}") for j, image in enumerate(images)]
+
+
+def read_image(image, where: str) -> Image.Image:
+    """A path, encoded bytes, PIL image or (3, H, W) tensor -> a decoded RGB PIL image (formats/images.py)."""
+    if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor)):
+        raise TypeError(f"{where}: expected a path, PIL image, bytes or a (3, H, W) tensor, got {type(image).__name__}")
+    try:
+        return tensor_image(image) if isinstance(image, torch.Tensor) else load_image(image)
+    except DataError as e:  # load_image names the path; this adds the prompt and the index
+        raise DataError(f"{where}: {e}", e.problem) from None
+
+
+def tensor_image(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) floats in [0, 1] or uint8 -> an RGB PIL image, rounded to 8 bits as a saved PNG would be."""
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise DataError(f"a tensor image must have shape (3, H, W), got {tuple(x.shape)}", "bad tensor")
+    if x.dtype != torch.uint8:
+        x = x.detach().float()
+        if x.min() < 0 or x.max() > 1:  # e.g. a VAE's [-1, 1] output: clamping would silently change it
+            raise DataError(f"a float tensor image must hold values in [0, 1], got [{x.min():.3g}, {x.max():.3g}] "
+                            f"(for a [-1, 1] image pass (x + 1) / 2)", "bad tensor")
+        x = (x * 255).round().to(torch.uint8)  # (3, H, W)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())  # (H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch scoring of a JSONL file: options, input, resuming, the loop
+
+
+@dataclass
+class Config:
+    """Every option of `reward_model.py`: `--name=value` or `--name value` (dashes or underscores)."""
+    input: str = option("", "JSONL file, one {\"prompt\": ..., \"images\": [paths]} per line (other fields are "
+                            "copied to the output)")
+    out: str = option("", "JSONL file written, one line per input line in order: its fields, \"scores\" and "
+                          "\"ranking\" (best first); an existing one is resumed")
+    model: str = option("toy", "reasoner checkpoint (a local directory with safetensors weights); 'toy' builds the "
+                               "tiny random toy model")
+    image_root: str = option("", "folder that relative image paths are under ('' = the current directory)")
+    k: int = option(1, "reasoning rollouts per comparison (Mean@k)", min=1)
+    both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
+    anchor: int = option(0, "index of the anchor image in every line: it scores 0.5, the others p(beats it)", min=0)
+    max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
+    top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    seed: int = option(0, "seed of the sampler: comparison j of every line is seeded by (seed, j)", min=0)
+    decode: str = option("reference", "how rollouts are decoded: reference, static or compiled (fast/static_decode.py)",
+                         choices=DECODES)
+    reuse_sampler_logits: bool = option(False, "read p(b) from the sampler's logits where they are the second pass's "
+                                               "(fast/answer_logits.py)")
+    batch_size: int = option(8, "comparisons per batch, filled across lines; each process writes every "
+                                "batch_size lines it scores", min=1)
+    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
+    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    reasonings: bool = option(False, "also write each comparison's k reasonings (\"reasonings\", the anchor's null)")
+    skip_bad: bool = option(False, "a line whose images cannot be read gets \"error\" and null scores instead of "
+                                   "stopping the run")
+
+    def validate(self) -> None:
+        """What depends on more than one option, or on the disk; runs before anything loads."""
+        if not Path(self.input).is_file():
+            fail("input", self.input, "a JSONL file of {\"prompt\": ..., \"images\": [...]} lines")
+        if not self.out or Path(self.out).resolve() == Path(self.input).resolve():
+            fail("out", self.out, "the JSONL file to write the scores to (not --input)")
+        if self.model != "toy":
+            cli.check_checkpoint("model", self.model)
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
+
+
+SCORING = ("k", "both_orders", "anchor", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "decode",
+           "batch_size", "reuse_sampler_logits")  # RewardModel's options
+SAME_SCORES = ("input", "out", "decode", "batch_size", "reuse_sampler_logits", "skip_bad")  # may change on resume
+
+
+def read_records(path: str, anchor: int) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of the input, checked before the model loads."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}: line {n}: not JSON: {line[:80]!r}") from None
+            images = record.get("images") if isinstance(record, dict) else None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                raise DataError(f"{path}: line {n}: expected an object with a non-empty string \"prompt\"")
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images) or len(images) <= max(anchor, 1):
+                raise DataError(f"{path}: line {n}: \"images\" must be a list of at least {max(anchor + 1, 2)} image "
+                                f"paths (--anchor={anchor}), got {str(images)[:80]}")
+            records.append((n, record))
+    return records
+
+
+def resume(cfg: Config, records: list) -> int:
+    """How many lines of --out an earlier run wrote (rank 0 reads, every rank learns it); 0 for a new --out.
+
+    A partial last line (a kill mid-write) is dropped, to be redone. The lines kept must score these records
+    with these options (out + ".options.json" holds them): anything else stops the run before the model loads.
+    """
+    answer = [None, 0]  # (error, lines done)
+    if dist.get_rank() == 0:
+        try:
+            answer[1] = lines_done(Path(cfg.out), records, cfg)
+        except DataError as e:
+            answer[0] = str(e)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0]:
+        raise DataError(answer[0])
+    return answer[1]
+
+
+def lines_done(out: Path, records: list, cfg: Config) -> int:
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAME_SCORES}
+    sidecar = out.with_name(out.name + ".options.json")
+    if not out.exists() or not out.stat().st_size:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_synced(sidecar, json.dumps(options, indent=1).encode())
+        out.write_text("")
+        return 0
+    if not sidecar.exists():
+        raise DataError(f"{out} exists but {sidecar} does not: it was not written by reward_model.py; move it or "
+                        f"pick another --out")
+    saved = json.loads(sidecar.read_text())
+    diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+    if diffs:
+        raise DataError(f"{out} was scored with other options; going on would mix two scorings:\n  " +
+                        "\n  ".join(diffs) + "\nrerun with its options, or pick another --out")
+    complete, _, partial = out.read_bytes().rpartition(b"\n")  # every line we write ends in "\n"
+    if partial:
+        log(f"warning: {out}: dropping a partial last line ({partial[:60]!r}): it is scored again")
+        checkpoint.write_synced(out, complete + b"\n" if complete else b"")
+    rows = complete.split(b"\n") if complete else []
+    if len(rows) > len(records):
+        raise DataError(f"{out} has {len(rows)} lines, more than the {len(records)} of {cfg.input}: another input's "
+                        f"scores? pick another --out")
+    for i, (row, (n, record)) in enumerate(zip(rows, records)):
+        try:
+            written = json.loads(row)
+        except ValueError:
+            raise DataError(f"{out}: line {i + 1} is not JSON: {row[:80]!r}") from None
+        if written.get("prompt") != record["prompt"] or written.get("images") != record["images"]:
+            raise DataError(f"{out}: line {i + 1} scores {written.get('prompt')!r:.60}, but line {n} of {cfg.input} "
+                            f"is {record['prompt']!r:.60}: another input's scores? pick another --out")
+    return len(rows)
+
+
+def score_lines(rm: RewardModel, cfg: Config, records: list, mine: list[int]) -> list[tuple[int, dict]]:
+    """(index, output row) of the records `mine`, their comparisons batched together (`compare_groups`)."""
+    read, rows = [], {}
+    for i in mine:
+        n, record = records[i]
+        paths = [os.path.join(cfg.image_root, p) for p in record["images"]]  # an absolute path stays as it is
+        try:
+            read.append((i, read_group((record["prompt"], paths), f"{cfg.input}: line {n}", rm.anchor)))
+        except DataError as e:
+            if not cfg.skip_bad:
+                raise
+            rows[i] = {**record, "scores": None, "ranking": None, "error": str(e)}
+    for (i, _), comparisons in zip(read, rm.compare_groups([group for _, group in read])):
+        rows[i] = output_row(records[i][1], comparisons, rm.anchor, cfg.reasonings)
+    return sorted(rows.items())
+
+
+def output_row(record: dict, comparisons: list[Comparison], anchor: int, reasonings: bool) -> dict:
+    """An input record plus its scores, its ranking and (when asked) each comparison's reasonings, as shown."""
+    scores = anchor_scores(len(comparisons) + 1, anchor, [c.p_b for c in comparisons])
+    row = {**record, "scores": scores, "ranking": best_first(scores)}
+    if reasonings:
+        row["reasonings"] = [c.reasonings for c in comparisons]
+        row["reasonings"].insert(anchor, None)
+        if comparisons[0].reversed is not None:  # --both_orders: the reasonings of (image i, anchor)
+            row["reasonings_reversed"] = [c.reversed.reasonings for c in comparisons]
+            row["reasonings_reversed"].insert(anchor, None)
+    return row
+
+
+def score_file(cfg: Config) -> None:
+    """Score every line of --input not yet in --out; rank 0 appends each `batch_size x world` lines, in order."""
+    rank, world, device = setup_distributed()
+    records = read_records(cfg.input, cfg.anchor)
+    done = resume(cfg, records)
+    rm = RewardModel.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                     **{k: getattr(cfg, k) for k in SCORING})
+    todo, per_write = list(range(done, len(records))), cfg.batch_size * world
+    images = [len(record["images"]) for _, record in records]
+    out = open(cfg.out, "a", encoding="utf-8") if rank == 0 else None
+    with tqdm(total=sum(images), initial=sum(images[:done]), desc="score", unit="image", disable=rank != 0,
+              dynamic_ncols=True) as bar:  # images/s and the time left
+        for start in range(0, len(todo), per_write):
+            chunk = todo[start:start + per_write]
+            rows = score_lines(rm, cfg, records, chunk[rank::world])  # every world-th line of the chunk
+            parts = [rows] if world == 1 else [None] * world
+            if world > 1:
+                dist.all_gather_object(parts, rows)
+            if out is not None:
+                out.write("".join(json.dumps(row) + "\n" for _, row in sorted(r for part in parts for r in part)))
+                out.flush()
+                os.fsync(out.fileno())  # a kill now loses no written line
+            bar.update(sum(images[i] for i in chunk))
+    if out is not None:
+        out.close()
+    log(f"wrote {cfg.out}: {len(records)} lines, {len(todo)} scored now ({done} were there)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = cli.parse(Config, argv, __doc__)
+    rank, _, _ = setup_distributed()
+    if rank == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=1), file=sys.stderr)
+    try:
+        score_file(cfg)
+    except DataError as e:
+        raise SystemExit(f"reward_model.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
