@@ -153,23 +153,34 @@ def write_weights(path: Path, seed: int = 0) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def build(path) -> Path:
-    """Write the whole directory at `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+def write_tokenizer(path: Path, tokenizer, template: str) -> None:
+    """The tokenizer files as published: tokenizer.json, a tokenizer_config.json naming Qwen2Tokenizer and holding
+    the chat template, and the template again in chat_template.json (no chat_template.jinja)."""
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").unlink(missing_ok=True)  # the download has the template in these two:
-    config = json.loads((path / "tokenizer_config.json").read_text())  # as published: class name, template
-    config.update(tokenizer_class="Qwen2Tokenizer", chat_template=CHAT_TEMPLATE, bos_token=None, errors="replace",
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="Qwen2Tokenizer", chat_template=template, bos_token=None, errors="replace",
                   split_special_tokens=False, additional_special_tokens=ADDED_TOKENS[1:NUM_SPECIAL])
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-    (path / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    (path / "config.json").write_text(json.dumps(config_json(), indent=2))
-    write_weights(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+
+
+def write_directory(path, tokenizer, template: str, configs: dict[str, dict], write: callable) -> Path:
+    """A checkpoint directory: the tokenizer files, each JSON config (file name -> content), the weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(path, tokenizer, template)
+    for name, content in configs.items():
+        (path / name).write_text(json.dumps(content, indent=4 if name != "config.json" else 2))
+    write(path)
     return path
+
+
+def build(path) -> Path:
+    """Write the whole Qwen2.5-VL-7B-Instruct-like directory at `path`."""
+    return write_directory(path, build_tokenizer(), CHAT_TEMPLATE, {
+        "preprocessor_config.json": PREPROCESSOR_CONFIG, "generation_config.json": GENERATION_CONFIG,
+        "config.json": config_json()}, write_weights)
 
 
 @pytest.fixture(scope="session")
@@ -257,22 +268,10 @@ def write_qwen3_weights(path: Path, seed: int = 0) -> None:
 
 def build_qwen3(path) -> Path:
     """Write the whole Qwen3-VL-8B-Instruct-like directory at `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_qwen3_tokenizer()
-    tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").unlink(missing_ok=True)  # the download has the template in these two:
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="Qwen2Tokenizer", chat_template=QWEN3_CHAT_TEMPLATE, bos_token=None, errors="replace",
-                  split_special_tokens=False, additional_special_tokens=ADDED_TOKENS[1:NUM_SPECIAL])
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_CHAT_TEMPLATE}, indent=2))
-    (path / "preprocessor_config.json").write_text(json.dumps(QWEN3_PREPROCESSOR_CONFIG, indent=4))
-    (path / "video_preprocessor_config.json").write_text(json.dumps(QWEN3_VIDEO_PREPROCESSOR_CONFIG, indent=4))
-    (path / "generation_config.json").write_text(json.dumps(QWEN3_GENERATION_CONFIG, indent=4))
-    (path / "config.json").write_text(json.dumps(qwen3_config_json(), indent=2))
-    write_qwen3_weights(path)
-    return path
+    return write_directory(path, build_qwen3_tokenizer(), QWEN3_CHAT_TEMPLATE, {
+        "preprocessor_config.json": QWEN3_PREPROCESSOR_CONFIG,
+        "video_preprocessor_config.json": QWEN3_VIDEO_PREPROCESSOR_CONFIG,
+        "generation_config.json": QWEN3_GENERATION_CONFIG, "config.json": qwen3_config_json()}, write_qwen3_weights)
 
 
 @pytest.fixture(scope="session")
