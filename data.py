@@ -3,7 +3,8 @@
 1. `load("KIND:PATH")`: a dataset in one of its published layouts (formats/layouts.py) -> `Pair`s or `Group`s
    (prompt.py), with a fixed random subset and excluded records left out.
 2. What is done with loaded records: `groups_to_pairs`, `random_orders`, `spread_sample` (the held-out set),
-   `to_rated` (the absolute-score variant), `drop_unreadable`.
+   `to_rated` (the absolute-score variant), `anchor_pairs` and `dataset_pairs` (the comparisons evaluation runs:
+   each group's n - 1 pairs against its anchor, section 5), `drop_unreadable`.
 3. `ExampleStream`: a deterministic, resumable, rank-sharded stream of training batches (of Pairs, or of Rated
    records), which decodes each example's images and, with `skip_bad`, replaces an unreadable example by the next
    readable one.
@@ -137,6 +138,56 @@ def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:
             x = 0.5 if best == worst else (worst - rank) / (worst - best)  # 1 for the best rank, 0 for the worst
             out.append(Rated(r.prompt, im, 1 + round(x * (num_ratings - 1))))
     return out
+
+
+def anchor_pairs(prompt: str, images: Sequence, anchor: int, ranking: Sequence[int] | None = None) -> list[Pair]:
+    """The n - 1 pairs (anchor, image_i), i != anchor; label 1 when people ranked image i above the anchor."""
+    if not 0 <= anchor < len(images):
+        raise ValueError(f"anchor {anchor} is not an index into {len(images)} images")
+    return [Pair(prompt, (images[anchor], images[i]), int(ranking is not None and ranking[i] < ranking[anchor]))
+            for i in range(len(images)) if i != anchor]
+
+
+@dataclasses.dataclass
+class DatasetPairs:
+    """The comparisons a dataset asks for: its pairs, or each group's anchor pairs (`evaluate.dataset_accuracy` turns
+    their p(b) back into the dataset's accuracy)."""
+    compared: list[Pair]  # the comparisons to run
+    labelled: list[int]  # indices into `compared` that carry a human preference (no tie)
+    groups: list[Group] | None = None  # group datasets: the groups, and each group's anchor
+    anchors: list[int] | None = None
+
+
+def dataset_pairs(records: list, anchor: int, seed: int) -> DatasetPairs:
+    """Pairs are compared as they are; a group of n images becomes n - 1 comparisons against its anchor.
+
+    Groups of fewer than two images have nothing to compare: they are left out, and counted on stderr. A fixed
+    `anchor` must index into every group that is left.
+    """
+    if not records:
+        raise ValueError("the dataset is empty")
+    if isinstance(records[0], Pair):
+        return DatasetPairs(records, list(range(len(records))))
+    single = sum(len(g.images) < 2 for g in records)
+    if single:
+        print(f"{single} of {len(records)} groups have fewer than two images: nothing to compare, left out",
+              file=sys.stderr)
+        records = [g for g in records if len(g.images) >= 2]
+        if not records:
+            raise ValueError("no group of the dataset has two images to compare")
+    smallest = min(range(len(records)), key=lambda i: len(records[i].images))
+    if anchor >= len(records[smallest].images):
+        raise ValueError(f"--anchor={anchor} is not allowed: expected -1 (a seeded anchor per prompt) or an index below "
+                         f"{len(records[smallest].images)}: group {smallest} ({records[smallest].prompt[:40]!r}) has "
+                         f"{len(records[smallest].images)} images")
+    rng = random.Random(seed)
+    anchors = [anchor if anchor >= 0 else rng.randrange(len(g.images)) for g in records]
+    compared, labelled = [], []
+    for group, a in zip(records, anchors):
+        others = [i for i in range(len(group.images)) if i != a]
+        labelled += [len(compared) + n for n, i in enumerate(others) if group.ranking[i] != group.ranking[a]]
+        compared += anchor_pairs(group.prompt, group.images, a, group.ranking)
+    return DatasetPairs(compared, labelled, records, anchors)
 
 
 def drop_unreadable(records: Sequence, workers: int = 0) -> tuple[list, int]:

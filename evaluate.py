@@ -52,6 +52,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from data import DatasetPairs, anchor_pairs, dataset_pairs
 from fast.answer_logits import WatchAnswers, sampled_p_b
 from fast.static_decode import DECODES, make_decoder
 from formats.records import Group, Pair, Rated, swapped
@@ -255,14 +256,6 @@ def compare(model, processor, prompt: str, image_a, image_b, k: int = 1, **kwarg
     return compare_pairs(model, processor, [Pair(prompt, (image_a, image_b), label=0)], k=k, **kwargs)[0]
 
 
-def anchor_pairs(prompt: str, images: Sequence, anchor: int, ranking: Sequence[int] | None = None) -> list[Pair]:
-    """The n - 1 pairs (anchor, image_i), i != anchor; label 1 when people ranked image i above the anchor."""
-    if not 0 <= anchor < len(images):
-        raise ValueError(f"anchor {anchor} is not an index into {len(images)} images")
-    return [Pair(prompt, (images[anchor], images[i]), int(ranking is not None and ranking[i] < ranking[anchor]))
-            for i in range(len(images)) if i != anchor]
-
-
 def anchor_scores(n: int, anchor: int, p_beats_anchor: Sequence[float]) -> list[float]:
     """Section 5: the anchor scores 0.5, image i its probability of beating the anchor (n - 1 values in order)."""
     if len(p_beats_anchor) != n - 1:
@@ -317,48 +310,7 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, keys: Sequen
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A dataset as comparisons; several processes
-
-
-@dataclass
-class DatasetPairs:
-    """The comparisons a dataset asks for: its pairs, or each group's anchor pairs (`dataset_accuracy` turns
-    their p(b) back into the dataset's accuracy)."""
-    compared: list[Pair]  # the comparisons to run
-    labelled: list[int]  # indices into `compared` that carry a human preference (no tie)
-    groups: list[Group] | None = None  # group datasets: the groups, and each group's anchor
-    anchors: list[int] | None = None
-
-
-def dataset_pairs(records: list, anchor: int, seed: int) -> DatasetPairs:
-    """Pairs are compared as they are; a group of n images becomes n - 1 comparisons against its anchor.
-
-    Groups of fewer than two images have nothing to compare: they are left out, and counted on stderr. A fixed
-    `anchor` must index into every group that is left.
-    """
-    if not records:
-        raise ValueError("the dataset is empty")
-    if isinstance(records[0], Pair):
-        return DatasetPairs(records, list(range(len(records))))
-    single = sum(len(g.images) < 2 for g in records)
-    if single:
-        print(f"{single} of {len(records)} groups have fewer than two images: nothing to compare, left out",
-              file=sys.stderr)
-        records = [g for g in records if len(g.images) >= 2]
-        if not records:
-            raise ValueError("no group of the dataset has two images to compare")
-    smallest = min(range(len(records)), key=lambda i: len(records[i].images))
-    if anchor >= len(records[smallest].images):
-        fail("anchor", anchor, f"-1 (a seeded anchor per prompt) or an index below {len(records[smallest].images)}: "
-             f"group {smallest} ({records[smallest].prompt[:40]!r}) has {len(records[smallest].images)} images")
-    rng = random.Random(seed)
-    anchors = [anchor if anchor >= 0 else rng.randrange(len(g.images)) for g in records]
-    compared, labelled = [], []
-    for group, a in zip(records, anchors):
-        others = [i for i in range(len(group.images)) if i != a]
-        labelled += [len(compared) + n for n, i in enumerate(others) if group.ranking[i] != group.ranking[a]]
-        compared += anchor_pairs(group.prompt, group.images, a, group.ranking)
-    return DatasetPairs(compared, labelled, records, anchors)
+# Several processes
 
 
 def split_over_processes(work, items: Sequence, seed: int) -> list:
@@ -460,7 +412,10 @@ def run(cfg: Config) -> dict | None:
         spec, records, unreadable = load_records(cfg, scratch)
         if cfg.scoring == "absolute":
             return run_absolute(cfg, spec, records)
-        dataset = dataset_pairs(records, cfg.anchor, cfg.seed)  # the data is checked before the model loads
+        try:
+            dataset = dataset_pairs(records, cfg.anchor, cfg.seed)  # the data is checked before the model loads
+        except ValueError as e:  # an empty dataset, an --anchor beyond a group
+            raise cli.OptionError(str(e)) from None
         model, processor = load_reasoner(cfg.model, cfg)
         results = compare_all(model, processor, dataset.compared, cfg.seed, k=cfg.k, both_orders=cfg.both_orders,
                               **sampling_args(cfg, model.device))

@@ -86,13 +86,14 @@ def listener_prefix(reasoning: str, fmt: PromptFormat = PROMPT) -> str:
 
 
 class Processor:
-    """Chat messages + images -> the tensors `Qwen2_5_VLForConditionalGeneration` reads.
+    """Chat messages + images -> the tensors a Qwen2.5-VL or Qwen3-VL model reads.
 
-    It does what `Qwen2_5_VLProcessor` does for images, with the checkpoint's own tokenizer (chat template)
-    and image processor: render the chat template, expand each `<|image_pad|>` into one token per merged
-    patch, left-pad the batch, and mark image tokens in `mm_token_type_ids` (what `get_rope_index` reads).
-    Written out here because `Qwen2_5_VLProcessor` also builds a video processor, which needs torchvision.
-    `min_pixels`/`max_pixels` bound the image size, and so the number of image tokens, which dominate cost.
+    It does what `Qwen2_5_VLProcessor` and `Qwen3VLProcessor` do for images, with the checkpoint's own tokenizer
+    (chat template) and image processor: render the chat template, expand each `<|image_pad|>` into one token per
+    merged patch, left-pad the batch, and mark image tokens in `mm_token_type_ids` (what `get_rope_index` reads).
+    Written out here because both official processors also build a video processor, which needs torchvision;
+    tests/test_real_layout.py checks the ids, masks and grids equal theirs. `min_pixels`/`max_pixels` bound the
+    image size, and so the number of image tokens, which dominate cost.
     """
 
     def __init__(self, tokenizer, image_processor):

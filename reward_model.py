@@ -46,7 +46,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from evaluate import Comparison, anchor_pairs, anchor_scores, compare_pairs
+from data import anchor_pairs
+from evaluate import Comparison, anchor_scores, compare_pairs
 from fast.static_decode import DECODES, make_decoder
 from formats.images import DataError, load_image
 from formats.records import Pair

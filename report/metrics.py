@@ -143,7 +143,7 @@ def rating_accuracy(records: Sequence[Group | Pair], ratings: Sequence[float]) -
 def vote_metrics(dataset, probs: dict[str, list[float]]) -> dict:
     """Rapidata: binarized accuracy and accuracy by agreement threshold (figure 3), for each rule of `probs`.
 
-    `dataset`: the `evaluate.DatasetPairs` that `probs` hold one p(b) per comparison of; {} for groups or
+    `dataset`: the `data.DatasetPairs` that `probs` hold one p(b) per comparison of; {} for groups or
     for pairs without votes."""
     pairs = dataset.compared
     if dataset.groups is not None or any(pair.votes is None for pair in pairs):
@@ -176,7 +176,7 @@ def accuracy_by_bin(values: Sequence[float], correct: Sequence[bool], bins: int 
 
 
 def confident_or_labelled(dataset, min_votes: int, top: int) -> list[int]:
-    """The comparisons of tables 4-5 (indices into `dataset.compared`, an evaluate.DatasetPairs): the most
+    """The comparisons of tables 4-5 (indices into `dataset.compared`, a data.DatasetPairs): the most
     confident pairs with enough votes when the data has votes, else every labelled one."""
     if all(dataset.compared[i].votes is not None for i in dataset.labelled) and dataset.groups is None \
             and dataset.labelled:

@@ -196,7 +196,7 @@ def finite(x):
 
 def write_outputs(out: Path, report: dict, dataset, results: Sequence) -> None:
     """results.json (the report), results.md (tables), rollouts.jsonl (one line per comparison of `dataset`, an
-    `evaluate.DatasetPairs`, with its `evaluate.Comparison` from `results`), the figures."""
+    `data.DatasetPairs`, with its `evaluate.Comparison` from `results`), the figures."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(finite(report), indent=2, allow_nan=False))
     (out / "results.md").write_text(markdown_tables(report))
