@@ -227,7 +227,9 @@ def open_run(cfg, rank: int, world: int) -> tuple:
     if rank == 0:
         try:
             held = checkpoint.lock(out)
-        except RuntimeError as e:
+            if (out / "metrics.jsonl").exists():  # a damaged row stops the run now, not after the models load
+                checkpoint.read_metrics(out / "metrics.jsonl", warn=False)
+        except (RuntimeError, ValueError, OSError) as e:
             error = str(e)
     message = [error]
     dist.broadcast_object_list(message, src=0)
@@ -315,8 +317,12 @@ class Progress:
     def write(self, row: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: Python's message names no file
+            raise OSError(e.errno, f"{self.file.name}: writing step {row.get('step')}'s metrics failed: "
+                                   f"{e.strerror}") from e
         self.bar.update(1)
         self.bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "reward_accuracy", "heldout_accuracy") if k in row})
 
