@@ -8,8 +8,9 @@
 3. `ExampleStream`: a deterministic, resumable, rank-sharded stream of training batches (of Pairs, or of Rated
    records), which decodes each example's images and, with `skip_bad`, replaces an unreadable example by the next
    readable one.
-4. `python data.py check SPEC [--images ROOT] [--workers N]`: decode every image of a dataset before a long
-   run; list the records that cannot be used in a file that `--exclude` reads.
+4. `python data.py check SPEC [--images ROOT] [--workers N] [--tokenizer MODEL_DIR]`: decode every image of a
+   dataset before a long run, measure each prompt with the run's tokenizer; list the records that cannot be
+   used in a file that `--exclude` reads.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-from formats.images import DataError, check_images, load_image
-from formats.layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, read_exclude, subsample
+from formats.images import DataError, check_images, expand_paths, load_image
+from formats.layouts import (MAX_PROMPT_TOKENS, PromptLimit, load_hpdv2, load_imagereward, load_pickapic,
+                             load_rapidata, read_exclude, subsample)
 from formats.records import Group, Pair, Rated, swapped
 
 
@@ -40,8 +42,9 @@ def load(spec: str, image_root=None, fraction: float = 1.0, seed: int = 0, exclu
     rapidata or pickapic (parquet files; a directory stands for its *.parquet files). Pick-a-Pic stores its
     images in the parquet files and ignores `image_root`. `fraction`/`seed` keep a fixed random subset
     (`subsample`): of HPDv2's records, before they are checked; of the pairs or groups of the other layouts.
-    `exclude` is a set of (file, record) or the path of the file `python data.py check` writes. `kw` goes to
-    the loader (skip_bad, report).
+    `exclude` is a set of (file, record) or the path of the file `python data.py check` writes; entries that
+    leave nothing out of this dataset (another dataset's files, records it does not have) are counted on stderr.
+    `kw` goes to the loader (skip_bad, report, prompt_limit).
     """
     kind, sep, rest = spec.partition(":")
     paths = [p for p in rest.split(",") if p]
@@ -50,20 +53,53 @@ def load(spec: str, image_root=None, fraction: float = 1.0, seed: int = 0, exclu
     if isinstance(exclude, (str, os.PathLike)):
         exclude = read_exclude(exclude) if str(exclude) else None
     kw["exclude"] = exclude
+    if kw.get("report") is None:
+        kw["report"] = {}  # read below for the excluded count
     if kind == "hpdv2":
         if len(paths) != 1:
             raise ValueError(f"dataset spec {spec!r}: hpdv2 reads one JSON file, got {len(paths)} paths")
-        return load_hpdv2(paths[0], image_root, fraction=fraction, seed=seed, **kw)
+        records = load_hpdv2(paths[0], image_root, fraction=fraction, seed=seed, **kw)
+        _report_exclude(spec, exclude, paths, kw["report"].get("excluded", 0), fraction < 1)
+        return records
     if kind == "imagereward":
         records = load_imagereward(paths[0] if len(paths) == 1 else paths, image_root, **kw)
     elif kind == "rapidata":
         records = load_rapidata(paths, image_root, **kw)
     else:
         records = load_pickapic(paths, **kw)
+    _report_exclude(spec, exclude, expand_paths(paths), kw["report"].get("excluded", 0), False)
     keep = subsample(len(records), fraction, seed)
     if len(keep) < len(records):
         print(f"data: {spec}: kept {len(keep)} of {len(records)} (fraction {fraction}, seed {seed})", file=sys.stderr)
     return [records[i] for i in keep]
+
+
+def exclude_summary(exclude, files: Sequence[str], excluded: int, subset: bool) -> str | None:
+    """What an `exclude` set did to a dataset made of `files`, when some entries left nothing out; else None.
+
+    An entry naming another dataset's file, or a record its file does not have, excludes nothing: a list
+    written for another dataset (or an older version of this one) would otherwise be silently ignored.
+    """
+    if not exclude:
+        return None
+    real = {os.path.realpath(f) for f in files}
+    others = sorted({f for f, _ in exclude if f not in real})
+    matching = sum(f in real for f, _ in exclude)
+    if matching == len(exclude) and excluded == matching:
+        return None
+    text = f"{matching} of {len(exclude)} exclude entries match this dataset"
+    if others:
+        text += f"; the others name {len(others)} other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    if excluded < matching:
+        where = "records its files do not have" + (" or records outside the --fraction subset" if subset else "")
+        text += f"; {matching - excluded} of the matching ones name {where}"
+    return text + f": {excluded} records left out"
+
+
+def _report_exclude(spec: str, exclude, files: Sequence[str], excluded: int, subset: bool) -> None:
+    summary = exclude_summary(exclude, files, excluded, subset)
+    if summary:
+        print(f"data: {spec}: {summary}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,18 +365,22 @@ class ExampleStream:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checking a dataset before a run: python data.py check SPEC [--images ROOT] [--workers N] [--out FILE]
+# Checking a dataset before a run: python data.py check SPEC [--images ROOT] [--workers N] [--out FILE] [--tokenizer DIR]
 
 
-def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records.jsonl") -> dict:
+def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records.jsonl",
+          prompt_limit: PromptLimit | None = None, max_prompt_bytes: int = MAX_PROMPT_TOKENS) -> dict:
     """Load `spec` (bad records counted, not raised), decode every image, write the bad records to `out`.
 
     Each line of `out` is {"file", "record", "field", "problem", "error"}: what `--exclude=out` leaves out.
+    Prompts are measured against `prompt_limit` (the run's tokenizer and --max_prompt_tokens); without one,
+    the prompts longer than `max_prompt_bytes` UTF-8 bytes, which may be over that many tokens, are counted
+    ("uncounted_prompts", with the longest) but not listed: only a tokenizer can tell.
     Returns the counts by problem, the number of images decoded and the time it took.
     """
     report: dict = {}
-    records = load(spec, images_root, skip_bad=True, report=report)
-    entries = [{"file": f, "record": i, "field": None, "problem": p, "error": m} for f, i, p, m in report.get("bad", [])]
+    records = load(spec, images_root, skip_bad=True, report=report, prompt_limit=prompt_limit)
+    entries = [{"file": f, "record": i, "field": k, "problem": p, "error": m} for f, i, k, p, m in report.get("bad", [])]
     images = [im for r in records for im in images_of(r)]
     unique = list({id(im): im for im in images}.values())  # a group's image appears in many of its pairs
     t = time.time()
@@ -354,8 +394,36 @@ def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records
     problems: dict[str, int] = {}
     for e in entries:
         problems[e["problem"]] = problems.get(e["problem"], 0) + 1
+    long = [] if prompt_limit else long_prompts(records, max_prompt_bytes)
     return {"records": report.get("records", len(records)), "images": len(unique), "seconds": seconds,
-            "problems": problems, "bad_records": len({(e["file"], e["record"]) for e in entries})}
+            "problems": problems, "bad_records": len({(e["file"], e["record"]) for e in entries}),
+            "uncounted_prompts": len(long), "longest_prompt": max(long, key=lambda x: x[1], default=None)}
+
+
+def long_prompts(records: Sequence, max_bytes: int) -> list[tuple[str, int]]:
+    """(where, UTF-8 bytes) of each record whose prompt is longer than `max_bytes` bytes; `where` names its file
+    and record (its first image's source)."""
+    out = []
+    for r in records:
+        size = len(r.prompt.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            source = getattr(images_of(r)[0], "source", None)
+            out.append((f"{source.file}: record {source.record}" if source else repr(r.prompt[:40]), size))
+    return out
+
+
+def _tokenizer_limit(tokenizer: str, max_tokens: int) -> PromptLimit | None:
+    """--tokenizer DIR (a checkpoint directory, the run's --model) or 'toy' -> the limit train.py applies."""
+    if not tokenizer:
+        return None
+    from prompt import prompt_tokens
+    if tokenizer == "toy":
+        from toy import world
+        tok = world.make_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    return PromptLimit(max_tokens, lambda text: prompt_tokens(tok, text))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -367,16 +435,27 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--images", default=None, help="the image root of the dataset")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
     parser.add_argument("--out", default="bad_records.jsonl", help="where the bad records are listed")
+    parser.add_argument("--tokenizer", default="", help="the run's --model directory (or toy): its tokenizer counts "
+                        "each prompt's tokens against --max_prompt_tokens")
+    parser.add_argument("--max_prompt_tokens", type=int, default=MAX_PROMPT_TOKENS, help="as train.py's")
     args = parser.parse_args(argv)
-    result = check(args.spec, args.images, args.workers, args.out)
+    if args.max_prompt_tokens < 1:
+        parser.error(f"--max_prompt_tokens={args.max_prompt_tokens} is not allowed: expected a number >= 1")
+    limit = _tokenizer_limit(args.tokenizer, args.max_prompt_tokens)
+    result = check(args.spec, args.images, args.workers, args.out, limit, args.max_prompt_tokens)
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.spec}: {result['records']} records, {result['images']} images decoded in {result['seconds']:.1f} s "
           f"({rate:.0f} images/s, {args.workers} workers)")
     for problem, n in sorted(result["problems"].items(), key=lambda kv: -kv[1]):
         print(f"  {problem:16s} {n}")
+    if result["uncounted_prompts"]:
+        where, size = result["longest_prompt"]
+        print(f"{result['uncounted_prompts']} prompts are longer than {args.max_prompt_tokens} bytes, so may be over "
+              f"--max_prompt_tokens={args.max_prompt_tokens} tokens (the longest: {where}, {size} bytes); pass "
+              f"--tokenizer=DIR (the run's --model) to count their tokens")
     if not result["problems"]:
-        print("no problems found")
-        return 0
+        print("no problems found" + (" in what was checked" if result["uncounted_prompts"] else ""))
+        return 1 if result["uncounted_prompts"] else 0
     print(f"wrote {result['bad_records']} bad records to {args.out}: train with --exclude={args.out} "
           f"(or --skip_bad=true)")
     return 1

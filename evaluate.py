@@ -55,13 +55,14 @@ import data
 from data import DatasetPairs, anchor_pairs, dataset_pairs
 from fast.answer_logits import WatchAnswers, sampled_p_b
 from fast.static_decode import DECODES, make_decoder
+from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
 from infra.parallel import setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
 from models import families
-from prompt import PROMPT, Processor, PromptFormat, pixel_bounds_problem, score_messages
+from prompt import PROMPT, Processor, PromptFormat, pixel_bounds_problem, prompt_tokens, score_messages
 from report import judge, metrics
 from report.tables import markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
@@ -92,6 +93,9 @@ class Config:
     exclude: str = option("", "records to leave out: the file `python data.py check` writes")
     anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
     max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest prompt read, in tokens: a longer record of --data "
+                                    "is refused, naming it (left out and counted with --skip_bad); so is --prompt",
+                                    min=1)
     temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
@@ -106,7 +110,7 @@ class Config:
     min_votes: int = option(20, "tables 4 and 5: pairs with at least this many votes ...", min=0)
     confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
     toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
-    seed: int = option(0, "seed of the anchors and of the sampler", min=0)
+    seed: int = option(0, "seed of the anchors and of the sampler", min=0, max=2**63 - 1)
     scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
                                       "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
                                       "table 3's abs-score row)", choices=("pairwise", "absolute"))
@@ -115,13 +119,20 @@ class Config:
         """What depends on more than one option, or on the disk; runs before anything loads."""
         for name in ("model", "listener", "judge"):
             if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name))
+                cli.check_checkpoint(name, getattr(self, name), vision=name != "judge")
+                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
         for name in ("model", "listener"):
             problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
                 getattr(self, name), self.min_pixels or None, self.max_pixels or None)
             if problem:
                 fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.prompt:
+            ignored = [f"--{k}" for k in DATASET_ONLY if getattr(self, k) != getattr(Config, k)]
+            if ignored:
+                names = ", ".join(ignored)
+                fail(ignored[0][2:], getattr(self, ignored[0][2:]), f"no {names} with --prompt (--prompt scores the "
+                     f"--images files for one prompt; {names} {'is an option' if len(ignored) == 1 else 'are options'}"
+                     f" of a dataset evaluation): pass one or the other")
             if len(self.images) < 2:
                 fail("images", self.images, "at least two image files to compare with --prompt")
             for path in self.images:
@@ -138,6 +149,11 @@ class Config:
             fail("images", self.images, "one image root with --data (several files only with --prompt)")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
+
+
+# The options of a dataset evaluation, which reward-model use (--prompt) does not read.
+DATASET_ONLY = ("data", "limit", "skip_bad", "exclude", "no_thinking", "listener", "judge", "min_votes",
+                "confident_top", "toy_prompts", "scoring", "out")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,17 +498,28 @@ def toy_processor():
     return world.make_processor()
 
 
+def load_processor(path: str, cfg: Config) -> Processor:
+    """The processor of a checkpoint (reasoner or listener); 'toy' the toy's."""
+    if path == "toy":
+        return toy_processor()
+    return _checkpoint_processor(path, cfg.min_pixels or None, cfg.max_pixels or None)
+
+
+@functools.lru_cache(maxsize=2)  # read before the data (its tokenizer measures the prompts), then used to score
+def _checkpoint_processor(path: str, min_pixels, max_pixels) -> Processor:
+    return Processor.from_pretrained(path, min_pixels, max_pixels)
+
+
 def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: torch.dtype | None = None):
     """A checkpoint (reasoner or listener) and its processor; 'toy' builds a random toy model (fp32 unless `dtype`).
     `device`, `dtype`: None takes `device_and_dtype()`'s (bf16 on this process's GPU, fp32 on the CPU)."""
     default_device, default_dtype = device_and_dtype()
     device = torch.device(device) if device is not None else default_device
+    processor = load_processor(path, cfg)
     if path == "toy":
         from toy import world
-        processor = toy_processor()
         return world.make_model(processor.tokenizer, seed=seed).to(device, dtype), processor
-    model = families.load(path, dtype or default_dtype).to(device).eval()
-    return model, Processor.from_pretrained(path, cfg.min_pixels or None, cfg.max_pixels or None)
+    return families.load(path, dtype or default_dtype).to(device).eval(), processor
 
 
 def load_judge(path: str):
@@ -506,8 +533,9 @@ def load_judge(path: str):
 
 def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
     """(spec, records, unreadable images left out) of --data; with --model toy and no --data, a toy ImageReward
-    test set under `scratch`. With --skip_bad every image is decoded first, and a pair with an unreadable image
-    (or that image of a group) is left out."""
+    test set under `scratch`. A record whose prompt is over --max_prompt_tokens (the model's tokenizer counts)
+    is refused, or with --skip_bad left out and counted. With --skip_bad every image is decoded first, and a
+    pair with an unreadable image (or that image of a group) is left out."""
     spec, root = cfg.data, (cfg.images[0] if cfg.images else None)
     if not spec:
         if cfg.model != "toy":
@@ -515,7 +543,8 @@ def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
         from toy import world
         paths = world.write_dataset(scratch, n_train=0, n_test=cfg.toy_prompts, seed=cfg.seed)
         spec, root = f"imagereward:{paths['test']}", str(paths["test_images"])
-    records = list(data.load(spec, root, skip_bad=cfg.skip_bad, exclude=cfg.exclude))
+    limit = load_processor(cfg.model, cfg).prompt_limit(cfg.max_prompt_tokens)
+    records = list(data.load(spec, root, skip_bad=cfg.skip_bad, exclude=cfg.exclude, prompt_limit=limit))
     records = records[:cfg.limit] if cfg.limit else records
     return (spec, *data.drop_unreadable(records)) if cfg.skip_bad else (spec, records, 0)
 
@@ -538,6 +567,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 def rank_images(cfg: Config) -> list[float]:
     """Reward-model use: score `cfg.images` for `cfg.prompt` against an anchor, print the scores and the best."""
+    tokens = prompt_tokens(load_processor(cfg.model, cfg).tokenizer, cfg.prompt)
+    if tokens > cfg.max_prompt_tokens:
+        fail("prompt", cfg.prompt if len(cfg.prompt) <= 60 else cfg.prompt[:60] + "...",
+             f"a prompt of at most {cfg.max_prompt_tokens} tokens (--max_prompt_tokens), got {tokens} tokens")
     model, processor = load_reasoner(cfg.model, cfg)
     scores = score_group(model, processor, cfg.prompt, cfg.images, k=cfg.k, anchor=max(cfg.anchor, 0),
                          both_orders=cfg.both_orders, seed=cfg.seed, **sampling_args(cfg, model.device))

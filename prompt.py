@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from formats.images import load_image
+from formats.layouts import PromptLimit
 from formats.records import Pair, Rated
 
 
@@ -105,13 +106,31 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str, min_pixels: int | None = None, max_pixels: int | None = None):
-        """The checkpoint's own tokenizer and image processor; `min_pixels`/`max_pixels` override its bounds."""
+        """The tokenizer and image processor of a local checkpoint directory; `min_pixels`/`max_pixels` override
+        its pixel bounds. A tokenizer without a chat template is refused here, naming the directory, not at the
+        first prompt ("Cannot use chat template functions")."""
         from transformers import AutoImageProcessor, AutoTokenizer
-        problem = pixel_bounds_problem(path, min_pixels, max_pixels)
-        if problem:
+        from models.families import CheckpointError, tokenizer_problem
+        if problem := tokenizer_problem(path):
+            raise CheckpointError(f"{path}: {problem}")
+        if problem := pixel_bounds_problem(path, min_pixels, max_pixels):
             raise ValueError(problem)
         kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        return cls(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path, **kwargs))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, **kwargs)
+        except Exception as e:  # a damaged file the cheap check above cannot see
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"{path}: the tokenizer or image processor does not load ({type(e).__name__}: "
+                                  f"{first})") from e
+        if not tokenizer.chat_template:
+            raise CheckpointError(f"{path}: the tokenizer has no chat template (expected chat_template.jinja, "
+                                  f"chat_template.json or a 'chat_template' in tokenizer_config.json)")
+        return cls(tokenizer, image_processor)
+
+    def prompt_limit(self, tokens: int, option: str = "--max_prompt_tokens") -> PromptLimit:
+        """The longest dataset prompt a run reads, in this tokenizer's tokens (formats/layouts.py checks it)."""
+        return PromptLimit(tokens, lambda text: prompt_tokens(self.tokenizer, text), option)
 
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)
@@ -213,6 +232,11 @@ def pixel_bounds_problem(path: str, min_pixels: int | None, max_pixels: int | No
                 f"under {own_min} pixels would be enlarged while larger ones are shrunk; give min_pixels (at most "
                 f"{max_pixels}) too")
     return None
+
+
+def prompt_tokens(tokenizer, text: str) -> int:
+    """The number of tokens `text` is read as inside a prompt: as `Processor._encode` tokenizes it."""
+    return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
 def images_per_row(mm_token_type_ids: torch.Tensor) -> torch.Tensor:

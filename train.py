@@ -81,6 +81,7 @@ import reward
 import sample
 from fast import listener_from_reference
 from fast.static_decode import DECODES
+from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Pair
 from infra import checkpoint, cli, tracking
 from infra.cli import OptionError, fail, option
@@ -116,6 +117,8 @@ class Config:
                                   "prompts", min=0)
     min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
     max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest dataset prompt read, in tokens: a longer record "
+                                    "is refused, naming it (left out and counted with --skip_bad)", min=1)
     # GRPO (section 3.3) and rewards (eq. (5))
     group_size: int = option(10, "G, rollouts per pair", min=1)
     pairs_per_rank: int = option(2, "B, pairs per rank and step", min=1)
@@ -133,16 +136,17 @@ class Config:
                                                   "where a rollout allows it (fast/listener_from_reference.py); the "
                                                   "listener must be the reference model (no --listener)")
     num_iterations: int = option(1, "optimisation passes over each batch of rollouts", min=1)
-    clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2))", min=0.0)
+    clip_low: float = option(0.2, "PPO clip range below 1 (eq. (2)): the ratio is clipped at 1 - clip_low, which "
+                                  "must stay above 0", min=0.0, below=1.0)
     clip_high: float = option(0.2, "PPO clip range above 1 (eq. (2))", min=0.0)
     beta: float = option(0.04, "the KL weight, the paper's lambda (0: no reference model)", min=0.0)
     loss_type: str = option("sequence", "how token losses are averaged (grpo.py)",
                             choices=("sequence", "token", "dr_grpo"))
     scale_advantages: bool = option(True, "divide advantages by the group's std (eq. (1))")
     mask_truncated: bool = option(False, "no loss on completions cut at --max_new_tokens")
-    w_fmt: float = option(1.0, "weight of the format reward (eq. (5))")
-    w_acc: float = option(0.5, "weight of the accuracy reward (eq. (5))")
-    w_list: float = option(0.5, "weight of the listener reward (eq. (5)); 0 = the paper's GRPO baseline")
+    w_fmt: float = option(1.0, "weight of the format reward (eq. (5))", min=0.0)
+    w_acc: float = option(0.5, "weight of the accuracy reward (eq. (5))", min=0.0)
+    w_list: float = option(0.5, "weight of the listener reward (eq. (5)); 0 = the paper's GRPO baseline", min=0.0)
     # SFT (the paper's baseline, and the toy world's cold start)
     sft_answers: str = option("label", "answers of the SFT targets: the label; random (a cold start that does not "
                                        "know the preference); or both (each pair twice, answering each image: the "
@@ -164,7 +168,7 @@ class Config:
     freeze_vision: bool = option(False, "train the language model only")
     activation_checkpointing: bool = option(False, "recompute each block in the backward pass (needed at 7B)")
     # bookkeeping
-    seed: int = option(0, "seed of the data order, the sampling and the held-out sample", min=0)
+    seed: int = option(0, "seed of the data order, the sampling and the held-out sample", min=0, max=2**63 - 1)
     out_dir: str = option("runs/default", "checkpoints and metrics.jsonl; a run restarted here resumes")
     eval_every: int = option(50, "held-out evaluation every N steps (0: before and after only)", min=0)
     save_every: int = option(100, "checkpoint every N steps", min=1)
@@ -191,12 +195,16 @@ class Config:
         for name in ("model", "listener"):
             if getattr(self, name) not in ("", "toy"):
                 cli.check_checkpoint(name, getattr(self, name))
+                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
         if not toy_model and not self.train_data:  # the toy task only when asked for by name
             fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
                  "hpdv2:/data/HPDv2/train.json; 'toy' for the toy task)")
         for name in ("train_data", "eval_data"):
             if getattr(self, name) not in ("", "toy"):
                 cli.check_dataset(name, getattr(self, name))
+        if self.mode == "grpo" and self.w_fmt + self.w_acc + self.w_list == 0:
+            fail("w_acc", self.w_acc, "a weight > 0 on at least one reward (--w_fmt, --w_acc, --w_list): with all "
+                 "three 0 every reward is 0 and GRPO has nothing to learn")
         if self.mode in ("grpo", "score"):
             if self.group_size < 2:
                 fail("group_size", self.group_size, "a number >= 2: GRPO learns from differences within a group")

@@ -29,12 +29,13 @@ class DataError(ValueError):
     """A dataset does not hold what its layout promises; the message names file, record and field.
 
     `problem` is a short name for what was wrong ("bad record", "missing", "not an image", "corrupt", ...), used
-    to count problems (`python data.py check`).
+    to count problems (`python data.py check`); `field` is the record's field at fault, where there is one (it
+    goes into the list `python data.py check` writes).
     """
 
-    def __init__(self, message: str, problem: str = "bad record"):
+    def __init__(self, message: str, problem: str = "bad record", field: str | None = None):
         super().__init__(message)
-        self.problem = problem
+        self.problem, self.field = problem, field
 
 
 class Source(NamedTuple):
@@ -76,7 +77,8 @@ class ParquetImage:
 def _image_error(image, problem: str, what: str) -> DataError:
     source = getattr(image, "source", None)
     name = "" if isinstance(image, (bytes, bytearray)) else f" {image}"
-    return DataError(f"{source}: image{name}: {what}" if source else f"image{name}: {what}", problem)
+    return DataError(f"{source}: image{name}: {what}" if source else f"image{name}: {what}", problem,
+                     source.field if source else None)
 
 
 def _image_bytes(image) -> bytes:
@@ -86,6 +88,8 @@ def _image_bytes(image) -> bytes:
     elif isinstance(image, (bytes, bytearray)):
         raw = bytes(image)
     else:
+        if "\0" in str(image):  # os.stat would raise ValueError("embedded null byte"), naming nothing
+            raise _image_error(image, "bad path", "the path holds a NUL byte")
         try:
             size = os.stat(image).st_size
         except FileNotFoundError:
@@ -94,8 +98,11 @@ def _image_bytes(image) -> bytes:
             raise _image_error(image, "directory", "is a directory, not an image file")
         if size > MAX_IMAGE_BYTES:
             raise _image_error(image, "too large", f"{size} bytes, over MAX_IMAGE_BYTES={MAX_IMAGE_BYTES}")
-        with open(image, "rb") as f:
-            raw = f.read(MAX_IMAGE_BYTES + 1)  # stops at the cap even if the file grew since stat
+        try:
+            with open(image, "rb") as f:
+                raw = f.read(MAX_IMAGE_BYTES + 1)  # stops at the cap even if the file grew since stat
+        except OSError as e:  # permissions, a file removed since stat, an I/O error
+            raise _image_error(image, "unreadable", f"cannot be read ({type(e).__name__}: {e.strerror})") from None
     if not raw:
         raise _image_error(image, "empty", "is empty (0 bytes)")
     if len(raw) > MAX_IMAGE_BYTES:
@@ -181,24 +188,27 @@ def image_file(root, relative: str, source, index, key: str) -> ImagePath:
     path component: a million images load in seconds.
     """
     where, root = Source(str(source), index, key), str(root or "")
+    if "\0" in relative:  # the OS refuses such a path (os.stat: "embedded null byte"), so no file can be named
+        raise DataError(f"{where}: image path {relative!r} holds a NUL byte", "bad path", key)
     if os.path.isabs(relative):
         raise DataError(f"{where}: image path {relative!r} is absolute; image paths are relative to the image "
-                        f"root ({root or '.'})", "outside root")
+                        f"root ({root or '.'})", "outside root", key)
     path = os.path.join(root, relative)
     real = os.path.normpath(os.path.join(_real(os.path.dirname(path) or "."), os.path.basename(path)))
     if os.path.islink(real):
         real = os.path.realpath(real)
     real_root = _real(root or ".")
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise DataError(f"{where}: image {path} resolves to {real}, outside the image root {real_root}", "outside root")
+        raise DataError(f"{where}: image {path} resolves to {real}, outside the image root {real_root}", "outside root",
+                        key)
     try:
         mode = os.stat(real).st_mode
     except OSError:
-        raise DataError(f"{where}: image file {path} does not exist", "missing") from None
+        raise DataError(f"{where}: image file {path} does not exist", "missing", key) from None
     if stat.S_ISDIR(mode):
-        raise DataError(f"{where}: image {path} is a directory, not an image file", "directory")
+        raise DataError(f"{where}: image {path} is a directory, not an image file", "directory", key)
     if not stat.S_ISREG(mode):
-        raise DataError(f"{where}: image {path} is not a regular file", "missing")
+        raise DataError(f"{where}: image {path} is not a regular file", "missing", key)
     return ImagePath(path, where)
 
 
@@ -216,7 +226,26 @@ def _pyarrow_parquet():
 
 @functools.lru_cache(maxsize=16)
 def parquet_file(path: str):
-    return _pyarrow_parquet().ParquetFile(path)
+    """The opened parquet file; a file that is not parquet (or is truncated: the footer is at its end) raises a
+    DataError naming it, not pyarrow's "Parquet magic bytes not found", which does not say which file."""
+    pq = _pyarrow_parquet()
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file", "missing") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a parquet file", "not parquet") from None
+    except Exception as e:  # pyarrow.ArrowInvalid (not parquet), OSError (unreadable)
+        raise DataError(f"{path}: not a parquet file ({type(e).__name__}: {e}; the file starts with "
+                        f"{_first_bytes(path)!r})", "not parquet") from None
+
+
+def _first_bytes(path: str, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 @functools.lru_cache(maxsize=2)  # the two images of a pair often share a row group
@@ -227,7 +256,12 @@ def _row_group_column(path: str, row_group: int, column: str):
 
 
 def _parquet_cell(image: ParquetImage) -> bytes:
-    value = _row_group_column(image.file, image.row_group, image.column)[image.row].as_py()
+    try:
+        value = _row_group_column(image.file, image.row_group, image.column)[image.row].as_py()
+    except DataError:
+        raise
+    except Exception as e:  # a damaged page, or the file changed since it was loaded
+        raise _image_error(image, "corrupt", f"its row group cannot be read ({type(e).__name__}: {e})") from None
     value = value.get(image.key) if isinstance(value, dict) else value
     return value or b""
 
@@ -251,9 +285,15 @@ def parquet_rows(path: str, columns: Sequence[str], image_columns: Sequence[str]
               file=sys.stderr)
     index = 0
     for g in range(pf.num_row_groups):
-        rows = pf.read_row_group(g, columns=[c for c in columns if c not in image_columns]).to_pylist()
+        try:
+            rows = pf.read_row_group(g, columns=[c for c in columns if c not in image_columns]).to_pylist()
+            cells = {c: _image_cells(pf, g, c) for c in image_columns}
+        except Exception as e:  # a damaged page: pyarrow names neither the file nor the rows
+            last = index + pf.metadata.row_group(g).num_rows - 1
+            raise DataError(f"{path}: row group {g} (records {index}-{last}) cannot be read ({type(e).__name__}: "
+                            f"{e})", "corrupt") from None
         for c in image_columns:
-            for n, cell in enumerate(_image_cells(pf, g, c)):
+            for n, cell in enumerate(cells[c]):
                 rows[n][c] = cell if cell is not True else \
                     ParquetImage(path, g, n, c, "bytes" if pf.schema_arrow.field(c).type.num_fields else None,
                                  Source(path, index + n, c))

@@ -5,14 +5,15 @@ Each loader reads one dataset in its own published on-disk layout and returns `P
 the image root, so a missing file is reported with its record) or a reference to a parquet cell; both are read
 and decoded by `images.load_image` only when the example is used, or by `python data.py check` before a run.
 
-Every loader takes `skip_bad`, `exclude` and `report`. Bad input (invalid JSON, a missing field or column, a
-wrong type, an empty prompt, a ranking whose length differs from the images, a missing image file) raises
-`DataError` naming the file, the record index and the field; with `skip_bad=True` the record is left out and
-counted instead. `exclude` is a set of (file, record index) to leave out unread (`read_exclude`: the file
+Every loader takes `skip_bad`, `exclude`, `report` and `prompt_limit`. Bad input (invalid JSON, a file that is
+not parquet, a missing field or column, a wrong type, an empty prompt, a prompt over `prompt_limit`, a ranking
+whose length differs from the images, a missing image file or a path the OS cannot name, a duplicated record)
+raises `DataError` naming the file, the record index and the field; with `skip_bad=True` the record is left out
+and counted instead. `exclude` is a set of (file, record index) to leave out unread (`read_exclude`: the file
 `python data.py check` writes). `report`, a dict if given, is filled with the counts: "records" read, "pairs" or
 "groups" returned, "ties" left out (a tie is not a preference), "skipped" bad records (and "first_error", the
-message of the first one; "bad", every one as (file, record, problem, message)), "excluded" records. Whenever
-anything was left out, one line saying what and how much goes to stderr: nothing is dropped silently.
+message of the first one; "bad", every one as (file, record, field, problem, message)), "excluded" records.
+Whenever anything was left out, one line saying what and how much goes to stderr: nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -21,45 +22,62 @@ import math
 import os
 import random
 import sys
+from typing import Callable, NamedTuple
 
 from formats.images import DataError, ParquetImage, expand_paths, image_file, parquet_file, parquet_rows
 from formats.records import Group, Pair
 
 
 def load_imagereward(path, image_root=None, skip_bad: bool = False, report: dict | None = None,
-                     exclude=None) -> list[Group]:
+                     exclude=None, prompt_limit: PromptLimit | None = None) -> list[Group]:
     """ImageReward -> one Group per prompt, its images in file order with their human ranks (1 is best).
 
     Two layouts. The repository's `data/test.json`: a JSON list of `{"id", "prompt", "generations": [image
     paths], "ranking": [ranks]}`. ImageRewardDB's `metadata-{split}.parquet` (`path` ends with .parquet; one
     file or a list): one row per image with `prompt_id, prompt, image_path, rank`, grouped by `prompt_id` in
     first-seen order. Image paths are relative to `image_root` (default: the directory of the first file).
+
+    Duplicates are refused, not counted twice: a test.json record whose `id` an earlier (good) record has, and
+    an ImageRewardDB row repeating an earlier row's (prompt_id, image_path). The DataError names both records;
+    with skip_bad the later one is left out and counted, and the first kept.
     """
     counts = _counts()
     if not isinstance(path, (str, os.PathLike)) or str(path).endswith(".parquet"):
         files = expand_paths(path)
         root = image_root if image_root is not None else os.path.dirname(files[0])
-        groups = _imagereward_parquet(files, root, skip_bad, counts, exclude)
+        groups = _imagereward_parquet(files, root, skip_bad, counts, exclude, prompt_limit)
         return _finish(", ".join(files), counts, "groups", groups, report)
     path = str(path)
     root = image_root if image_root is not None else os.path.dirname(path)
+    ids: dict = {}  # id -> the index of the good record that has it
 
     def parse(i, record):
-        prompt = _prompt(record, "prompt", path, i)
+        prompt = _prompt(record, "prompt", path, i, prompt_limit)
         names = _str_list(record, "generations", path, i)
         ranking = _rank_list(record, "ranking", path, i, len(names))
-        return Group(prompt, [image_file(root, n, path, i, "generations") for n in names], ranking)
+        images = [image_file(root, n, path, i, "generations") for n in names]
+        key = record.get("id")
+        if key is not None:
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise _bad(path, i, "id", "a string or an integer", key)
+            if key in ids:
+                raise _bad(path, i, "id", f"an id no other record has (record {ids[key]} has it too: a duplicated "
+                           f"record would be counted twice)", key, "duplicate")
+            ids[key] = i
+        return Group(prompt, images, ranking)
 
     groups = _parse_records(path, enumerate(_read_json_list(path)), parse, skip_bad, counts, exclude)
     return _finish(path, counts, "groups", groups, report)
 
 
-def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict, exclude=None) -> list[Group]:
+def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict, exclude=None,
+                         prompt_limit: PromptLimit | None = None) -> list[Group]:
     groups: dict = {}  # prompt_id -> Group, in first-seen order (dicts keep insertion order)
     first: dict = {}  # prompt_id -> (file, row, prompt) of the first row holding it, across files and within one
+    rows_of: dict = {}  # (prompt_id, image_path) -> (file, row) of the good row that holds it
     for file in files:
         def parse(i, row, file=file):
-            prompt = _prompt(row, "prompt", file, i)
+            prompt = _prompt(row, "prompt", file, i, prompt_limit)
             prompt_id = _get(row, "prompt_id", file, i)
             rank = _int(_get(row, "rank", file, i))
             if rank is None or rank < 0:
@@ -72,7 +90,13 @@ def _imagereward_parquet(files: list[str], root, skip_bad: bool, counts: dict, e
             if not isinstance(name, str) or not name:
                 raise _bad(file, i, "image_path", "a non-empty string", name)
             image = image_file(root, name, file, i, "image_path")
+            if (prompt_id, name) in rows_of:
+                seen_file, seen_row = rows_of[prompt_id, name]
+                raise _bad(file, i, "image_path", f"an image not already in prompt_id {prompt_id!r}'s group (row "
+                           f"{seen_row} of {seen_file} holds it: a duplicated row would be counted twice)", name,
+                           "duplicate")
             first.setdefault(prompt_id, (file, i, prompt))
+            rows_of[prompt_id, name] = (file, i)
             return prompt_id, prompt, image, rank
 
         rows = parquet_rows(file, ["prompt_id", "prompt", "image_path", "rank"])
@@ -122,7 +146,7 @@ def _hpdv2_layout(path, records: list) -> str:
 
 
 def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip_bad: bool = False,
-               report: dict | None = None, exclude=None) -> list:
+               report: dict | None = None, exclude=None, prompt_limit: PromptLimit | None = None) -> list:
     """HPDv2 -> list[Pair] from `train.json`, list[Group] from `test.json` (told apart by the record keys).
 
     train.json: `{"prompt", "file_path": [a, b], "human_preference": [1, 0]}`, the 1 marking the preferred
@@ -141,7 +165,7 @@ def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip
     counts["selected"] = len(keep)
 
     def parse_train(i, record):
-        prompt = _prompt(record, "prompt", path, i)
+        prompt = _prompt(record, "prompt", path, i, prompt_limit)
         names = _str_list(record, "file_path", path, i, length=2)
         preference = _get(record, "human_preference", path, i)
         marks = [_int(v) for v in preference] if isinstance(preference, list) else [None]
@@ -151,7 +175,7 @@ def load_hpdv2(path, image_root=None, fraction: float = 1.0, seed: int = 0, skip
         return Pair(prompt, images, label=marks.index(1))
 
     def parse_test(i, record):
-        prompt = _prompt(record, "prompt", path, i)
+        prompt = _prompt(record, "prompt", path, i, prompt_limit)
         names = _str_list(record, "image_path", path, i)
         ranking = _rank_list(record, "rank", path, i, len(names))
         return Group(prompt, [image_file(root, n, path, i, "image_path") for n in names], ranking)
@@ -195,7 +219,7 @@ def _vote_total(cell, source, index, key) -> int:
 
 
 def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report: dict | None = None,
-                  exclude=None) -> list[Pair]:
+                  exclude=None, prompt_limit: PromptLimit | None = None) -> list[Pair]:
     """Rapidata human preference parquet files -> list[Pair] with `votes`; ties (equal votes) left out.
 
     Columns: `prompt`, `image1`, `image2` and the votes in one of the two published conventions, which differ
@@ -223,7 +247,7 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
                   f"unknown, so the binarized and confident subsets cannot be formed", file=sys.stderr)
 
         def parse(i, row, file=file, shares=shares, detail=detail):
-            prompt = _prompt(row, "prompt", file, i)
+            prompt = _prompt(row, "prompt", file, i, prompt_limit)
             if shares:
                 v = _shares(row, file, i)
                 total = _vote_total(_get(row, detail, file, i), file, i, detail) if detail else None
@@ -241,7 +265,8 @@ def load_rapidata(parquet_paths, image_root=None, skip_bad: bool = False, report
     return _finish(", ".join(files), counts, "pairs", pairs, report)
 
 
-def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = None, exclude=None) -> list[Pair]:
+def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = None, exclude=None,
+                  prompt_limit: PromptLimit | None = None) -> list[Pair]:
     """Pick-a-Pic parquet files -> list[Pair]; ties (label_0 = 0.5) left out.
 
     Columns `caption`, `jpg_0`, `jpg_1` (image bytes) and `label_0`: 1 when image 0 was preferred, 0 when
@@ -251,7 +276,7 @@ def load_pickapic(parquet_paths, skip_bad: bool = False, report: dict | None = N
     counts, pairs = _counts(), []
     for file in files:
         def parse(i, row, file=file):
-            prompt = _prompt(row, "caption", file, i)
+            prompt = _prompt(row, "caption", file, i, prompt_limit)
             images = tuple(_image_value(_get(row, k, file, i), None, file, i, k) for k in ("jpg_0", "jpg_1"))
             label_0 = _get(row, "label_0", file, i)
             if isinstance(label_0, bool) or label_0 not in (0, 0.5, 1):
@@ -272,23 +297,56 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _bad(source, index, field_name: str, expected: str, got=None) -> DataError:
+def _bad(source, index, field_name: str, expected: str, got=None, problem: str = "bad record") -> DataError:
     got_text = "" if got is None else f", got {_short(got)}"
-    return DataError(f"{source}: record {index}: field '{field_name}': expected {expected}{got_text}")
+    return DataError(f"{source}: record {index}: field '{field_name}': expected {expected}{got_text}", problem,
+                     field_name)
 
 
 def _get(record, key: str, source, index):
     if not isinstance(record, dict):
         raise _bad(source, index, key, "a record (an object with named fields)", type(record).__name__)
     if record.get(key) is None:
-        raise DataError(f"{source}: record {index}: field '{key}' is missing")
+        raise DataError(f"{source}: record {index}: field '{key}' is missing", field=key)
     return record[key]
 
 
-def _prompt(record, key: str, source, index) -> str:
+# The default of --max_prompt_tokens. Text-to-image prompts are short (the datasets read here hold prompts of
+# tens of tokens; CLIP, which most of their generators read prompts with, stops at 77), and a prompt's tokens
+# are held G times over in a GRPO step: a scraped record of 60,000 tokens would otherwise ask for tens of GB.
+MAX_PROMPT_TOKENS = 1024
+
+
+class PromptLimit(NamedTuple):
+    """The longest prompt a run reads: `tokens` tokens, as `count(text)` counts them (the checkpoint's tokenizer:
+    `prompt.Processor.prompt_limit`), `option` being where the limit was set.
+
+    A record over it is refused like any bad record (skipped and counted with skip_bad): it is found when the
+    dataset loads, before any image is decoded or any forward pass allocates memory for it. Counting is
+    skipped for prompts of at most `tokens` UTF-8 bytes: no token of a byte-level BPE (Qwen's) is shorter than
+    a byte, so those cannot be over.
+    """
+    tokens: int
+    count: Callable[[str], int]
+    option: str = "--max_prompt_tokens"
+    unit: str = "tokens"
+
+    def check(self, prompt: str, source, index, key: str) -> None:
+        if len(prompt.encode("utf-8", "surrogatepass")) <= self.tokens:
+            return
+        n = self.count(prompt)
+        if n > self.tokens:
+            raise DataError(f"{source}: record {index}: field '{key}': expected a prompt of at most {self.tokens} "
+                            f"{self.unit} ({self.option}), got {n} {self.unit} ({_short(prompt, 40)})",
+                            "prompt too long", key)
+
+
+def _prompt(record, key: str, source, index, limit: PromptLimit | None = None) -> str:
     prompt = _get(record, key, source, index)
     if not isinstance(prompt, str) or not prompt.strip():
         raise _bad(source, index, key, "a non-empty string", prompt)
+    if limit is not None:
+        limit.check(prompt, source, index, key)
     return prompt
 
 
@@ -362,7 +420,7 @@ def _parse_records(source, indexed_records, parse, skip_bad: bool, counts: dict,
                 raise
             counts["skipped"] += 1
             counts.setdefault("first_error", str(e))
-            counts.setdefault("bad", []).append((str(source), index, e.problem, str(e)))
+            counts.setdefault("bad", []).append((str(source), index, e.field, e.problem, str(e)))
             continue
         if item is None:
             counts["ties"] += 1

@@ -18,6 +18,7 @@ own out_dir, and only after its sha256 matched the manifest. Weights handed to o
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from models import families
@@ -132,26 +134,29 @@ def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last
     """Write step_{step}/ collectively: DCP shards by every rank, then trainer_state.json, then the manifest.
 
     Each rank hashes the files it wrote; rank 0 writes the manifest last and renames the directory into place.
-    An older directory of the same name (a damaged checkpoint the run fell back from) is renamed `*.damaged`.
+    An older directory of the same name (a damaged checkpoint the run fell back from: `pick` takes the newest
+    good one, so every newer step_* is damaged) is renamed `*.damaged`. A failed save (a full disk: "no space
+    left on device") raises on every rank, naming the checkpoint; the partial `.tmp_step_*` is never picked.
     """
     rank = dist.get_rank()
     final = step_dir(out, step)
     tmp = out / f".tmp_{final.name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    on_rank0(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)), final, tmp)
     model_sd, optim_sd = get_state_dict(policy, optimizer)  # this rank's shards (DTensors), fp32
-    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-    mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.glob(f"__{rank}_*"))}
-    if rank == 0:
-        write_synced(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
-        mine.update({name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
-                     for name in (".metadata", "trainer_state.json")})
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+        mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.glob(f"__{rank}_*"))}
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP raises a rank's failure on every rank
+        raise save_error(e, final, tmp) from e
     files = [None] * dist.get_world_size()
     dist.all_gather_object(files, mine)
-    if rank == 0:
-        manifest = {"step": step, "files": {k: v for f in files for k, v in sorted(f.items())}}
+
+    def finish():  # rank 0: trainer_state.json, the manifest (last), the rename, the old checkpoints removed
+        write_synced(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
+        listed = {k: v for f in files for k, v in f.items()}
+        listed.update({name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
+                       for name in (".metadata", "trainer_state.json")})
+        manifest = {"step": step, "files": dict(sorted(listed.items()))}
         write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
         if final.exists():
             shutil.rmtree(final.with_name(final.name + ".damaged"), ignore_errors=True)
@@ -160,8 +165,60 @@ def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last
         sync_dir(out)
         for old in checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    on_rank0(finish, final, tmp)
     return final
+
+
+# A full disk does not always say so: torch's zip writer reports a short write as "unexpected pos 704 vs 598".
+# So a failed save also asks the filesystem: this little space left counts as full.
+FULL_BYTES = 64 << 20
+
+
+def _errors(error: BaseException):
+    """`error`, its causes and contexts, and each rank's failure inside DCP's CheckpointException."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+
+
+def save_error(error: BaseException, final: Path, tmp: Path) -> Exception:
+    """The error a failed save raises: it names the checkpoint and, when the disk is full, says so."""
+    first = next((str(e).strip().splitlines()[-1] for e in _errors(error) if str(e).strip()), type(error).__name__)
+    cause = f"{type(error).__name__}: {first}"
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        free = None
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _errors(error)) or \
+            (free is not None and free < FULL_BYTES):
+        return OSError(errno.ENOSPC, f"saving checkpoint {final} failed: no space left on device ({free} bytes free "
+                                     f"on the filesystem of {tmp.parent}; {cause}). The partial {tmp.name} is never "
+                                     f"resumed from, and the next save removes it: free space (or lower --keep_last) "
+                                     f"and restart, and the run resumes from its newest complete checkpoint")
+    return RuntimeError(f"saving checkpoint {final} (written first to {tmp}) failed: {cause}")
+
+
+def on_rank0(fn, final: Path, tmp: Path) -> None:
+    """Run `fn` on rank 0; if it fails, every rank raises its error (no rank waits for one that has stopped)."""
+    message, cause = [None], None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as e:  # OSError, RuntimeError, safetensors' SafetensorError: all raised on every rank
+            error, cause = save_error(e, final, tmp), e
+            message = [(type(error), error.args)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        kind, args = message[0]
+        raise kind(*args) from cause
 
 
 def load(path: Path, policy, optimizer) -> dict:
@@ -181,17 +238,25 @@ def checkpoints(out: Path) -> list[Path]:
 def problem(path: Path, rank: int, world: int) -> str | None:
     """What is wrong with checkpoint `path` as this rank sees it, or None.
 
-    Every rank checks that each file exists with its manifest size; the sha256 sums are split over ranks.
+    The manifest must list every shard, the shards' index `.metadata` (a pickle, unpickled on load: so it is
+    trusted only once its sha256 matched) and trainer_state.json; every rank checks that each listed file exists
+    with its manifest size, and the sha256 sums are split over ranks. The step in the directory's name, in the
+    manifest and in trainer_state.json must agree: a directory that says another step would be resumed as it
+    (and its steps redone over good checkpoints).
     """
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except FileNotFoundError:
-        return "no manifest.json (an interrupted save, or not a checkpoint)"
-    except (ValueError, OSError) as e:
-        return f"manifest.json unreadable ({e})"
-    files = sorted(manifest.get("files", {}).items())
-    if not any(name.endswith(".distcp") for name, _ in files) or "trainer_state.json" not in dict(files):
-        return "manifest.json lists no shards or no trainer_state.json"
+    manifest = read_manifest(path)
+    if isinstance(manifest, str):
+        return manifest
+    files = sorted(manifest["files"].items())
+    for name, why in ((".metadata", "the shards' index, a pickle: it is read only once its sha256 matched"),
+                      ("trainer_state.json", "the step and data position to resume")):
+        if name not in manifest["files"]:
+            return f"manifest.json does not list {name} ({why})"
+    if not any(name.endswith(".distcp") for name, _ in files):
+        return "manifest.json lists no shards (*.distcp)"
+    unlisted = sorted(p.name for p in path.glob("*.distcp") if p.name not in manifest["files"])
+    if unlisted:
+        return f"{unlisted[0]} is in the directory but not in manifest.json"
     for i, (name, entry) in enumerate(files):
         file = path / name
         if not file.is_file():
@@ -200,6 +265,48 @@ def problem(path: Path, rank: int, world: int) -> str | None:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
         if i % world == rank and sha256(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in manifest.json"
+    return step_problem(path, manifest)
+
+
+def read_manifest(path: Path) -> dict | str:
+    """manifest.json as {"step", "files": {name: {"size", "sha256"}}}, or what is wrong with it."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return "no manifest.json (an interrupted save, or not a checkpoint)"
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        return f"manifest.json unreadable ({e})"
+    shape = 'expected {"step": N, "files": {name: {"size": bytes, "sha256": hex}}}'
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return f"manifest.json has the wrong shape ({shape}, got {json.dumps(manifest)[:60]})"
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not _count(entry.get("size")) or not isinstance(entry.get("sha256"), str):
+            return f"manifest.json: the entry of {name!r} has the wrong shape ({shape}, got {json.dumps(entry)[:60]})"
+        if name != Path(name).name or name in ("", ".", ".."):
+            return f"manifest.json names {name!r}, which is not a file of the checkpoint directory"
+    return manifest
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def step_problem(path: Path, manifest: dict) -> str | None:
+    """The directory's name, the manifest and trainer_state.json must name the same step."""
+    match = STEP_DIR.fullmatch(path.name)
+    step = int(match.group(1)) if match else None
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (ValueError, OSError) as e:
+        return f"trainer_state.json unreadable ({e})"
+    saved = state.get("step") if isinstance(state, dict) else None
+    if not _count(saved):
+        return f"trainer_state.json has no step (expected {{\"step\": N, ...}}, got {json.dumps(state)[:60]})"
+    if manifest.get("step") != saved:
+        return f"trainer_state.json says step {saved}, manifest.json step {manifest.get('step')!r}"
+    if step is not None and saved != step:
+        return (f"trainer_state.json says step {saved}, the directory's name step {step}: resuming it would redo "
+                f"steps over good checkpoints")
     return None
 
 
@@ -268,8 +375,9 @@ def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 3
         value = value.full_tensor() if hasattr(value, "full_tensor") else value  # collective
         if rank == 0:
             weights[name.replace("_checkpoint_wrapped_module.", "")] = value.detach().to("cpu", dtype).clone()
-    if rank == 0:
-        tmp = final.with_name(f".tmp_{final.name}")
+    tmp = final.with_name(f".tmp_{final.name}")
+
+    def write():  # rank 0
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         config = policy.config
@@ -289,7 +397,8 @@ def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 3
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         sync_dir(final.parent)
-    dist.barrier()
+
+    on_rank0(write, final, tmp)  # a failure (a full disk) raises on every rank, naming the export
     return final
 
 
@@ -318,21 +427,45 @@ def save_weights(weights: dict[str, torch.Tensor], path: Path, shard_bytes: int)
 # metrics.jsonl
 
 
+def read_metrics(path: Path, warn: bool = True) -> list[tuple[str, int]]:
+    """(line, step) of each row of metrics.jsonl. A bad last line (a kill mid-write: cut JSON, a cut UTF-8
+    character) is dropped, with a warning if `warn`; any other line that is not a JSON object with an integer
+    "step" raises, naming the file and the line: it is not ours to throw away."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    rows = []
+    for i, raw in enumerate(lines):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            why = f"is not UTF-8 text (byte {e.start})"
+        else:
+            why = _row_problem(line)
+        if why is None:
+            rows.append((line, json.loads(line)["step"]))
+        elif i == len(lines) - 1:
+            if warn:
+                print(f"warning: {path}: dropping a partial last line {i + 1} ({raw[:60]!r})", flush=True)
+        else:
+            raise ValueError(f"{path}: line {i + 1} {why}: {raw[:80]!r}")
+    return rows
+
+
+def _row_problem(line: str) -> str | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return "is not JSON"
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+        return 'is not a metrics row (a JSON object with an integer "step")'
+    return None
+
+
 def open_metrics(path: Path, step: int):
     """The JSONL metrics file, for appending after `step`. Rows of steps a resumed run will redo are dropped,
     and so is a partial last line (a kill mid-write), with a warning; the file is rewritten atomically."""
     if path.exists():
-        lines = path.read_text().splitlines()
-        rows = []
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                if i == len(lines) - 1:
-                    print(f"warning: {path}: dropping a partial last line {i + 1} ({line[:60]!r})", flush=True)
-                    continue
-                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
-            if row["step"] <= step:
-                rows.append(line)
+        rows = [line for line, row_step in read_metrics(path) if row_step <= step]
         write_synced(path, "".join(line + "\n" for line in rows).encode())
     return open(path, "a")

@@ -29,10 +29,10 @@ class OptionError(ValueError):
 
 
 def option(default, help: str, choices: Sequence | None = None, min: float | None = None,
-           above: float | None = None, max: float | None = None):
+           above: float | None = None, max: float | None = None, below: float | None = None):
     """A dataclass field that is a command-line option: its default, one line of help and its allowed values
-    (`choices`, or a range: `min` <= value, `above` < value, value <= `max`)."""
-    meta = {"help": help, "choices": choices, "min": min, "above": above, "max": max}
+    (`choices`, or a range: `min` <= value, `above` < value, value <= `max`, value < `below`)."""
+    meta = {"help": help, "choices": choices, "min": min, "above": above, "max": max, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,6 +93,8 @@ def check(cfg) -> None:
             fail(f.name, value, f"a number > {meta['above']}")
         if meta.get("max") is not None and value > meta["max"]:
             fail(f.name, value, f"a number <= {meta['max']}")
+        if meta.get("below") is not None and value >= meta["below"]:
+            fail(f.name, value, f"a number < {meta['below']}")
 
 
 def fail(name: str, value, allowed: str):
@@ -113,14 +115,27 @@ def parse(cls, argv: Sequence[str] | None, description: str = ""):
     return cfg
 
 
-def check_checkpoint(name: str, path: str) -> None:
-    """A local checkpoint directory with config.json and safetensors weights, or an OptionError (no network)."""
+def check_checkpoint(name: str, path: str, vision: bool = True) -> None:
+    """A local checkpoint directory that loads, or an OptionError naming the file and what is wrong with it (no
+    network; models/families.py's `checkpoint_problem`: config.json, tokenizer, safetensors headers). `vision`:
+    a reasoner or listener of a family this code runs; else (the judge) any causal LM."""
+    from models.families import checkpoint_problem
     directory = Path(path)
     if not (directory / "config.json").is_file():
         fail(name, path, "a local checkpoint directory with config.json (download Hub models first, e.g. "
              "`huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)")
-    if not any(directory.glob("*.safetensors")):
-        fail(name, path, "a checkpoint with *.safetensors weights (pickled .bin weights are not loaded)")
+    if problem := checkpoint_problem(directory, vision):
+        fail(name, path, f"a checkpoint directory that loads; in it, {problem}")
+
+
+def check_context(name: str, path: str, max_prompt_tokens: int, max_new_tokens: int) -> None:
+    """--max_prompt_tokens plus --max_new_tokens within the model's context (max_position_embeddings): a longer
+    sequence would run past the positions the model was trained on (the images' tokens come on top)."""
+    from models.families import context_length
+    context = context_length(path)
+    if context is not None and max_prompt_tokens + max_new_tokens > context:
+        fail("max_prompt_tokens", max_prompt_tokens, f"at most {context - max_new_tokens}: --{name}'s context is "
+             f"{context} tokens (max_position_embeddings), and --max_new_tokens={max_new_tokens} come after it")
 
 
 def check_dataset(name: str, spec: str) -> None:

@@ -50,18 +50,20 @@ def toy_data(cfg) -> Path:
     return root
 
 
-def load_examples(spec: str, images: str, cfg, train: bool) -> list:
+def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None) -> list:
     """A dataset spec ("hpdv2:PATH", ...; "toy") -> training examples for cfg.mode.
 
     Preference modes take pairs (a ranked group gives all its untied pairs); the score mode takes single
-    images with ratings (`data.to_rated`).
+    images with ratings (`data.to_rated`). `prompt_limit` (formats/layouts.py: the run's tokenizer and
+    --max_prompt_tokens) refuses a record with a longer prompt, or with --skip_bad leaves it out and counts it.
     """
     if spec in ("", "toy"):  # training pairs in the HPDv2 layout, held-out groups in the ImageReward layout
         root = toy_data(cfg)
         spec, images = (f"hpdv2:{root / 'hpdv2/train.json'}", str(root / "hpdv2")) if train else \
             (f"imagereward:{root / 'imagereward/test.json'}", str(root / "imagereward"))
     kwargs = {"fraction": cfg.fraction, "seed": cfg.seed} if train else {}
-    records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, **kwargs)
+    records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, prompt_limit=prompt_limit,
+                        **kwargs)
     if cfg.mode == "score":
         examples = data.to_rated(records, len(PROMPT.ratings))
     else:
@@ -74,12 +76,12 @@ def load_examples(spec: str, images: str, cfg, train: bool) -> list:
     return examples
 
 
-def heldout_examples(cfg) -> list:
+def heldout_examples(cfg, prompt_limit=None) -> list:
     """The held-out examples scored during training: none without --eval_data for a real model."""
     if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
         log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
         return []
-    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False)
+    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False, prompt_limit=prompt_limit)
     if cfg.skip_bad:  # every rank decodes the same list, so all keep the same examples
         heldout, unreadable = data.drop_unreadable(heldout)
         log(f"held-out: left out {unreadable} unreadable images")
@@ -98,6 +100,13 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.lock, resume, saved = open_run(cfg, rank, world)  # before anything heavy loads
         self.processor = self._processor(cfg.model)
+        # The data before the models: a bad record (a prompt over --max_prompt_tokens, ...) stops the run before
+        # minutes of loading weights, and long before any forward pass could allocate memory for it.
+        limit = self.processor.prompt_limit(cfg.max_prompt_tokens)
+        self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True, prompt_limit=limit),
+                                    cfg.pairs_per_rank, rank=rank, world_size=world, seed=cfg.seed,
+                                    both_orders=cfg.both_orders, decode=True, skip_bad=cfg.skip_bad)
+        heldout = heldout_examples(cfg, limit)
         self.policy = load_model(cfg.model, device, trainable=True)
         if cfg.freeze_vision:
             self.policy.model.visual.requires_grad_(False)
@@ -113,10 +122,6 @@ class Trainer:
         self.logits_fn = shared_prompt.completion_logits if cfg.shared_prompt else grpo.completion_logits
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-        self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True), cfg.pairs_per_rank,
-                                 rank=rank, world_size=world, seed=cfg.seed, both_orders=cfg.both_orders,
-                                 decode=True, skip_bad=cfg.skip_bad)
-        heldout = heldout_examples(cfg)
         # this rank's share of the held-out examples; `filler` is scored, not counted, when the share runs out
         self.heldout, self.heldout_total, self.filler = heldout[rank::world], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
@@ -222,7 +227,9 @@ def open_run(cfg, rank: int, world: int) -> tuple:
     if rank == 0:
         try:
             held = checkpoint.lock(out)
-        except RuntimeError as e:
+            if (out / "metrics.jsonl").exists():  # a damaged row stops the run now, not after the models load
+                checkpoint.read_metrics(out / "metrics.jsonl", warn=False)
+        except (RuntimeError, ValueError, OSError) as e:
             error = str(e)
     message = [error]
     dist.broadcast_object_list(message, src=0)
@@ -315,8 +322,12 @@ class Progress:
     def write(self, row: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: Python's message names no file
+            raise OSError(e.errno, f"{self.file.name}: writing step {row.get('step')}'s metrics failed: "
+                                   f"{e.strerror}") from e
         for tracker in self.trackers:
             tracker.log(row)
         self.bar.update(1)

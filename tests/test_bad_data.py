@@ -222,6 +222,7 @@ def test_check_lists_every_bad_record_and_exclude_leaves_them_out(tmp_path):
         assert by_record[i]["problem"] == problem and words in by_record[i]["error"]
         assert by_record[i]["field"] == "file_path" and by_record[i]["file"] == str(path)
     assert by_record[8]["problem"] == "bad record" and "human_preference" in by_record[8]["error"]
+    assert by_record[8]["field"] == "human_preference"  # a record error names its field too, not only image errors
     counts = {problem: sum(e["problem"] == problem for e in entries) for problem in {e["problem"] for e in entries}}
     for problem, n in counts.items():
         assert f"  {problem:16s} {n}" in run.stdout.splitlines()
@@ -231,6 +232,100 @@ def test_check_lists_every_bad_record_and_exclude_leaves_them_out(tmp_path):
     assert sorted(p.prompt for p in kept) == ["prompt 7", "prompt 9"]
     stream = ExampleStream(kept, 2, decode=True)  # without skip_bad: everything left is readable
     assert len(next(stream)) == 2
+
+
+def imagereward_with_bad_records(root: Path) -> Path:
+    """An ImageReward test.json of 6 records; 1: a prompt of 60,001 tokens, 2: a NUL byte in an image path,
+    3: no prompt, 4: the id of record 0 again; 0 and 5 are good."""
+    names = [f"{i}.png" for i in range(2)]
+    for i, n in enumerate(names):
+        write(root / n, encoded(noise(seed=i)))
+    good = {"prompt": "a red circle", "generations": names, "ranking": [1, 2]}
+    records = [{**good, "id": "r0"}, {**good, "id": "r1", "prompt": "a red circle " * 20000},
+               {**good, "id": "r2", "generations": ["0.png", "1\x00.png"]}, {"id": "r3", **{k: v for k, v in good.items()
+                                                                                        if k != "prompt"}},
+               {**good, "id": "r0"}, {**good, "id": "r5", "prompt": "a blue square"}]
+    path = root / "test.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_check_fills_in_the_field_of_every_bad_record(tmp_path):
+    """`python data.py check --tokenizer toy`: each bad record's line names its field and problem (the long prompt
+    in tokens of the run's tokenizer, the NUL byte, the missing prompt, the duplicated id); --exclude of that
+    list leaves exactly those out."""
+    path = imagereward_with_bad_records(tmp_path)
+    out = tmp_path / "bad.jsonl"
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "check", f"imagereward:{path}", "--workers", "1",
+                          "--out", str(out), "--tokenizer", "toy"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    entries = {e["record"]: e for e in map(json.loads, out.read_text().splitlines())}
+    assert {r: (e["field"], e["problem"]) for r, e in entries.items()} == {
+        1: ("prompt", "prompt too long"), 2: ("generations", "bad path"), 3: ("prompt", "bad record"),
+        4: ("id", "duplicate")}
+    assert entries[1]["error"].startswith(f"{path}: record 1: field 'prompt': expected a prompt of at most 1024 "
+                                          f"tokens (--max_prompt_tokens), got 60001 tokens")
+    assert "holds a NUL byte" in entries[2]["error"] and "record 0 has it too" in entries[4]["error"]
+    assert all(e["file"] == str(path) for e in entries.values())
+    assert [g.prompt for g in load(f"imagereward:{path}", exclude=str(out))] == ["a red circle", "a blue square"]
+
+
+def test_check_without_a_tokenizer_says_what_it_could_not_count(tmp_path):
+    path = imagereward_with_bad_records(tmp_path)
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "check", f"imagereward:{path}", "--workers", "1",
+                          "--out", str(tmp_path / "bad.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert (f"1 prompts are longer than 1024 bytes, so may be over --max_prompt_tokens=1024 tokens (the longest: "
+            f"{path}: record 1, 260000 bytes); pass --tokenizer") in run.stdout, run.stdout
+
+
+def test_a_long_prompt_is_refused_or_skipped_as_the_data_loads(tmp_path, capsys):
+    path = imagereward_with_bad_records(tmp_path)
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps([records[i] for i in (0, 1, 5)]))
+    limit = toy.make_processor().prompt_limit(1024)
+    with pytest.raises(DataError, match=r"test\.json: record 1: field 'prompt': expected a prompt of at most 1024 tokens "
+                                        r"\(--max_prompt_tokens\), got 60001 tokens \('a red circle a red"):
+        load(f"imagereward:{path}", prompt_limit=limit)
+    report = {}
+    kept = load(f"imagereward:{path}", prompt_limit=limit, skip_bad=True, report=report)
+    assert [g.prompt for g in kept] == ["a red circle", "a blue square"] and report["skipped"] == 1
+    assert "1 bad records" in capsys.readouterr().err
+    assert len(load(f"imagereward:{path}", prompt_limit=toy.make_processor().prompt_limit(60001))) == 3
+
+
+def test_a_nul_byte_in_an_image_path_names_the_record(tmp_path):
+    path = hpd_dataset(tmp_path, 3, {})
+    records = json.loads(path.read_text())
+    records[1]["file_path"][1] = "train/1\x00_b.png"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError) as err:
+        load_hpdv2(path)
+    assert str(err.value) == (f"{path}: record 1: field 'file_path': image path 'train/1\\x00_b.png' holds a NUL "
+                              f"byte"), str(err.value)
+    report = {}
+    assert [p.prompt for p in load_hpdv2(path, skip_bad=True, report=report)] == ["prompt 0", "prompt 2"]
+    assert report["skipped"] == 1 and report["bad"][0][:4] == (str(path), 1, "file_path", "bad path")
+    with pytest.raises(DataError, match="the path holds a NUL byte"):  # a path that did not come through a loader
+        load_image(str(tmp_path / "a\x00.png"))
+
+
+def test_exclude_entries_of_another_dataset_are_reported(tmp_path, capsys):
+    """An --exclude list written for another file leaves nothing out: the loader says how many entries match."""
+    path = hpd_dataset(tmp_path / "a", 4, {})
+    other = hpd_dataset(tmp_path / "b", 4, {})
+    capsys.readouterr()
+    assert len(load(f"hpdv2:{path}", exclude={(os.path.realpath(other), i) for i in range(3)})) == 4
+    err = capsys.readouterr().err
+    assert f"data: hpdv2:{path}: 0 of 3 exclude entries match this dataset; the others name 1 other files " \
+           f"({os.path.realpath(other)}): 0 records left out" in err, err
+    mixed = {(os.path.realpath(path), 1), (os.path.realpath(path), 9), (os.path.realpath(other), 0)}
+    assert [p.prompt for p in load(f"hpdv2:{path}", exclude=mixed)] == ["prompt 0", "prompt 2", "prompt 3"]
+    err = capsys.readouterr().err
+    assert "2 of 3 exclude entries match this dataset" in err and \
+        "1 of the matching ones name records its files do not have: 1 records left out" in err, err
+    load(f"hpdv2:{path}", exclude={(os.path.realpath(path), 1)})
+    assert "exclude entries" not in capsys.readouterr().err  # every entry used: only the loader's count
 
 
 # ---------------------------------------------------------------- structural cases (items 3-6, 9)
@@ -436,3 +531,25 @@ def test_evaluation_skip_bad_leaves_out_the_unreadable_image_and_counts_it(tmp_p
     sizes = [len(r["generations"]) for r in test]
     assert report["unreadable_images"] == 1 and report["records"] == 3
     assert report["comparisons"] == sum(sizes) - 3 - 1  # n - 1 anchor comparisons per group, one image fewer
+
+
+def test_training_refuses_a_long_prompt_before_loading_anything_and_skips_it_with_skip_bad(corrupt_toy):
+    """A training record whose prompt is "a red circle " 20,000 times (60,001 tokens; the toy's context is 4,096):
+    without --skip_bad the run stops as the data loads, naming the record; with it, the record is left out and
+    counted, and the run trains."""
+    root, out, common = corrupt_toy
+    train = json.loads(Path(out["train"]).read_text())
+    train[5]["prompt"] = "a red circle " * 20000
+    long_json = root / "long_prompt.json"
+    long_json.write_text(json.dumps(train))
+    args = [a for a in common if not a.startswith("--train_data")] + [f"--train_data=hpdv2:{long_json}", "--steps=1",
+                                                                      "--save_every=1"]
+    refused = launch([*args, f"--out_dir={root / 'long_refused'}"], nproc=1)
+    assert refused.returncode != 0
+    assert (f"{long_json}: record 5: field 'prompt': expected a prompt of at most 1024 tokens (--max_prompt_tokens), "
+            f"got 60001 tokens") in refused.stderr, refused.stderr[-3000:]
+    assert not (root / "long_refused" / "metrics.jsonl").exists()  # stopped as the data loaded, before step 1
+    skipped = launch([*args, "--skip_bad=true", f"--out_dir={root / 'long_skipped'}"], nproc=1)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert f"data: {long_json}: 16 records (16 selected) -> 15 pairs; left out 0 ties and 1 bad records" in skipped.stderr, \
+        skipped.stderr[-3000:]

@@ -4,8 +4,11 @@ survives a partial line, one live run per out_dir, and exports keep the starting
 The checkpoints are real ones, written by `train.py` on the toy model (one short SFT run); the damage is done
 here, the way a kill, a full disk or a careless hand would do it.
 """
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from infra import checkpoint  # noqa: E402
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, real_checkpoint  # noqa: E402, F401
 from test_train import launch  # noqa: E402
+from toy import world as toy_world  # noqa: E402
 
 SFT = ["--mode=sft", "--train_data=toy", "--eval_data=toy", "--sft_answers=random", "--pairs_per_rank=4", "--micro_pairs=4", "--lr=1e-3", "--steps=2",
        "--max_new_tokens=8", "--eval_pairs=2", "--eval_every=0", "--save_every=1", "--keep_last=5", "--warmup_steps=1"]
@@ -67,6 +71,30 @@ def flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_manifest(d: Path, change) -> None:
+    """Rewrite step d's manifest.json as `change(manifest)` returns it (a careless hand, or a hostile one)."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(change(manifest)))
+
+
+def rehashed(d: Path, name: str) -> None:
+    """Record file `name`'s current size and sha256 in the manifest, as someone covering an edit would."""
+    def change(m):
+        m["files"][name] = {"size": (d / name).stat().st_size, "sha256": checkpoint.sha256(d / name)}
+        return m
+    edit_manifest(d, change)
+
+
+def set_saved_step(d: Path, step: int) -> None:
+    state = json.loads((d / "trainer_state.json").read_text())
+    (d / "trainer_state.json").write_text(json.dumps(dict(state, step=step)))
+    rehashed(d, "trainer_state.json")
+
+
+def without_index(d: Path) -> None:
+    edit_manifest(d, lambda m: dict(m, files={k: v for k, v in m["files"].items() if k != ".metadata"}))
+
+
 DAMAGE = {  # name -> (what to do to step_0000002, the words of the warning)
     "truncated shard": (lambda d: truncate(d / "__0_0.distcp"), "__0_0.distcp has"),
     "empty shard": (lambda d: truncate(d / "__0_0.distcp", 0), "__0_0.distcp has 0 bytes"),
@@ -75,6 +103,16 @@ DAMAGE = {  # name -> (what to do to step_0000002, the words of the warning)
     "truncated trainer_state.json": (lambda d: truncate(d / "trainer_state.json"), "trainer_state.json has"),
     "no manifest (interrupted save)": (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
     "truncated manifest": (lambda d: truncate(d / "manifest.json"), "manifest.json unreadable"),
+    "shard index not in the manifest": (without_index, "manifest.json does not list .metadata (the shards' index"),
+    "manifest of the wrong shape": (lambda d: (d / "manifest.json").write_text("[1, 2]"),
+                                    "manifest.json has the wrong shape (expected {\"step\": N, \"files\""),
+    "manifest entry without size": (lambda d: edit_manifest(d, lambda m: dict(m, files={
+        k: {"sha256": v["sha256"]} if k == "__0_0.distcp" else v for k, v in m["files"].items()})),
+        "manifest.json: the entry of '__0_0.distcp' has the wrong shape"),
+    "trainer_state.json says another step": (lambda d: set_saved_step(d, 1),
+                                             "trainer_state.json says step 1, manifest.json step 2"),
+    "a shard the manifest does not list": (lambda d: shutil.copy(d / "__0_0.distcp", d / "__1_0.distcp"),
+                                           "__1_0.distcp is in the directory but not in manifest.json"),
 }
 
 
@@ -122,6 +160,51 @@ def test_resume_past_a_damaged_latest_equals_the_uninterrupted_run(run, tmp_path
     assert [r["step"] for r in rows] == [1, 2]
 
 
+class Touch:
+    """Unpickling this creates a file: what a hostile or stale .metadata could do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_a_shard_index_the_manifest_does_not_list_is_never_unpickled(run, tmp_path):
+    """step_0000002/.metadata replaced by a pickle that creates a file when loaded, and dropped from manifest.json
+    (so no sha256 protects it): the checkpoint counts as damaged, the pickle is never loaded, the run resumes
+    from step 1, and step 1 is left as it was."""
+    out = copy_run(run, tmp_path / "out")
+    sentinel, proof = tmp_path / "unpickled", tmp_path / "unpickled_here"
+    pickle.loads(pickle.dumps(Touch(proof)))
+    assert proof.exists()  # loading this pickle does leave a trace
+    (out / "step_0000002" / ".metadata").write_bytes(pickle.dumps(Touch(sentinel)))
+    without_index(out / "step_0000002")
+    result = launch([*SFT, f"--out_dir={out}"])
+    assert "step_0000002 is damaged (rank 0: manifest.json does not list .metadata" in result.stdout, result.stdout
+    assert f"resumed from {out / 'step_0000001'} at step 1" in result.stdout
+    assert not sentinel.exists()
+    assert not (out / "step_0000001.damaged").exists() and checkpoint.problem(out / "step_0000001", 0, 1) is None
+    assert (out / "step_0000002.damaged").is_dir() and checkpoint.problem(out / "step_0000002", 0, 1) is None
+
+
+def test_a_directory_that_says_another_step_is_damaged_and_no_good_checkpoint_is_renamed(run, tmp_path):
+    """step_0000003 holding step 1's checkpoint (its trainer_state.json and manifest say step 1): resuming it would
+    redo steps 2-3 and rename the good step_0000002 aside. It is reported as damaged; the run resumes from step 2,
+    writes step 3, and steps 1 and 2 stay as they were."""
+    out = copy_run(run, tmp_path / "out")
+    shutil.copytree(out / "step_0000001", out / "step_0000003")
+    result = launch([*SFT, "--steps=3", f"--out_dir={out}"])
+    assert ("step_0000003 is damaged (rank 0: trainer_state.json says step 1, the directory's name step 3"
+            in result.stdout), result.stdout
+    assert f"resumed from {out / 'step_0000002'} at step 2" in result.stdout
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_0000001", "step_0000002", "step_0000003",
+                                                         "step_0000003.damaged"]
+    for name in ("step_0000001", "step_0000002"):
+        assert (out / name / "manifest.json").read_bytes() == (run / name / "manifest.json").read_bytes(), name
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_changed_config_is_refused_unless_allowed(run, tmp_path):
     out = copy_run(run, tmp_path / "out")
     refused = launch([*SFT, f"--out_dir={out}", "--seed=1", "--lr=0.01", "--steps=3", "--eval_every=7"], check=False)
@@ -155,6 +238,84 @@ def test_metrics_partial_last_line_is_dropped(tmp_path, capsys):
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=f"{path}: line 2 is not JSON"):
         checkpoint.open_metrics(path, 2)
+
+
+def test_metrics_rows_without_a_step_or_not_utf8_name_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    for bad, why in ((b'{"loss": 0.5}', 'is not a metrics row (a JSON object with an integer "step")'),
+                     (b'{"step": "2"}', "is not a metrics row"), (b'[1, 2]', "is not a metrics row"),
+                     (b'{"step": 2, "note": "caf\xe9"}', "is not UTF-8 text (byte 24)")):
+        path.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+        with pytest.raises(ValueError, match=re.escape(f"{path}: line 2 {why}")):
+            checkpoint.open_metrics(path, 3)
+        assert path.read_bytes().startswith(b'{"step": 1}\n' + bad)  # left as it was: not ours to throw away
+        path.write_bytes(b'{"step": 1}\n{"step": 2}\n' + bad[:-2])  # the same, cut short as the last line
+        checkpoint.open_metrics(path, 3).close()
+        assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+        assert f"warning: {path}: dropping a partial last line 3" in capsys.readouterr().out
+
+
+def test_a_bad_metrics_file_stops_the_run_before_anything_loads(run, tmp_path):
+    out = copy_run(run, tmp_path / "out")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(rows[0] + "\n" + '{"loss": 1}\n' + rows[1] + "\n")
+    refused = launch([*SFT, f"--out_dir={out}"], check=False)
+    assert refused.returncode != 0 and f"{out / 'metrics.jsonl'}: line 2 is not a metrics row" in refused.stderr, \
+        refused.stderr[-2000:]
+
+
+def test_a_failed_save_names_the_checkpoint_and_a_full_disk(tmp_path, monkeypatch):
+    """What a save that fails raises (checkpoint.save_error): torch reports a full disk as "unexpected pos", so
+    the free space decides; an ENOSPC anywhere in the chain does too; anything else still names the checkpoint."""
+    final, tmp = tmp_path / "step_0000004", tmp_path / ".tmp_step_0000004"
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(12 << 20, 12 << 20, 0))
+    full = checkpoint.save_error(torch_says, final, tmp)
+    assert isinstance(full, OSError) and full.errno == errno.ENOSPC
+    assert str(full).startswith(f"[Errno 28] saving checkpoint {final} failed: no space left on device (0 bytes free "
+                                f"on the filesystem of {tmp_path}; RuntimeError: [enforce fail"), str(full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+    chained = RuntimeError("write failed")
+    chained.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert "no space left on device" in str(checkpoint.save_error(chained, final, tmp))
+    other = checkpoint.save_error(torch_says, final, tmp)
+    assert isinstance(other, RuntimeError) and "no space" not in str(other)
+    assert str(other) == f"saving checkpoint {final} (written first to {tmp}) failed: RuntimeError: {torch_says}"
+
+
+def small_disk_available() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not small_disk_available(), reason="needs `unshare -rm` (a user and mount namespace) for a tmpfs")
+def test_disk_full_during_a_save_says_so_and_the_run_resumes_once_there_is_space(tmp_path):
+    """The run's --out_dir on a 6 MiB tmpfs (a toy checkpoint is 8.6 MiB): the first save fails with "no space left
+    on device" naming the checkpoint and the filesystem, and no step_* directory is left half-written; once the
+    tmpfs is grown, the same command runs to its end (the partial .tmp_step_* ignored, then replaced)."""
+    data = toy_world.write_dataset(tmp_path / "data", n_train=16, n_test=4, seed=0)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = [a for a in SFT if not a.startswith(("--train_data", "--eval_data"))] + [
+        f"--train_data=hpdv2:{data['train']}", f"--train_images={data['train_images']}",
+        f"--eval_data=imagereward:{data['test']}", f"--eval_images={data['test_images']}", f"--out_dir={disk / 'run'}"]
+    command = " ".join([sys.executable, str(ROOT / "train.py"), *args])
+    script = (f"mount -t tmpfs -o size=6m tmpfs {disk} && {{ {command}; echo first=$?; }} && ls -a {disk / 'run'} && "
+              f"mount -o remount,size=64m {disk} && {{ {command}; echo second=$?; }} && ls -a {disk / 'run'}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900, env={**env, "OMP_NUM_THREADS": "1"})
+    out = result.stdout + result.stderr
+    assert "first=1" in out and "second=0" in out, out[-4000:]
+    assert (f"saving checkpoint {disk / 'run' / 'step_0000001'} failed: no space left on device (" in out and
+            f"bytes free on the filesystem of {disk / 'run'}" in out), out[-4000:]
+    first_listing = result.stdout.split("first=1")[1].split("second=")[0].split()
+    assert ".tmp_step_0000001" in first_listing and "step_0000001" not in first_listing  # never a step_* half-written
+    second_listing = result.stdout.split("second=0")[1].split()
+    assert {"step_0000001", "step_0000002"} <= set(second_listing) and ".tmp_step_0000001" not in second_listing
 
 
 def test_one_live_run_per_out_dir(run, tmp_path):

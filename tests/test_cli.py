@@ -1,13 +1,19 @@
 """One command line for train.py and evaluate.py (infra/cli.py): spellings, --help, and every bad option refused
 before anything loads, with a message naming the option, the value and what is allowed."""
 import dataclasses
+import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from infra import cli
+from models import families
+from prompt import Processor
 
 import evaluate
 import train
@@ -133,3 +139,158 @@ def test_option_checks_are_declared_once():
     bad = dataclasses.replace(train.Config(), keep_last=0)
     with pytest.raises(cli.OptionError, match="--keep_last=0"):
         cli.check(bad)
+
+
+# ---------------------------------------------------------------- numbers that mean nothing, options that do not mix
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--clip_low=1.5"], ["--clip_low=1.5", "< 1.0"]),
+    (["--clip_low=1"], ["--clip_low=1.0", "< 1.0"]),
+    (["--clip_high=-0.1"], ["--clip_high", ">= 0"]),
+    (["--w_acc=-1"], ["--w_acc=-1.0", ">= 0"]),
+    (["--w_list=inf"], ["--w_list=inf", "finite"]),
+    (["--w_fmt=-0.5"], ["--w_fmt"]),
+    (["--mode=grpo", "--w_fmt=0", "--w_acc=0", "--w_list=0"], ["--w_acc=0.0", "at least one reward"]),
+    (["--seed=-1"], ["--seed=-1", ">= 0"]),
+    (["--seed=18446744073709551616"], ["--seed", "<= 9223372036854775807"]),
+    (["--max_prompt_tokens=0"], ["--max_prompt_tokens=0", ">= 1"]),
+    (["--beta=-0.01"], ["--beta"]),
+    (["--top_p=1.5"], ["--top_p", "<= 1.0"]),
+])
+def test_train_refuses_meaningless_numbers(argv, words, capsys):
+    refused(train.parse_args, argv, capsys, *words)
+
+
+def test_every_numeric_option_has_a_declared_range():
+    """Each int or float option of both scripts declares a lower bound (what is below it means nothing)."""
+    for config in (train.Config, evaluate.Config):
+        for f in dataclasses.fields(config):
+            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                assert f.metadata.get("min") is not None or f.metadata.get("above") is not None, f"{config}: {f.name}"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--data", "imagereward:test.json"], ["--data='imagereward:test.json' is not allowed: expected no --data with "
+                                           "--prompt (--prompt scores the --images files for one prompt; --data is an "
+                                           "option of a dataset evaluation)"]),
+    (["--data", "imagereward:test.json", "--limit", "3"], ["--data='imagereward:test.json'", "no --data, --limit with "
+                                                           "--prompt", "are options of a dataset evaluation"]),
+    (["--limit", "3"], ["--limit", "with --prompt"]),
+    (["--skip_bad"], ["--skip_bad", "with --prompt"]),
+    (["--scoring", "absolute"], ["--scoring", "with --prompt"]),
+])
+def test_evaluate_refuses_prompt_with_dataset_options(tmp_path, extra, words, capsys):
+    images = []
+    for i in range(2):
+        images.append(str(tmp_path / f"{i}.png"))
+        (tmp_path / f"{i}.png").write_bytes(b"")
+    message = refused(evaluate.parse_config, ["--prompt", "a fox", "--images", *images, *extra], capsys, *words)
+    assert "pass one or the other" in message
+
+
+def test_evaluate_refuses_a_prompt_over_the_limit(tmp_path, capsys):
+    from PIL import Image
+    images = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for path in images:
+        Image.new("RGB", (56, 56), "red").save(path)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--prompt", "a red circle " * 400, "--images", *images, "--max_prompt_tokens=100"])
+    assert "--prompt='a red circle a red circle" in str(stop.value) and \
+        "expected a prompt of at most 100 tokens (--max_prompt_tokens), got 1201 tokens" in str(stop.value)
+
+
+def test_prompt_limit_must_fit_the_models_context(real_checkpoint, capsys):
+    model = f"--model={real_checkpoint}"
+    refused(train.parse_args, ["--mode=sft", model, "--train_data=toy", "--max_prompt_tokens=127600"], capsys,
+            "--max_prompt_tokens=127600", "at most 127488", "context is 128000 tokens", "--max_new_tokens=512")
+    refused(evaluate.parse_config, [model, "--data=imagereward:x", "--max_prompt_tokens=127600"], capsys,
+            "--max_prompt_tokens=127600", "at most 127488")
+
+
+# ---------------------------------------------------------------- checkpoints given by the user, broken
+
+
+def edited_json(name, change):
+    def damage(d):
+        (d / name).write_text(json.dumps(change(json.loads((d / name).read_text()))))
+    return damage
+
+
+def truncated(name, size=None):
+    def damage(d):
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[:len(data) // 2 if size is None else size])
+    return damage
+
+
+def removed(*names):
+    def damage(d):
+        for n in names:
+            (d / n).unlink()
+    return damage
+
+
+BROKEN_CHECKPOINTS = {  # name -> (damage, words of the refusal, also refused as the judge's)
+    "another family's config.json": (edited_json("config.json", lambda c: dict(c, model_type="llama")),
+                                     "config.json: model_type 'llama' is not one of the families this code runs", False),
+    "another size's config.json": (edited_json("config.json", lambda c: dict(c, hidden_size=64)),
+                                   "model-00001-of-00002.safetensors: model.embed_tokens.weight has shape [152064, 32], "
+                                   "but config.json gives vocab_size x hidden_size = [152064, 64]: config.json belongs "
+                                   "to another model", True),
+    "config.json not JSON": (truncated("config.json"), "config.json: not a JSON config", True),
+    "empty weights": (truncated("model-00001-of-00002.safetensors", 0),
+                      "model-00001-of-00002.safetensors has 0 bytes, too few for a safetensors header", True),
+    "truncated weights": (truncated("model-00001-of-00002.safetensors"),
+                          "model-00001-of-00002.safetensors has 9752252 bytes, its header describes 19504504: "
+                          "truncated", True),
+    "truncated header": (truncated("model-00002-of-00002.safetensors", 100),
+                         "model-00002-of-00002.safetensors: its header claims", True),
+    "a shard missing": (removed("model-00002-of-00002.safetensors"),
+                        "model-00002-of-00002.safetensors is missing (model.safetensors.index.json names it)", True),
+    "tokenizer files removed": (removed("tokenizer.json", "tokenizer_config.json", "chat_template.json"),
+                                "no tokenizer files (expected tokenizer.json", True),
+    "chat template removed": (lambda d: (removed("chat_template.json")(d), edited_json(
+        "tokenizer_config.json", lambda c: {k: v for k, v in c.items() if k != "chat_template"})(d)),
+        "no chat template (expected chat_template.jinja", True),
+    "tokenizer.json cut short": (truncated("tokenizer.json"), "tokenizer.json is empty or cut short", True),
+    "no image processor": (removed("preprocessor_config.json"), "preprocessor_config.json is missing", False),
+}
+
+
+@pytest.fixture
+def broken_copy(real_checkpoint, tmp_path):
+    def make(case):
+        d = tmp_path / case.replace(" ", "_").replace("'", "")
+        shutil.copytree(real_checkpoint, d)
+        BROKEN_CHECKPOINTS[case][0](d)
+        return d
+    return make
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CHECKPOINTS))
+def test_a_broken_checkpoint_is_refused_naming_its_file(broken_copy, case, capsys):
+    """--model, --listener, evaluate's --model and --judge: refused before anything loads, naming the option, the
+    directory, the file and what is wrong; loading it anyway (models/families.py) says the same."""
+    d = broken_copy(case)
+    _, words, judge_too = BROKEN_CHECKPOINTS[case]
+    refused(train.parse_args, ["--mode=sft", f"--model={d}", "--train_data=toy"], capsys, f"--model='{d}'", words)
+    refused(train.parse_args, ["--mode=grpo", f"--listener={d}", "--train_data=toy"], capsys, "--listener", words)
+    refused(evaluate.parse_config, ["--model", str(d), "--data=imagereward:x"], capsys, "--model", words)
+    if judge_too:
+        refused(evaluate.parse_config, ["--judge", str(d)], capsys, f"--judge='{d}'", words)
+    with pytest.raises(OSError, match=re.escape(f"{d}: ") + ".*" + re.escape(words)):
+        families.load(d, torch.float32)
+
+
+def test_what_the_cheap_check_cannot_see_still_names_the_directory(broken_copy, real_checkpoint, tmp_path):
+    """A deeper layer of another size (config.json's intermediate_size changed): transformers' own refusal is
+    raised as the directory's; a tokenizer whose chat template is empty is named by the processor."""
+    d = broken_copy("config.json not JSON")
+    (d / "config.json").write_text(json.dumps(dict(json.loads((real_checkpoint / "config.json").read_text()),
+                                                   intermediate_size=96)))
+    with pytest.raises(OSError, match=re.escape(f"{d}: the weights do not have the shapes config.json gives")):
+        families.load(d, torch.float32)
+    with pytest.raises(OSError, match=re.escape(f"{d}: no tokenizer files")):
+        (d / "tokenizer.json").unlink()
+        Processor.from_pretrained(str(d))

@@ -317,3 +317,51 @@ def test_invalid_json(tmp_path):
     path.write_text('[{"prompt": "a",\n "generations": [}]')
     with pytest.raises(DataError, match=r"test\.json: invalid JSON at line 2"):
         load_imagereward(str(path))
+
+
+# ---------------------------------------------------------------- duplicates, files that are not what they claim
+
+
+def test_imagereward_duplicated_id_is_refused_naming_both_records(tmp_path):
+    """A test.json whose records 0 and 2 share an `id` (a record pasted twice): refused, naming both; with skip_bad
+    the later one is left out and counted, so its pairs are not counted twice."""
+    names = [write_png(tmp_path, f"{j}.png", c) for j, c in enumerate((RED, GREEN, BLUE))]
+    records = [{"id": "000001", "prompt": "a red cat", "generations": names[:2], "ranking": [1, 2]},
+               {"id": "000002", "prompt": "a blue dog", "generations": names[1:], "ranking": [2, 1]},
+               {"id": "000001", "prompt": "a red cat", "generations": names[:2], "ranking": [1, 2]}]
+    path = write_json(tmp_path / "test.json", records)
+    with pytest.raises(DataError) as err:
+        load_imagereward(path)
+    assert str(err.value).startswith(f"{path}: record 2: field 'id': expected an id no other record has (record 0 "
+                                     f"has it too"), str(err.value)
+    assert err.value.field == "id" and err.value.problem == "duplicate"
+    report = {}
+    groups = load_imagereward(path, skip_bad=True, report=report)
+    assert [g.prompt for g in groups] == ["a red cat", "a blue dog"] and report["skipped"] == 1
+
+
+def test_imagerewarddb_duplicated_row_is_refused(tmp_path):
+    rows = [{"prompt_id": "a", "prompt": "x", "image_path": write_png(tmp_path, "0.png", RED), "rank": 1},
+            {"prompt_id": "a", "prompt": "x", "image_path": write_png(tmp_path, "1.png", GREEN), "rank": 2},
+            {"prompt_id": "a", "prompt": "x", "image_path": "0.png", "rank": 1}]
+    path = write_parquet(tmp_path / "metadata-test.parquet", rows)
+    with pytest.raises(DataError, match=r"metadata-test\.parquet: record 2: field 'image_path': expected an image not "
+                                        r"already in prompt_id 'a''s group \(row 0 of .*metadata-test\.parquet"):
+        load_imagereward(path)
+    assert [g.ranking for g in load_imagereward(path, skip_bad=True)] == [[1, 2]]
+
+
+@pytest.mark.parametrize("kind", ["pickapic", "rapidata"])
+def test_a_file_that_is_not_parquet_is_named(tmp_path, kind):
+    """Of two files given, the one that is not parquet (a JSON file renamed, a truncated download) is named."""
+    rows = [{"caption": "c", "prompt": "c", "jpg_0": png_bytes(RED), "jpg_1": png_bytes(GREEN), "label_0": 1,
+             "image1": png_bytes(RED), "image2": png_bytes(GREEN), "votes_image1": 2, "votes_image2": 1}]
+    good = write_parquet(tmp_path / "good.parquet", rows)
+    renamed = tmp_path / "bad.parquet"
+    renamed.write_text('[{"caption": "not parquet"}]')
+    truncated = tmp_path / "cut.parquet"
+    truncated.write_bytes(open(good, "rb").read()[:100])
+    for bad in (renamed, truncated):
+        with pytest.raises(DataError, match=f"^{bad}: not a parquet file .*the file starts with") as err:
+            load(f"{kind}:{good},{bad}")
+        assert err.value.problem == "not parquet"

@@ -208,3 +208,20 @@ def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
             state = models[role]
             assert set(state) == set(weights), (name, role)
             assert all(torch.equal(state[k], weights[k]) for k in weights), (name, role)
+
+
+def test_toy_world_help_prints_help_and_writes_nothing(tmp_path):
+    """`python -m toy.world --help` (and -h) prints its usage; it never writes a dataset into a folder named --help."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for flag in ("--help", "-h"):
+        run = subprocess.run([sys.executable, "-m", "toy.world", flag], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+        assert run.returncode == 0, run.stderr
+        assert "usage: python -m toy.world" in run.stdout and "out_dir" in run.stdout
+        assert list(tmp_path.iterdir()) == []
+    run = subprocess.run([sys.executable, "-m", "toy.world"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2 and "the following arguments are required: out_dir" in run.stderr
