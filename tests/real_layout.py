@@ -22,7 +22,8 @@ generation configs byte-for-byte the published sizes, 390 B and 269 B; the 4B co
 values cross-checked against its parameter count, 8.767B; the template from a copy labelled byte-identical to
 the 8B's); transformers 5.23's qwen3_vl code for the tensor names.
 
-`real_checkpoint` and `qwen3_checkpoint` (session-scoped pytest fixtures) build each once per test session.
+`build` and `build_qwen3` write them; tests/conftest.py's session fixtures `real_checkpoint` and `qwen3_checkpoint`
+build each once per test session.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ import base64
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 # Qwen2's pre-tokenizer: like GPT-4's, but digits split one by one (\p{N}, not \p{N}{1,3}).
@@ -183,12 +183,6 @@ def build(path) -> Path:
         "config.json": config_json()}, write_weights)
 
 
-@pytest.fixture(scope="session")
-def real_checkpoint(tmp_path_factory) -> Path:
-    """A Qwen2.5-VL-7B-Instruct-like directory (see the module docstring), built once per session."""
-    return build(tmp_path_factory.mktemp("real_layout") / "Qwen2.5-VL-7B-Instruct")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Qwen3-VL-8B-Instruct
 
@@ -272,9 +266,3 @@ def build_qwen3(path) -> Path:
         "preprocessor_config.json": QWEN3_PREPROCESSOR_CONFIG,
         "video_preprocessor_config.json": QWEN3_VIDEO_PREPROCESSOR_CONFIG,
         "generation_config.json": QWEN3_GENERATION_CONFIG, "config.json": qwen3_config_json()}, write_qwen3_weights)
-
-
-@pytest.fixture(scope="session")
-def qwen3_checkpoint(tmp_path_factory) -> Path:
-    """A Qwen3-VL-8B-Instruct-like directory (see the module docstring), built once per session."""
-    return build_qwen3(tmp_path_factory.mktemp("real_layout") / "Qwen3-VL-8B-Instruct")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from infra import checkpoint  # noqa: E402
-from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG, real_checkpoint  # noqa: E402, F401
+from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG  # noqa: E402
 from test_train import launch  # noqa: E402
 from toy import world as toy_world  # noqa: E402
 
@@ -52,7 +52,10 @@ def group():
     yield
 
 
-def copy_run(run: Path, to: Path) -> Path:
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """The run's checkpoints and metrics copied to a new out_dir beside it (named after the test's tmp_path), where
+    the toy data the run wrote beside itself serves the copy too."""
+    to = run.parent / tmp_path.name
     to.mkdir()
     for p in checkpoint.checkpoints(run):
         shutil.copytree(p, to / p.name)
@@ -118,7 +121,7 @@ DAMAGE = {  # name -> (what to do to step_0000002, the words of the warning)
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_damaged_latest_falls_back(run, group, tmp_path, capsys, case):
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     damage, words = DAMAGE[case]
     damage(out / "step_0000002")
     assert checkpoint.pick(out, 0, 1) == out / "step_0000001"
@@ -127,7 +130,7 @@ def test_damaged_latest_falls_back(run, group, tmp_path, capsys, case):
 
 
 def test_stray_names_are_ignored_and_an_empty_step_dir_reported(run, group, tmp_path, capsys):
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     (out / "step_notes.txt").write_text("lr 1e-3 looked fine")
     (out / "step_0000009").mkdir()
     (out / ".tmp_step_0000003").mkdir()  # a save killed before its rename
@@ -137,7 +140,7 @@ def test_stray_names_are_ignored_and_an_empty_step_dir_reported(run, group, tmp_
 
 
 def test_no_usable_checkpoint_is_an_error(run, group, tmp_path):
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     for p in checkpoint.checkpoints(out):
         (p / "manifest.json").unlink()
     with pytest.raises(RuntimeError, match="(?s)no usable checkpoint in .*step_0000002: rank 0: no manifest"):
@@ -147,7 +150,7 @@ def test_no_usable_checkpoint_is_an_error(run, group, tmp_path):
 def test_resume_past_a_damaged_latest_equals_the_uninterrupted_run(run, tmp_path):
     """End to end: step 2's shard truncated; the run warns, resumes at step 1, redoes step 2 and ends with the
     weights of the undamaged run (one process, fp32: exactly); the damaged directory is kept aside."""
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     truncate(out / "step_0000002" / "__0_0.distcp")
     result = launch([*SFT, f"--out_dir={out}"])
     assert "step_0000002 is damaged" in result.stdout and "resumed from" in result.stdout
@@ -174,7 +177,7 @@ def test_a_shard_index_the_manifest_does_not_list_is_never_unpickled(run, tmp_pa
     """step_0000002/.metadata replaced by a pickle that creates a file when loaded, and dropped from manifest.json
     (so no sha256 protects it): the checkpoint counts as damaged, the pickle is never loaded, the run resumes
     from step 1, and step 1 is left as it was."""
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     sentinel, proof = tmp_path / "unpickled", tmp_path / "unpickled_here"
     pickle.loads(pickle.dumps(Touch(proof)))
     assert proof.exists()  # loading this pickle does leave a trace
@@ -192,7 +195,7 @@ def test_a_directory_that_says_another_step_is_damaged_and_no_good_checkpoint_is
     """step_0000003 holding step 1's checkpoint (its trainer_state.json and manifest say step 1): resuming it would
     redo steps 2-3 and rename the good step_0000002 aside. It is reported as damaged; the run resumes from step 2,
     writes step 3, and steps 1 and 2 stay as they were."""
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     shutil.copytree(out / "step_0000001", out / "step_0000003")
     result = launch([*SFT, "--steps=3", f"--out_dir={out}"])
     assert ("step_0000003 is damaged (rank 0: trainer_state.json says step 1, the directory's name step 3"
@@ -206,7 +209,7 @@ def test_a_directory_that_says_another_step_is_damaged_and_no_good_checkpoint_is
 
 
 def test_changed_config_is_refused_unless_allowed(run, tmp_path):
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     refused = launch([*SFT, f"--out_dir={out}", "--seed=1", "--lr=0.01", "--steps=3", "--eval_every=7"], check=False)
     assert refused.returncode != 0
     assert "--seed: 0 -> 1" in refused.stderr and "--lr: 0.001 -> 0.01" in refused.stderr, refused.stderr
@@ -256,7 +259,7 @@ def test_metrics_rows_without_a_step_or_not_utf8_name_the_file_and_line(tmp_path
 
 
 def test_a_bad_metrics_file_stops_the_run_before_anything_loads(run, tmp_path):
-    out = copy_run(run, tmp_path / "out")
+    out = copy_run(run, tmp_path)
     rows = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text(rows[0] + "\n" + '{"loss": 1}\n' + rows[1] + "\n")
     refused = launch([*SFT, f"--out_dir={out}"], check=False)
@@ -339,13 +342,13 @@ def test_one_live_run_per_out_dir(run, tmp_path):
     checkpoint.lock(out).close()
 
 
-def test_export_of_a_published_layout_start(real_checkpoint, tmp_path):
+def test_export_of_a_published_layout_start(real_checkpoint, run, tmp_path):
     """From a directory laid out like the Qwen2.5-VL-7B-Instruct download (bf16 shards with an index, published
     preprocessor and generation configs, real vocabulary), on 2 processes (rank 0 reads the weights and
     broadcasts them), with --max_pixels and lr 0: the export holds the starting weights bit for bit, in bf16, and
     the starting checkpoint's preprocessor, generation and tokenizer files unchanged; the pixel bounds the run
     used are in trainer_state.json."""
-    out = tmp_path / "out"
+    out = run.parent / tmp_path.name  # beside the module's run: its toy data serves this run too
     launch([*SFT, "--steps=1", "--lr=0", "--pairs_per_rank=2", "--micro_pairs=2", f"--model={real_checkpoint}",
             "--max_pixels=50176", f"--out_dir={out}"], nproc=2)
     export = out / "export_0000001"

@@ -18,7 +18,6 @@ from prompt import Processor
 import evaluate
 import train
 from infra import trainer
-from real_layout import real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

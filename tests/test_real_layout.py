@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import evaluate
 from formats.records import Pair
 from prompt import Processor, reasoner_messages
-from real_layout import (GENERATION_CONFIG, PREPROCESSOR_CONFIG, QWEN3_GENERATION_CONFIG, QWEN3_PREPROCESSOR_CONFIG,  # noqa: F401
-                         legacy_name, qwen3_checkpoint, real_checkpoint)
+from real_layout import (GENERATION_CONFIG, PREPROCESSOR_CONFIG, QWEN3_GENERATION_CONFIG, QWEN3_PREPROCESSOR_CONFIG,
+                         legacy_name)
 
 
 @pytest.fixture(scope="module")

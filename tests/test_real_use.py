@@ -14,7 +14,6 @@ import train
 from infra import trainer
 from formats.records import Pair, Rated
 from prompt import PROMPT, score_messages
-from real_layout import qwen3_checkpoint, real_checkpoint  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 COLOURS = [(200, 40, 40), (40, 160, 60), (50, 80, 220), (230, 200, 40), (120, 60, 160), (40, 170, 170),
@@ -176,11 +175,22 @@ def real_data(tmp_path_factory):
     return write_imagereward(tmp_path_factory.mktemp("real_data"), prompts=4, per_group=3)
 
 
+def ranks_images(capsys, model_args: list[str], real_data: Path) -> None:
+    """`evaluate.py MODEL_ARGS --prompt "a red fox" --images 0.png 1.png 2.png` (the reward-model use; in this
+    process, through the command line's own `main`): a score per image and the best one."""
+    import evaluate
+    images = [str(real_data.parent / "images" / f"{i}.png") for i in range(3)]
+    capsys.readouterr()
+    evaluate.main([*model_args, "--prompt", "a red fox", "--images", *images, "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "best: " in out and len([ln for ln in out.splitlines() if ln[:1].isdigit()]) == 3, out
+
+
 TINY_REAL = ["--max_pixels=3136", "--max_new_tokens=8", "--group_size=2", "--pairs_per_rank=1", "--steps=2",
              "--eval_pairs=2", "--eval_every=0", "--lr=1e-4", "--warmup_steps=1"]
 
 
-def test_grpo_with_listener_on_two_processes_then_evaluate(real_checkpoint, real_data, tmp_path):
+def test_grpo_with_listener_on_two_processes_then_evaluate(real_checkpoint, real_data, tmp_path, capsys):
     """README: torchrun train.py --mode=grpo on a published-layout checkpoint (no pad id in its config), with the
     listener, 2 processes, 2 steps; then evaluate.py on the checkpoint it saved, on a dataset and as a reward
     model (--prompt ... --images)."""
@@ -197,11 +207,7 @@ def test_grpo_with_listener_on_two_processes_then_evaluate(real_checkpoint, real
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["comparisons"] == 4 * 2 and "mean@2 both orders" in report["accuracy"]
-    images = [str(real_data.parent / "images" / f"{i}.png") for i in range(3)]
-    run = run_script(["evaluate.py", "--model", str(checkpoint), "--prompt", "a red fox", "--images", *images,
-                      "--max-pixels", "3136", "--max-new-tokens", "8"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "best: " in run.stdout and len([ln for ln in run.stdout.splitlines() if ln[:1].isdigit()]) == 3
+    ranks_images(capsys, ["--model", str(checkpoint), "--max-pixels", "3136"], real_data)
 
 
 def test_score_mode_then_absolute_evaluation(real_checkpoint, real_data, tmp_path):
@@ -225,7 +231,7 @@ QWEN3_PIXELS = ["--min_pixels=1024", "--max_pixels=4096"]  # the published min_p
 TINY_QWEN3 = [a for a in TINY_REAL if not a.startswith("--max_pixels")] + QWEN3_PIXELS
 
 
-def test_qwen3_grpo_two_processes_equal_one_then_evaluate(qwen3_checkpoint, real_data, tmp_path):
+def test_qwen3_grpo_two_processes_equal_one_then_evaluate(qwen3_checkpoint, real_data, tmp_path, capsys):
     """README's Qwen3-VL command on a Qwen3-VL-8B-Instruct-like checkpoint (nested config, no pad id, DeepStack):
     torchrun x2 GRPO with the listener and the fast paths, 2 steps, equals the 1-process run on the reference
     paths (losses to 1e-5; the bf16 exports to one bf16 step); its export loads with from_pretrained as a
@@ -254,11 +260,7 @@ def test_qwen3_grpo_two_processes_equal_one_then_evaluate(qwen3_checkpoint, real
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["comparisons"] == 4 * 2 and "mean@2 both orders" in report["accuracy"]
-    images = [str(real_data.parent / "images" / f"{i}.png") for i in range(3)]
-    run = run_script(["evaluate.py", "--model", str(checkpoint), "--prompt", "a red fox", "--images", *images,
-                      *QWEN3_PIXELS, "--max-new-tokens", "8"])
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "best: " in run.stdout and len([ln for ln in run.stdout.splitlines() if ln[:1].isdigit()]) == 3
+    ranks_images(capsys, ["--model", str(checkpoint), *QWEN3_PIXELS], real_data)
 
 
 # ---------------------------------------------------------------- p(b) without a second prefill

@@ -145,8 +145,9 @@ def test_export_loads_with_from_pretrained(cold_start):
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
-# Makes every policy/reference forward (fast/shared_prompt.py's completion_logits, the path the run takes) of a
-# step slow (the SIGTERM test): a step then outlasts torchrun's grace.
+# Makes every policy/reference forward (fast/shared_prompt.py's completion_logits, the path the run takes) slow
+# once step 1 is in metrics.jsonl (the SIGTERM test): step 2 then outlasts torchrun's grace. Rank 0 writes step 1's
+# row before the collective that ends the step, so no rank begins step 2 before the file shows it.
 SLOW = """
 import os, sys, time
 sys.path.insert(0, {root!r})
@@ -154,9 +155,11 @@ import train
 from fast import shared_prompt
 original = shared_prompt.completion_logits
 def slow(*args, **kwargs):
-    with open(os.environ["SLOW_LOG"], "a") as f:
-        f.write(os.environ["RANK"])
-    time.sleep(float(os.environ["SLOW_SECONDS"]))
+    after = os.environ["SLOW_AFTER"]
+    if os.path.exists(after) and os.path.getsize(after) > 0:
+        with open(os.environ["SLOW_LOG"], "a") as f:
+            f.write(os.environ["RANK"])
+        time.sleep(float(os.environ["SLOW_SECONDS"]))
     return original(*args, **kwargs)
 shared_prompt.completion_logits = slow
 train.main()
@@ -165,24 +168,20 @@ train.main()
 
 def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_path):
     """SIGTERM to torchrun (grace --shutdown-timeout=10 s) as step 2's first of six forwards begins, each taking
-    2 s: the step (12 s left) cannot finish in the grace, so it is abandoned at its next phase boundary (at most
+    2 s (step 1's ran at full speed): the step (12 s left) cannot finish in the grace, so it is abandoned at its next phase boundary (at most
     two forwards away) and the checkpoint of step 1 is written. Resuming from it gives the uninterrupted run's
     step 2 exactly (same losses and weights to 1e-6): weights, AdamW moments and the data stream were restored."""
     out, log_file = runs / "term", tmp_path / "forwards"
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW.format(root=str(ROOT)))
-    env = {"SLOW_LOG": str(log_file), "SLOW_SECONDS": "2"}
+    env = {"SLOW_LOG": str(log_file), "SLOW_SECONDS": "2", "SLOW_AFTER": str(out / "metrics.jsonl")}
     proc = launch(grpo_args(cold_start, out, 2, **FAST_PATHS), nproc=2, env=env, wait=False, script=script,
                   torchrun=["--shutdown-timeout=10"])
     deadline = time.time() + 300
-    metrics = out / "metrics.jsonl"
-    while not metrics.exists() or not metrics.read_text().strip():  # step 1 done
+    while not log_file.exists() or "0" not in log_file.read_text():  # rank 0 began the first forward of step 2
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
-        time.sleep(0.2)
-    seen = log_file.read_text().count("0")
-    while log_file.read_text().count("0") == seen:  # rank 0 began the first forward of step 2
-        assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert "stop requested during step 2: abandoned" in output, output
