@@ -127,6 +127,78 @@ def test_captions_say_where_a_colour_is_not_which_image_is_preferred(tmp_path):
         assert batch["image_grid_thw"].shape[0] == 2 * tokens.shape[0]  # both images of each pair
 
 
+class HandMadeReader:
+    """A stand-in for listener.Listener's `scores(pairs, reasonings)` -> (P, G, 2): `favour(pair, reasoning)` is
+    the image it puts probability 0.9 on."""
+
+    def __init__(self, favour):
+        self.favour = favour
+
+    def scores(self, pairs, reasonings):
+        out = torch.full((len(pairs), len(reasonings[0]), 2), 0.1)
+        for b, (pair, texts) in enumerate(zip(pairs, reasonings)):
+            for g, text in enumerate(texts):
+                out[b, g, self.favour(pair, text)] = 0.9
+        return out
+
+
+def test_reading_precondition_tells_reading_from_seeing(tmp_path):
+    """demo.reading_accuracy on hand-made readers of 40 toy pairs: one that answers what the reasoning says scores
+    100%; one that ignores it scores 50%, whether it answers one position or sees the preferred image in the
+    pixels (the last one answers a true reasoning right every time: the true reasoning alone would call it a
+    reader)."""
+    from toy import demo
+    toy.write_dataset(tmp_path, n_train=0, n_test=12, seed=3)
+    pairs = demo.heldout_pairs(tmp_path, seed=0, n=40)
+    assert len(pairs) == 40 and 0 < sum(p.label for p in pairs) < 40  # both positions preferred
+    copies = HandMadeReader(lambda pair, text: toy.read_description(text)[1])  # the image the text argues for
+    first = HandMadeReader(lambda pair, text: 0)
+    sees = HandMadeReader(lambda pair, text: pair.label)  # right from the pixels, whatever the text says
+    assert demo.reading_accuracy(copies, pairs) == 1.0
+    assert demo.reading_accuracy(first, pairs) == 0.5
+    assert demo.reading_accuracy(sees, pairs) == 0.5
+
+
+def distance_from_background(image) -> int:
+    """How far the shape's most common colour lies from the background's (the corner pixel), channel by channel:
+    written here from the pixels, apart from world.py's own reader."""
+    from PIL import Image
+    with Image.open(str(image)) as opened:
+        image = opened.convert("RGB")
+    background = image.getpixel((0, 0))
+    _, rgb = max((n, c) for n, c in image.getcolors(image.width * image.height) if c != background)
+    return max(abs(a - b) for a, b in zip(rgb, background))
+
+
+def test_ood_pairs_break_the_vividness_shortcut(tmp_path):
+    """The files the demo reads, judged from their pixels: in training the preferred image is always the vivid
+    one (shape far from the background) and the other faded (close to it), so "pick the vivid one" is always
+    right; in the OOD split it is never right: half the pairs draw both vivid, half the preferred one faded and
+    the other vivid. The preferred image shows the prompt's colour in both, and every OOD prompt names a
+    colour-shape combination no training prompt names."""
+    from toy import demo
+    import data
+    toy.write_dataset(tmp_path, n_train=60, n_test=2, n_ood=16, seed=0)
+    train = data.load(f"hpdv2:{tmp_path / 'hpdv2/train.json'}", str(tmp_path / "hpdv2"))
+    ood = demo.heldout_pairs(tmp_path, seed=0, split="ood")
+    assert len(train) == 60 and len(ood) == 16
+    vivid = lambda image: distance_from_background(image) > 60
+    for pair in train:
+        preferred, other = pair.images[pair.label], pair.images[1 - pair.label]
+        assert vivid(preferred) and not vivid(other)
+        assert toy.colour_of(preferred) == toy.prompt_colour(pair.prompt) != toy.colour_of(other)
+    kinds = []
+    for pair in ood:
+        preferred, other = pair.images[pair.label], pair.images[1 - pair.label]
+        assert vivid(other) and toy.colour_of(preferred) == toy.prompt_colour(pair.prompt) != toy.colour_of(other)
+        kinds.append("both vivid" if vivid(preferred) else "faded match")
+        assert kinds[-1] == demo.ood_kind(pair)
+    assert kinds.count("both vivid") == kinds.count("faded match") == 8
+    combination = lambda prompt: tuple(prompt.split()[1:])
+    assert {combination(p.prompt) for p in ood} <= set(toy.HELD_OUT)
+    assert not {combination(p.prompt) for p in train} & set(toy.HELD_OUT)
+
+
 def test_demo_writes_every_summary_field(tmp_path, monkeypatch):
     """The demo on tiny sizes, in this process (a group of one): the table's every column for every stage,
     both reading preconditions and the time, all in [0, 1] (seconds > 0), and the learning curve PNG; the GRPO

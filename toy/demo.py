@@ -21,8 +21,9 @@ deviation (docs/toy.md says what happened otherwise).
 The paper has one instruct model in both roles: it reads (the listener) and its GRPO reasoner comes to answer
 apart from its reasoning. A tiny model trained for a minute has one property or the other, not both, so the
 toy trains two (train.py's departure 6). Two preconditions are measured and printed on every run: with a
-correct reasoning written in, the reasoner's start answers as it says at most 60% of the times (it does not
-read) and the listener at least 95% (it reads). A run that misses one says so under its table.
+reasoning written in (the true one about each pair, and a false one arguing for the other image), the
+reasoner's start answers as it says at most 60% of the times (it does not read: ignoring the reasoning scores
+50%) and the listener at least 95% (it reads). A run that misses one says so under its table.
 
 The table (also `summary.json`) holds, per stage, on greedy held-out rollouts:
   accuracy             the answer names the preferred image
@@ -172,12 +173,17 @@ def load(path: str):
 
 
 def reading_accuracy(reader, pairs: list[Pair]) -> float:
-    """How often `reader` (its `.scores(pairs, reasonings)` -> (B, G, 2), as `listener.Listener`'s) favours the
-    image a correct reasoning argues for, the correct reasoning about each pair (`world.truth`) written in. A
-    model that reads scores 100%; one whose answer ignores the reasoning scores its own accuracy without it."""
-    labels = torch.tensor([p.label for p in pairs])  # (P,)
-    favoured = reader.scores(pairs, [[world.truth(p)] for p in pairs])[:, 0].argmax(-1).cpu()  # (P,)
-    return (favoured == labels).float().mean().item()
+    """How often `reader` (its `.scores(pairs, reasonings)` -> (P, 2, 2), as `listener.Listener`'s) favours the
+    image a reasoning argues for, over two reasonings about each pair (`world.describe`): the true one and a false
+    one arguing for the other image. A model that reads scores 100%. One that ignores the reasoning scores 50%,
+    whatever it sees in the images: it agrees with one of the two reasonings and not the other. (With the true
+    reasoning alone, a model that sees the preferred image without reading would pass for a reader.)"""
+    named = [world.prompt_colour(p.prompt) for p in pairs]
+    shown = [[world.colour_of(im) for im in p.images].index(c) for p, c in zip(pairs, named)]  # truly that colour
+    reasonings = [[world.describe(c, k), world.describe(c, 1 - k)] for c, k in zip(named, shown)]  # true, false
+    argued = torch.tensor([[k, 1 - k] for k in shown])  # (P, 2) the image each reasoning argues for
+    favoured = reader.scores(pairs, reasonings).argmax(-1).cpu()  # (P, 2)
+    return (favoured == argued).float().mean().item()
 
 
 @torch.no_grad()
@@ -232,7 +238,7 @@ def table(summary: dict) -> str:
     start, listener = summary["reasoner_start_reading_accuracy"], summary["listener_reading_accuracy"]
     check = lambda ok: "met" if ok else "MISSED"
     lines = ["", "held-out toy pairs, greedy rollouts:", head, *rows,
-             f"reading a correct reasoning: the reasoner's start {start:.1%} (precondition: at most "
+             f"reading a true or false reasoning: the reasoner's start {start:.1%} (precondition: at most "
              f"{START_READS_AT_MOST:.0%}, {check(start <= START_READS_AT_MOST)}), the listener {listener:.1%} "
              f"(at least {LISTENER_READS_AT_LEAST:.0%}, {check(listener >= LISTENER_READS_AT_LEAST)})"]
     if not summary["preconditions_met"]:

@@ -430,12 +430,6 @@ def dataset(root: str | Path) -> dict[str, Path]:
             "ood": root / "ood" / "test.json", "ood_images": root / "ood"}
 
 
-def truth(pair) -> str:
-    """The correct reasoning about a pair in the toy language: what its images really show."""
-    named = prompt_colour(pair.prompt)
-    return describe(named, [colour_of(im) for im in pair.images].index(named))
-
-
 def verdict(pair, text: str) -> dict:
     """`judge` on one completion for a pair: the image its answer names (0, 1 or None) and the judge's verdicts."""
     reasoning, answer = parse_completion(text)
