@@ -1,6 +1,7 @@
 """Real use, as the README's "Real use" commands run it, on the real-layout checkpoint (tests/real_layout.py)
 and on datasets written here in their published layouts: which pairs training and its held-out set see,
-then train.py and evaluate.py launched the way users launch them.
+then train.py and evaluate.py launched the way users launch them (the reward-model use of evaluate.py through
+its `main` in this process).
 """
 import json
 import statistics
