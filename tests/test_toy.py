@@ -144,8 +144,8 @@ class HandMadeReader:
 
 def test_reading_precondition_tells_reading_from_seeing(tmp_path):
     """demo.reading_accuracy on hand-made readers of 40 toy pairs: one that answers what the reasoning says scores
-    100%; one that ignores it scores 50%, whether it answers one position or sees the preferred image in the
-    pixels (the last one answers a true reasoning right every time: the true reasoning alone would call it a
+    100%; one that ignores it scores 50%, whether it answers one position or knows the preferred image from the
+    images (the last one answers a true reasoning right every time: the true reasoning alone would call it a
     reader)."""
     from toy import demo
     toy.write_dataset(tmp_path, n_train=0, n_test=12, seed=3)
@@ -153,7 +153,7 @@ def test_reading_precondition_tells_reading_from_seeing(tmp_path):
     assert len(pairs) == 40 and 0 < sum(p.label for p in pairs) < 40  # both positions preferred
     copies = HandMadeReader(lambda pair, text: toy.read_description(text)[1])  # the image the text argues for
     first = HandMadeReader(lambda pair, text: 0)
-    sees = HandMadeReader(lambda pair, text: pair.label)  # right from the pixels, whatever the text says
+    sees = HandMadeReader(lambda pair, text: pair.label)  # knows the preferred image, whatever the text says
     assert demo.reading_accuracy(copies, pairs) == 1.0
     assert demo.reading_accuracy(first, pairs) == 0.5
     assert demo.reading_accuracy(sees, pairs) == 0.5

@@ -168,9 +168,10 @@ train.main()
 
 def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_path):
     """SIGTERM to torchrun (grace --shutdown-timeout=10 s) as step 2's first of six forwards begins, each taking
-    2 s (step 1's ran at full speed): the step (12 s left) cannot finish in the grace, so it is abandoned at its next phase boundary (at most
-    two forwards away) and the checkpoint of step 1 is written. Resuming from it gives the uninterrupted run's
-    step 2 exactly (same losses and weights to 1e-6): weights, AdamW moments and the data stream were restored."""
+    2 s (step 1's ran at full speed): the step (12 s left) cannot finish in the grace, so it is abandoned at its
+    next phase boundary (at most two forwards away) and the checkpoint of step 1 is written. Resuming from it gives
+    the uninterrupted run's step 2 exactly (same losses and weights to 1e-6): weights, AdamW moments and the data
+    stream were restored."""
     out, log_file = runs / "term", tmp_path / "forwards"
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW.format(root=str(ROOT)))
