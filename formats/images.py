@@ -76,7 +76,7 @@ class ParquetImage:
 
 def _image_error(image, problem: str, what: str) -> DataError:
     source = getattr(image, "source", None)
-    name = "" if isinstance(image, (bytes, bytearray)) else f" {image}"
+    name = "" if isinstance(image, (bytes, bytearray, Image.Image)) else f" {image}"
     return DataError(f"{source}: image{name}: {what}" if source else f"image{name}: {what}", problem,
                      source.field if source else None)
 
@@ -115,9 +115,11 @@ def load_image(image) -> Image.Image:
 
     Every pixel is decoded here (`Image.load()`), so a truncated or corrupt file fails now, with a `DataError`
     naming the image's record, rather than somewhere inside the image processor. Palette, alpha, grayscale and
-    16-bit images are converted to 8-bit RGB (alpha over white).
+    16-bit images are converted to 8-bit RGB (alpha over white). A PIL image (or a tensor made one) is held to
+    the same size and aspect-ratio limits as a file.
     """
     if isinstance(image, Image.Image):
+        _check_size(image, *image.size)
         return _rgb(image)
     raw = _image_bytes(image)
     if raw.startswith(b"\x89PNG\r\n\x1a\n") and (bad := _png_checksum_error(raw)):
@@ -130,18 +132,24 @@ def load_image(image) -> Image.Image:
         raise _image_error(image, "not an image", f"not an image file (it starts with {raw[:20]!r})") from None
     except Exception as e:  # a known format with a broken header
         raise _image_error(image, "corrupt", f"cannot be decoded ({type(e).__name__}: {e})") from None
-    width, height = decoded.size
+    _check_size(image, *decoded.size)
+    try:
+        decoded.load()
+        return _rgb(decoded)
+    except Exception as e:  # truncated data, a bad checksum, a broken stream: PIL raises OSError, SyntaxError...
+        raise _image_error(image, "corrupt", f"cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _check_size(image, width: int, height: int) -> None:
+    """Some pixels, no more than MAX_IMAGE_PIXELS, no aspect ratio over MAX_ASPECT_RATIO (the image processor's)."""
+    if not width or not height:
+        raise _image_error(image, "empty", f"{width}x{height} pixels: no pixels")
     if width * height > MAX_IMAGE_PIXELS:
         raise _image_error(image, "too many pixels",
                            f"{width}x{height} pixels is over MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise _image_error(image, "aspect ratio", f"{width}x{height} pixels: the aspect ratio is over "
                                                   f"MAX_ASPECT_RATIO={MAX_ASPECT_RATIO}")
-    try:
-        decoded.load()
-        return _rgb(decoded)
-    except Exception as e:  # truncated data, a bad checksum, a broken stream: PIL raises OSError, SyntaxError...
-        raise _image_error(image, "corrupt", f"cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def _png_checksum_error(raw: bytes) -> str | None:
@@ -342,7 +350,7 @@ def expand_paths(paths) -> list[str]:
         else:
             matches = [p]
         if not matches:
-            raise FileNotFoundError(f"no parquet files at {p}")
+            raise DataError(f"{p}: no parquet files there" if os.path.isdir(p) else f"{p}: matches no file", "missing")
         out += matches
     return out
 

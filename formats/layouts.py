@@ -211,7 +211,7 @@ def _vote_total(cell, source, index, key) -> int:
     if isinstance(cell, (str, bytes)):
         try:
             cell = json.loads(cell)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _bad(source, index, key, "a JSON list of individual votes", cell) from None
     if not isinstance(cell, list):
         raise _bad(source, index, key, "a list of individual votes", cell)
@@ -331,14 +331,19 @@ class PromptLimit(NamedTuple):
     option: str = "--max_prompt_tokens"
     unit: str = "tokens"
 
-    def check(self, prompt: str, source, index, key: str) -> None:
+    def problem(self, prompt: str) -> str | None:
+        """What is wrong with `prompt`'s length ("expected ..., got N tokens"), or None when it is within the limit."""
         if len(prompt.encode("utf-8", "surrogatepass")) <= self.tokens:
-            return
+            return None
         n = self.count(prompt)
-        if n > self.tokens:
-            raise DataError(f"{source}: record {index}: field '{key}': expected a prompt of at most {self.tokens} "
-                            f"{self.unit} ({self.option}), got {n} {self.unit} ({_short(prompt, 40)})",
-                            "prompt too long", key)
+        if n <= self.tokens:
+            return None
+        return f"expected a prompt of at most {self.tokens} {self.unit} ({self.option}), got {n} {self.unit} " \
+               f"({_short(prompt, 40)})"
+
+    def check(self, prompt: str, source, index, key: str) -> None:
+        if problem := self.problem(prompt):
+            raise DataError(f"{source}: record {index}: field '{key}': {problem}", "prompt too long", key)
 
 
 def _prompt(record, key: str, source, index, limit: PromptLimit | None = None) -> str:
@@ -397,6 +402,12 @@ def _read_json_list(path) -> list:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: byte {e.start} ({e.object[e.start:e.start + 1]!r}): {e.reason}") from None
+    except RecursionError:  # Python's parser recurses once per level: about 1,000 levels are enough to stop it
+        raise DataError(f"{path}: JSON nested too deep to read (over {sys.getrecursionlimit()} levels): not a list "
+                        f"of records") from None
+    except OSError as e:  # missing, a folder, unreadable
+        raise DataError(f"{path}: cannot be read as a JSON file ({type(e).__name__}: {e.strerror})",
+                        "missing") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records
@@ -449,11 +460,18 @@ def _counts() -> dict:
 def read_exclude(path) -> set[tuple[str, int]]:
     """The records `python data.py check` found bad (a JSON line per record) -> {(file, record index)}."""
     out = set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            try:
-                entry = json.loads(line)
-                out.add((os.path.realpath(entry["file"]), int(entry["record"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}: line {n + 1}: expected {{\"file\": ..., \"record\": ...}}: {e}") from None
+    try:
+        lines = open(path, "rb").read().split(b"\n")
+    except OSError as e:  # missing, a folder, unreadable
+        raise DataError(f"{path}: cannot be read as the file `python data.py check` writes ({type(e).__name__}: "
+                        f"{e.strerror})") from None
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            out.add((os.path.realpath(entry["file"]), int(entry["record"])))
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise DataError(f"{path}: line {n + 1}: expected {{\"file\": ..., \"record\": ...}}: "
+                            f"{type(e).__name__}: {str(e)[:80]}") from None
     return out

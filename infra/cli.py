@@ -8,7 +8,8 @@ the same spellings:
     --images a.png b.png  (list options take one or more values)
 
 `--help` lists every option with its default and one line of help. Values are checked here, before anything
-heavy loads: a bad value stops the script with a message naming the option, the value and what is allowed.
+heavy loads: a bad value stops the script with a message naming the option, the value and what is allowed. So
+are the paths a script will write (`check_output`): a run never finds out at its end that it cannot save.
 """
 from __future__ import annotations
 
@@ -25,14 +26,20 @@ TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 class OptionError(ValueError):
-    """A bad command-line value; the message names the option, the value and what is allowed."""
+    """A bad command-line value; the message names the option, the value and what is allowed (also kept apart:
+    `name`, `value`, `allowed`, for the Python APIs that take the same options as keyword arguments)."""
+
+    def __init__(self, message: str, name: str | None = None, value=None, allowed: str | None = None):
+        super().__init__(message)
+        self.name, self.value, self.allowed = name, value, allowed
 
 
 def option(default, help: str, choices: Sequence | None = None, min: float | None = None,
-           above: float | None = None, max: float | None = None, below: float | None = None):
+           above: float | None = None, max: float | None = None, below: float | None = None, blank: bool = True):
     """A dataclass field that is a command-line option: its default, one line of help and its allowed values
-    (`choices`, or a range: `min` <= value, `above` < value, value <= `max`, value < `below`)."""
-    meta = {"help": help, "choices": choices, "min": min, "above": above, "max": max, "below": below}
+    (`choices`, or a range: `min` <= value, `above` < value, value <= `max`, value < `below`). `blank=False`: a
+    string option that, when given, must not be empty (`--out_dir=""` would write into the current folder)."""
+    meta = {"help": help, "choices": choices, "min": min, "above": above, "max": max, "below": below, "blank": blank}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,37 +84,57 @@ def parser(cls, description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def check(cfg) -> None:
-    """Each field against its declared choices and range; NaN is never allowed."""
+def check(cfg, given: Sequence[str] = ()) -> None:
+    """Each field against its declared type, choices and range (NaN is never allowed); a `blank=False` field
+    given (named in `given`, or other than its default) as an empty string."""
     for f in dataclasses.fields(cfg):
-        value, meta = getattr(cfg, f.name), f.metadata
-        if meta.get("choices") and value not in meta["choices"]:
-            fail(f.name, value, f"one of {', '.join(map(str, meta['choices']))}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f.name, value, "a finite number")
-        if meta.get("min") is not None and value < meta["min"]:
-            fail(f.name, value, f"a number >= {meta['min']}")
-        if meta.get("above") is not None and value <= meta["above"]:
-            fail(f.name, value, f"a number > {meta['above']}")
-        if meta.get("max") is not None and value > meta["max"]:
-            fail(f.name, value, f"a number <= {meta['max']}")
-        if meta.get("below") is not None and value >= meta["below"]:
-            fail(f.name, value, f"a number < {meta['below']}")
+        value, default = getattr(cfg, f.name), _default(f)
+        if problem := value_problem(value, f.metadata, default):
+            fail(f.name, value, problem)
+        if f.metadata.get("blank") is False and not str(value).strip() and (f.name in given or value != default):
+            fail(f.name, value, f"a non-empty value, or no --{f.name} at all" +
+                 (f" (its default is {default!r})" if default else ""))
+
+
+def value_problem(value, meta, default) -> str | None:
+    """What an option's value should have been, by its default's type and its declared choices and range; None
+    when it is allowed. (On the command line argparse has given it the right type already.)"""
+    kind = type(default)
+    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
+        return "true or false" if kind is bool else f"a{'n' if kind is int else ''} {kind.__name__}, not a bool"
+    if not isinstance(value, (int, float) if kind is float else kind):
+        return f"a{'n' if kind is int else ''} {kind.__name__}, got {type(value).__name__}"
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
+    for bound, holds, words in (("min", lambda b: value >= b, ">="), ("above", lambda b: value > b, ">"),
+                                ("max", lambda b: value <= b, "<="), ("below", lambda b: value < b, "<")):
+        if meta.get(bound) is not None and not holds(meta[bound]):
+            return f"a number {words} {meta[bound]}"
+    return None
+
+
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def fail(name: str, value, allowed: str):
-    raise OptionError(f"--{name}={value!r} is not allowed: expected {allowed}")
+    raise OptionError(f"--{name}={value!r} is not allowed: expected {allowed}", name, value, allowed)
 
 
 def parse(cls, argv: Sequence[str] | None, description: str = ""):
     """argv -> a checked instance of `cls` (its `validate()` too, when it has one); exits with a message on
     a bad option, like argparse itself."""
     p = parser(cls, description)
-    cfg = cls(**vars(p.parse_args(argv)))
+    unset = object()  # argparse leaves what the namespace holds already: the options never named stay `unset`
+    parsed = vars(p.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(cls)})))
+    given = [name for name, value in parsed.items() if value is not unset]
+    cfg = cls(**{name: value for name, value in parsed.items() if value is not unset})
     try:
-        check(cfg)
+        check(cfg, given)
         if hasattr(cfg, "validate"):
             cfg.validate()
     except OptionError as e:
@@ -139,7 +166,8 @@ def check_context(name: str, path: str, max_prompt_tokens: int, max_new_tokens: 
 
 
 def check_dataset(name: str, spec: str) -> None:
-    """KIND:PATH[,PATH...] with a known KIND and paths that exist."""
+    """KIND:PATH[,PATH...] with a known KIND and paths that exist: a JSON file for hpdv2 and the imagereward
+    test.json, parquet files (or folders of them, or patterns) for the others."""
     from data import DATASETS
     kind, _, rest = spec.partition(":")
     paths = [p for p in rest.split(",") if p]
@@ -148,3 +176,35 @@ def check_dataset(name: str, spec: str) -> None:
     for p in paths:
         if not (os.path.exists(p) or (glob.has_magic(p) and glob.glob(p))):
             fail(name, spec, f"paths that exist ({p} does not)")
+        json_file = kind == "hpdv2" or kind == "imagereward" and not p.endswith(".parquet")
+        if json_file and not os.path.isfile(p):
+            fail(name, spec, f"a JSON file for {kind} ({p} is {'a folder' if os.path.isdir(p) else 'not a file'})")
+        if not json_file and os.path.isdir(p) and not glob.glob(os.path.join(glob.escape(p), "*.parquet")):
+            fail(name, spec, f"parquet files, or folders holding them ({p} is a folder with no *.parquet file)")
+
+
+def check_folder(name: str, path: str, what: str) -> None:
+    """An input folder (an image root) that exists."""
+    if path and not os.path.isdir(path):
+        fail(name, path, f"{what}, a folder ({path} {'is a file' if os.path.exists(path) else 'does not exist'})")
+
+
+def check_output(name: str, path: str, folder: bool, writes: Sequence[str] = ()) -> None:
+    """A path the script will write, checked before anything loads, so that no run finds out at its end that it
+    cannot: a folder (`folder`; made if missing, with the files `writes` inside it) or a file, that is not the
+    other kind, under folders that exist or can be made, the nearest existing one writable by this process."""
+    target = Path(os.path.abspath(path))
+    if folder and target.exists() and not target.is_dir():
+        fail(name, path, f"a folder to write into ({path} is a file)")
+    if not folder and target.is_dir():
+        fail(name, path, f"a file to write ({path} is a folder)")
+    for inside in writes:
+        if (target / inside).is_dir():
+            fail(name, path, f"a folder where {inside} can be written ({target / inside} is a folder)")
+    existing = target if folder else target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(name, path, f"a path under folders ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(name, path, f"a path this process can write to ({existing} is read-only for it)")

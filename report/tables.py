@@ -194,6 +194,11 @@ def finite(x):
     return x
 
 
+# The files an evaluation writes into its --out folder (evaluate.py checks each can be, before anything loads).
+OUTPUTS = ("results.json", "results.md", "rollouts.jsonl", "ratings.jsonl", "figure2_disagreement.png",
+           "figure3_agreement.png", "figure4_rollouts.png")
+
+
 def write_outputs(out: Path, report: dict, dataset, results: Sequence) -> None:
     """results.json (the report), results.md (tables), rollouts.jsonl (one line per comparison of `dataset`, an
     `data.DatasetPairs`, with its `evaluate.Comparison` from `results`), the figures."""

@@ -8,13 +8,14 @@ Run: .venv/bin/python -m pytest -q tests/test_layouts.py
 """
 import json
 import os
+import re
 import sys
 
 import pytest
 
 from data import load
 from formats.images import DataError
-from formats.layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, subsample
+from formats.layouts import load_hpdv2, load_imagereward, load_pickapic, load_rapidata, read_exclude, subsample
 from pictures import BLUE, GREEN, RED, WHITE, colour_of, png_bytes, write_png
 from formats.records import Group
 
@@ -365,3 +366,41 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path, kind):
         with pytest.raises(DataError, match=f"^{bad}: not a parquet file .*the file starts with") as err:
             load(f"{kind}:{good},{bad}")
         assert err.value.problem == "not parquet"
+
+
+@pytest.mark.parametrize("case", ["missing", "a folder", "nested too deep", "not UTF-8"])
+def test_a_json_file_that_cannot_be_read_is_named(tmp_path, case):
+    """A dataset's JSON file that is missing, a folder, nested 100,000 deep (Python's parser stops at about 1,000
+    levels with a RecursionError naming no file) or not UTF-8: a DataError naming the file, from every JSON
+    layout and from the file `--exclude` reads."""
+    path = tmp_path / "test.json"
+    if case == "a folder":
+        path.mkdir()
+    elif case == "nested too deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "not UTF-8":
+        path.write_bytes(b'[{"prompt": "caf\xe9"}]')
+    words = {"missing": "cannot be read as a JSON file (FileNotFoundError", "a folder": "(IsADirectoryError",
+             "nested too deep": "JSON nested too deep to read", "not UTF-8": "not UTF-8 text: byte 16"}[case]
+    for spec in (f"imagereward:{path}", f"hpdv2:{path}"):
+        with pytest.raises(DataError, match=f"^{path}: .*" + re.escape(words)):
+            load(spec)
+    with pytest.raises(DataError, match=f"^{path}: "):
+        load(f"hpdv2:{write_json(tmp_path / 'train.json', [])}", exclude=str(path))
+
+
+def test_an_exclude_line_that_is_not_an_entry_is_named(tmp_path):
+    path = tmp_path / "bad_records.jsonl"
+    for line, words in ((b'{"file": "caf\xe9", "record": 1}', "UnicodeDecodeError"), (b"[" * 5000, "RecursionError"),
+                        (b'{"file": "a.json"}', "KeyError")):
+        path.write_bytes(b'{"file": "a.json", "record": 0}\n' + line + b"\n")
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}: line 2: expected .*{words}"):
+            read_exclude(path)
+
+
+def test_a_parquet_spec_that_matches_no_file_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"^{tmp_path / 'empty'}: no parquet files there"):
+        load(f"rapidata:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match=f"^{tmp_path}/\\*\\.parquet: matches no file"):
+        load(f"pickapic:{tmp_path}/*.parquet")
