@@ -19,6 +19,12 @@ pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The 
 comparison are seeded by (seed, j): a prompt's scores depend on the prompt, its images and the options alone,
 not on the other prompts of a batch, the batch size, the process or the restart that computes them.
 
+Before any forward, every prompt and image is checked as a dataset's are, and refused naming the prompt and the
+image: a prompt over `max_prompt_tokens` (1024), an image over the pixel or aspect-ratio limits of an image file,
+a tensor of another shape or dtype, of no pixels, or holding a NaN or an infinity (a broken VAE decode would
+otherwise be ranked). The options are checked as the command line checks them, before the checkpoint loads
+(`check_options`).
+
 Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out comes one line
 per input line (blank lines aside), in input order: its fields plus "scores" and "ranking" (and, with
 --reasonings, each comparison's k reasonings). Killed, the same command goes on where it stopped: lines already
@@ -33,6 +39,7 @@ Tests: .venv/bin/python -m pytest -q tests/test_reward_model.py; images/s: bench
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -50,10 +57,12 @@ from data import anchor_pairs
 from evaluate import Comparison, anchor_scores, compare_pairs
 from fast.static_decode import DECODES, make_decoder
 from formats.images import DataError, load_image
+from formats.layouts import MAX_PROMPT_TOKENS, PromptLimit
 from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import log, setup_distributed
+from prompt import pixel_bounds_problem
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,15 +74,15 @@ class RewardModel:
 
     def __init__(self, model, processor, k: int = 1, both_orders: bool = False, anchor: int = 0,
                  max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False):
-        for name, value, least in (("k", k, 1), ("anchor", anchor, 0), ("max_new_tokens", max_new_tokens, 1),
-                                   ("seed", seed, 0), ("batch_size", batch_size, 1)):
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
-        if decode not in DECODES:
-            raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
+                 seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False,
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+        checked_options(k=k, both_orders=both_orders, anchor=anchor, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, decode=decode,
+                        batch_size=batch_size, reuse_sampler_logits=reuse_sampler_logits,
+                        max_prompt_tokens=max_prompt_tokens)
         self.model, self.processor = model.eval(), processor
         self.k, self.both_orders, self.anchor, self.seed, self.batch_size = k, both_orders, anchor, seed, batch_size
+        self.prompt_limit = processor.prompt_limit(max_prompt_tokens)  # a longer prompt is refused before any forward
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              decoder=make_decoder(decode, model.device), reuse_sampler_logits=reuse_sampler_logits)
 
@@ -82,10 +91,16 @@ class RewardModel:
                         max_pixels: int = 0, **options) -> RewardModel:
         """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
         (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
-        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `options` are `__init__`'s."""
-        if path != "toy":
-            cli.check_checkpoint("model", path)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `options` are `__init__`'s. Every
+        argument is checked before anything loads, as the command line checks it (`check_options`)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path={path!r}: expected a checkpoint directory (or 'toy')")
+        names = list(inspect.signature(cls.__init__).parameters)[3:]  # __init__'s options, after model and processor
+        if unknown := [name for name in options if name not in names]:
+            raise TypeError(f"RewardModel.from_pretrained: unknown option {unknown[0]!r}: expected one of "
+                            f"{', '.join(names)}")
+        path, (device, dtype) = os.fspath(path), checked_device(device, dtype)
+        checked_options(path, min_pixels=min_pixels, max_pixels=max_pixels, **options)
         model, processor = evaluate.load_reasoner(path, evaluate.Config(min_pixels=min_pixels, max_pixels=max_pixels),
                                                   device=device, dtype=dtype)
         return cls(model, processor, **options)
@@ -102,7 +117,7 @@ class RewardModel:
     def compare(self, prompt: str, image_a, image_b) -> Comparison:
         """The two images shown as (a, b): `.p_b` is the Mean@k probability that b is preferred, `.reasonings`
         the k reasonings it was read after (evaluate.Comparison). Seeded as `score(prompt, [a, b])`'s comparison."""
-        _, (a, b) = read_group((prompt, [image_a, image_b]), "compare")
+        _, (a, b) = read_group((prompt, [image_a, image_b]), "compare", prompt_limit=self.prompt_limit)
         return compare_pairs(self.model, self.processor, [Pair(prompt, (a, b), 0)], keys=[(self.seed, 0)],
                              **self._options())[0]
 
@@ -115,13 +130,17 @@ class RewardModel:
         """Each (prompt, images)'s n - 1 comparisons (anchor, image i), i != anchor in order, with their rollouts.
 
         The comparisons of all prompts go through `compare_pairs` together, `batch_size` at a time, each seeded by
-        (seed, its index within its prompt). Images are read `4 * batch_size` prompts at a time, so a list of
-        10,000 prompts of image paths never holds more than that many prompts' images in memory.
+        (seed, its index within its prompt). Every prompt and list of images is checked first (`checked_group`), so a
+        bad one stops the call before any forward; the images are read `4 * batch_size` prompts at a time, so a list
+        of 10,000 prompts of image paths never holds more than that many prompts' images in memory.
         """
-        groups, chunk, out = list(groups), 4 * self.batch_size, []
+        chunk, out = 4 * self.batch_size, []
+        groups = [checked_group(g, f"prompt {i}", self.anchor, self.prompt_limit)  # all before the first forward
+                  for i, g in enumerate(groups)]
         with tqdm(total=len(groups), desc="score", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(groups), chunk):
-                read = [read_group(g, f"prompt {start + i}", self.anchor) for i, g in enumerate(groups[start:start + chunk])]
+                read = [(prompt, read_images(images, f"prompt {start + i}"))
+                        for i, (prompt, images) in enumerate(groups[start:start + chunk])]
                 pairs = [anchor_pairs(prompt, images, self.anchor) for prompt, images in read]
                 keys = [(self.seed, j) for ps in pairs for j in range(len(ps))]  # within its prompt: see the docstring
                 results = iter(compare_pairs(self.model, self.processor, [p for ps in pairs for p in ps], keys=keys,
@@ -138,44 +157,106 @@ def best_first(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: -scores[i])
 
 
-def read_group(group, where: str, anchor: int = 0) -> tuple[str, list[Image.Image]]:
-    """(prompt, images) -> (prompt, its images decoded as RGB PIL images), checked: errors name `where` and the
+def read_group(group, where: str, anchor: int = 0, prompt_limit: PromptLimit | None = None
+               ) -> tuple[str, list[Image.Image]]:
+    """(prompt, images) -> (prompt, its images decoded as RGB PIL images), checked before any forward: the prompt
+    and the list as `checked_group` checks them, each image as `read_image` does. Errors name `where` and the
     image's index (and its path, for a path)."""
+    prompt, images = checked_group(group, where, anchor, prompt_limit)
+    return prompt, read_images(images, where)
+
+
+def read_images(images: list, where: str) -> list[Image.Image]:
+    return [read_image(image, f"{where}: image {j}") for j, image in enumerate(images)]
+
+
+def checked_group(group, where: str, anchor: int = 0, prompt_limit: PromptLimit | None = None) -> tuple[str, list]:
+    """(prompt, images) checked without decoding anything: a non-empty prompt within `prompt_limit`, the images
+    a list (or a (G, 3, H, W) tensor) of at least two, `anchor` one of them. Cheap: run on every prompt of a batch
+    before the first forward."""
     try:
         prompt, images = group
     except (TypeError, ValueError):
         raise TypeError(f"{where}: expected a (prompt, images) pair, got {str(group)[:80]}") from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: the prompt must be a non-empty string, got {prompt!r:.80}")
+    if prompt_limit is not None and (problem := prompt_limit.problem(prompt)):
+        raise DataError(f"{where}: {problem}", "prompt too long")
+    if not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4):
+        one = isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor))
+        raise TypeError(f"{where}: expected the images as a list (of paths, PIL images, bytes or (3, H, W) tensors) "
+                        f"or a (G, 3, H, W) tensor, got {_described(images)}" + (": one image? pass a list of them"
+                                                                                 if one else ""))
     images = list(images)  # a (G, 3, H, W) tensor becomes G images
     if len(images) < 2:
         raise ValueError(f"{where}: {len(images)} image(s): scoring compares at least two")
     if anchor >= len(images):
         raise ValueError(f"{where}: anchor {anchor} is not an index into its {len(images)} images")
-    return prompt, [read_image(image, f"{where}: image {j}") for j, image in enumerate(images)]
+    return prompt, images
 
 
 def read_image(image, where: str) -> Image.Image:
-    """A path, encoded bytes, PIL image or (3, H, W) tensor -> a decoded RGB PIL image (formats/images.py)."""
+    """A path, encoded bytes, PIL image or (3, H, W) tensor -> a decoded RGB PIL image, checked as an image file
+    is (formats/images.py's `load_image`: size, aspect ratio); a tensor also as `tensor_image` checks it. A
+    DataError names `where` (the prompt and the image's index) and what is wrong."""
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image, torch.Tensor)):
-        raise TypeError(f"{where}: expected a path, PIL image, bytes or a (3, H, W) tensor, got {type(image).__name__}")
+        raise TypeError(f"{where}: expected a path, PIL image, bytes or a (3, H, W) tensor, got {_described(image)}")
     try:
-        return tensor_image(image) if isinstance(image, torch.Tensor) else load_image(image)
+        return load_image(tensor_image(image) if isinstance(image, torch.Tensor) else image)
     except DataError as e:  # load_image names the path; this adds the prompt and the index
         raise DataError(f"{where}: {e}", e.problem) from None
 
 
 def tensor_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) floats in [0, 1] or uint8 -> an RGB PIL image, rounded to 8 bits as a saved PNG would be."""
+    """(3, H, W) floats in [0, 1] or uint8 -> an RGB PIL image, rounded to 8 bits as a saved PNG would be. Refused,
+    naming what is wrong: another shape or dtype, no pixels, a NaN or infinite value (a broken VAE decode), values
+    outside [0, 1]: each would otherwise be scored as some other image."""
     if x.dim() != 3 or x.shape[0] != 3:
         raise DataError(f"a tensor image must have shape (3, H, W), got {tuple(x.shape)}", "bad tensor")
+    if not x.numel():
+        raise DataError(f"a tensor image of shape {tuple(x.shape)} has no pixels", "bad tensor")
+    if x.dtype != torch.uint8 and not x.is_floating_point():
+        raise DataError(f"a tensor image must be floats in [0, 1] or uint8, got {x.dtype}", "bad tensor")
     if x.dtype != torch.uint8:
         x = x.detach().float()
+        finite = torch.isfinite(x)  # (3, H, W); NaN fails every comparison, so the range check below misses it
+        if not finite.all():
+            c, h, w = (~finite).nonzero()[0].tolist()
+            raise DataError(f"a tensor image holds {int((~finite).sum())} non-finite values (NaN or infinity), the "
+                            f"first at channel {c}, row {h}, column {w}", "bad tensor")
         if x.min() < 0 or x.max() > 1:  # e.g. a VAE's [-1, 1] output: clamping would silently change it
             raise DataError(f"a float tensor image must hold values in [0, 1], got [{x.min():.3g}, {x.max():.3g}] "
                             f"(for a [-1, 1] image pass (x + 1) / 2)", "bad tensor")
         x = (x * 255).round().to(torch.uint8)  # (3, H, W)
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())  # (H, W, 3)
+
+
+def _described(value) -> str:
+    shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    return f"{type(value).__name__}{shape} {str(value)[:60]!r}" if isinstance(value, (str, os.PathLike)) else \
+        f"{type(value).__name__}{shape}"
+
+
+def checked_options(path: str | None = None, **options) -> None:
+    """`check_options` for the Python API: a ValueError in its own words ("temperature=nan: expected ...")."""
+    try:
+        check_options(path, **options)
+    except cli.OptionError as e:
+        raise ValueError(f"{e.name}={e.value!r}: expected {e.allowed}" if e.name else str(e)) from None
+
+
+def checked_device(device, dtype) -> tuple:
+    """`from_pretrained`'s device and dtype, checked before anything loads; a dtype may be named ("bfloat16")."""
+    try:
+        device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected a torch device, e.g. 'cuda', 'cuda:1' or 'cpu'") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: this process sees no CUDA device")
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not isinstance(named, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: expected a torch dtype, or the name of one (float32, bfloat16, float16)")
+    return device, named
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,16 +267,18 @@ def tensor_image(x: torch.Tensor) -> Image.Image:
 class Config:
     """Every option of `reward_model.py`: `--name=value` or `--name value` (dashes or underscores)."""
     input: str = option("", "JSONL file, one {\"prompt\": ..., \"images\": [paths]} per line (other fields are "
-                            "copied to the output)")
+                            "copied to the output)", blank=False)
     out: str = option("", "JSONL file written, one line per input line in order: its fields, \"scores\" and "
-                          "\"ranking\" (best first); an existing one is resumed")
+                          "\"ranking\" (best first); an existing one is resumed", blank=False)
     model: str = option("toy", "reasoner checkpoint (a local directory with safetensors weights); 'toy' builds the "
-                               "tiny random toy model")
+                               "tiny random toy model", blank=False)
     image_root: str = option("", "folder that relative image paths are under ('' = the current directory)")
     k: int = option(1, "reasoning rollouts per comparison (Mean@k)", min=1)
     both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
     anchor: int = option(0, "index of the anchor image in every line: it scores 0.5, the others p(beats it)", min=0)
     max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest prompt read, in tokens: a longer line is refused "
+                                    "before the model loads, naming it (with --skip_bad: its \"error\")", min=1)
     temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
     top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
     top_k: int = option(0, "top-k sampling (0: off)", min=0)
@@ -218,35 +301,62 @@ class Config:
             fail("input", self.input, "a JSONL file of {\"prompt\": ..., \"images\": [...]} lines")
         if not self.out or Path(self.out).resolve() == Path(self.input).resolve():
             fail("out", self.out, "the JSONL file to write the scores to (not --input)")
-        if self.model != "toy":
-            cli.check_checkpoint("model", self.model)
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
+        cli.check_output("out", self.out, folder=False)
+        cli.check_output("out", self.out + ".options.json", folder=False)  # the scoring options, kept beside it
+        cli.check_folder("image_root", self.image_root, "the folder relative image paths are under")
+        check_options(self.model, **{k: getattr(self, k) for k in SCORING + ("min_pixels", "max_pixels")})
 
 
 SCORING = ("k", "both_orders", "anchor", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "decode",
-           "batch_size", "reuse_sampler_logits")  # RewardModel's options
-SAME_SCORES = ("input", "out", "decode", "batch_size", "reuse_sampler_logits", "skip_bad")  # may change on resume
+           "batch_size", "reuse_sampler_logits", "max_prompt_tokens")  # RewardModel's options
+SAME_SCORES = ("input", "out", "decode", "batch_size", "reuse_sampler_logits", "skip_bad",
+               "max_prompt_tokens")  # may change on resume
 
 
-def read_records(path: str, anchor: int) -> list[tuple[int, dict]]:
-    """(line number, record) of every non-blank line of the input, checked before the model loads."""
+def check_options(path: str | None = None, **options) -> None:
+    """RewardModel's options (and the pixel bounds) checked in one place, for the command line and the Python API
+    alike: each by the type, range and choices `Config` declares for it, the pixel bounds together, and with a
+    checkpoint `path` (not 'toy') the checkpoint itself, its context (--max_prompt_tokens + --max_new_tokens)
+    and its own pixel bounds. Raises cli.OptionError naming the option; reads no weights."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name, value in options.items():
+        if name in fields and (problem := cli.value_problem(value, fields[name].metadata, fields[name].default)):
+            fail(name, value, problem)
+    given = {f.name: f.default for f in fields.values()} | options
+    if given["min_pixels"] and given["max_pixels"] and given["min_pixels"] > given["max_pixels"]:
+        fail("min_pixels", given["min_pixels"], f"at most --max_pixels={given['max_pixels']}")
+    if path is None or path == "toy":
+        return
+    cli.check_checkpoint("model", path)
+    cli.check_context("model", path, given["max_prompt_tokens"], given["max_new_tokens"])
+    if problem := pixel_bounds_problem(path, given["min_pixels"] or None, given["max_pixels"] or None):
+        fail("max_pixels", given["max_pixels"], f"--min_pixels too: {problem}")
+
+
+def read_records(path: str, anchor: int, prompt_limit: PromptLimit | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of the input, checked before the model loads; with a
+    `prompt_limit`, a prompt over it is refused too."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}: line {n}: not JSON: {line[:80]!r}") from None
-            images = record.get("images") if isinstance(record, dict) else None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-                raise DataError(f"{path}: line {n}: expected an object with a non-empty string \"prompt\"")
-            if not isinstance(images, list) or not all(isinstance(p, str) for p in images) or len(images) <= max(anchor, 1):
-                raise DataError(f"{path}: line {n}: \"images\" must be a list of at least {max(anchor + 1, 2)} image "
-                                f"paths (--anchor={anchor}), got {str(images)[:80]}")
-            records.append((n, record))
+    for n, raw in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: line {n}: not UTF-8 text (byte {e.start}): {raw[:80]!r}") from None
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's parser goes
+            raise DataError(f"{path}: line {n}: not JSON (or nested too deep): {line[:80]!r}") from None
+        images = record.get("images") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise DataError(f"{path}: line {n}: expected an object with a non-empty string \"prompt\"")
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images) or len(images) <= max(anchor, 1):
+            raise DataError(f"{path}: line {n}: \"images\" must be a list of at least {max(anchor + 1, 2)} image "
+                            f"paths (--anchor={anchor}), got {str(images)[:80]}")
+        if prompt_limit is not None and (problem := prompt_limit.problem(record["prompt"])):
+            raise DataError(f"{path}: line {n}: {problem}", "prompt too long")
+        records.append((n, record))
     return records
 
 
@@ -279,7 +389,14 @@ def lines_done(out: Path, records: list, cfg: Config) -> int:
     if not sidecar.exists():
         raise DataError(f"{out} exists but {sidecar} does not: it was not written by reward_model.py; move it or "
                         f"pick another --out")
-    saved = json.loads(sidecar.read_text())
+    try:
+        saved = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{sidecar}: unreadable ({type(e).__name__}: {str(e)[:80]}): it holds the options {out} was "
+                        f"scored with; move both away, or pick another --out") from None
+    if not isinstance(saved, dict):
+        raise DataError(f"{sidecar}: expected the JSON object of the options {out} was scored with; move both away, "
+                        f"or pick another --out")
     diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
     if diffs:
         raise DataError(f"{out} was scored with other options; going on would mix two scorings:\n  " +
@@ -295,8 +412,10 @@ def lines_done(out: Path, records: list, cfg: Config) -> int:
     for i, (row, (n, record)) in enumerate(zip(rows, records)):
         try:
             written = json.loads(row)
-        except ValueError:
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise DataError(f"{out}: line {i + 1} is not JSON: {row[:80]!r}") from None
+        if not isinstance(written, dict):
+            raise DataError(f"{out}: line {i + 1} is not a line of scores (a JSON object): {row[:80]!r}")
         if written.get("prompt") != record["prompt"] or written.get("images") != record["images"]:
             raise DataError(f"{out}: line {i + 1} scores {written.get('prompt')!r:.60}, but line {n} of {cfg.input} "
                             f"is {record['prompt']!r:.60}: another input's scores? pick another --out")
@@ -310,7 +429,8 @@ def score_lines(rm: RewardModel, cfg: Config, records: list, mine: list[int]) ->
         n, record = records[i]
         paths = [os.path.join(cfg.image_root, p) for p in record["images"]]  # an absolute path stays as it is
         try:
-            read.append((i, read_group((record["prompt"], paths), f"{cfg.input}: line {n}", rm.anchor)))
+            read.append((i, read_group((record["prompt"], paths), f"{cfg.input}: line {n}", rm.anchor,
+                                       rm.prompt_limit)))
         except DataError as e:
             if not cfg.skip_bad:
                 raise
@@ -336,7 +456,10 @@ def output_row(record: dict, comparisons: list[Comparison], anchor: int, reasoni
 def score_file(cfg: Config) -> None:
     """Score every line of --input not yet in --out; rank 0 appends each `batch_size x world` lines, in order."""
     rank, world, device = setup_distributed()
-    records = read_records(cfg.input, cfg.anchor)
+    pixels = evaluate.Config(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    processor = evaluate.load_processor(cfg.model, pixels)  # the tokenizer only: from_pretrained reuses it
+    limit = processor.prompt_limit(cfg.max_prompt_tokens)  # with --skip_bad, a long prompt's line gets its "error"
+    records = read_records(cfg.input, cfg.anchor, None if cfg.skip_bad else limit)
     done = resume(cfg, records)
     rm = RewardModel.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                      **{k: getattr(cfg, k) for k in SCORING})

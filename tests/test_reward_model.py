@@ -9,6 +9,7 @@ rollouts of 6 tokens. Run: .venv/bin/python -m pytest -q tests/test_reward_model
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from PIL import Image
 import evaluate
 import reward_model
 from formats.images import DataError
+from infra import cli
 from reward_model import RewardModel
 from test_real_use import ROOT, run_script
 from toy import world
@@ -128,6 +130,94 @@ def test_errors_name_the_prompt_and_the_image(rm, groups, tmp_path):
         rm.score(groups[0][0], [groups[0][1][0], 3])
     with pytest.raises(ValueError, match="prompt 0: 1 image"):
         rm.score(groups[0][0], groups[0][1][:1])
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"temperature": float("nan")}, "temperature=nan: expected a finite number"),
+    ({"top_p": 0}, "top_p=0: expected a number > 0.0"),
+    ({"top_p": 1.5}, "top_p=1.5: expected a number <= 1.0"),
+    ({"k": 0}, "k=0: expected a number >= 1"),
+    ({"max_prompt_tokens": 0}, "max_prompt_tokens=0: expected a number >= 1"),
+    ({"decode": "fast"}, "decode='fast': expected one of reference, static, compiled"),
+    ({"min_pixels": 4000, "max_pixels": 3000}, "min_pixels=4000: expected at most --max_pixels=3000"),
+    ({"k": True}, "k=True: expected an int, not a bool"),
+    ({"max_new_tokens": 6.5}, "max_new_tokens=6.5: expected an int, got float"),
+    ({"both_orders": "yes"}, "both_orders='yes': expected true or false"),
+    ({"dtype": "bf16"}, "dtype='bf16': expected a torch dtype"),
+    ({"device": "gpu"}, "device='gpu': expected a torch device"),
+    ({"temprature": 0.5}, "unknown option 'temprature': expected one of k, both_orders"),
+])
+def test_the_api_checks_its_options_as_the_command_line_does_before_loading(checkpoint_dir, groups, tmp_path,
+                                                                          monkeypatch, capsys, options, words):
+    """from_pretrained refuses, before any weight loads, what the command line refuses, by the same declared checks
+    (NaN, top_p=0, ...: the command line's message, option for option), and what only the API can get wrong (a bool
+    for an int, a misspelt option, a dtype name)."""
+    monkeypatch.setattr(evaluate, "load_reasoner", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises((ValueError, TypeError), match=re.escape(words)):
+        RewardModel.from_pretrained(checkpoint_dir, **options)
+    name, _, allowed = words.partition(": expected ")
+    if words.startswith(("temperature", "top_p", "k=0", "max_prompt", "decode", "min_pixels")):  # also a flag
+        source = write_input(tmp_path / "in.jsonl", groups)
+        with pytest.raises(SystemExit):
+            cli.parse(reward_model.Config, ["--input", source, "--out", str(tmp_path / "out.jsonl"),
+                                            "--model", checkpoint_dir, *(f"--{k}={v}" for k, v in options.items())])
+        err = capsys.readouterr().err
+        assert f"--{name.partition('=')[0]}=" in err and f" is not allowed: expected {allowed}" in err, err
+
+
+def test_the_images_argument_is_checked_not_iterated(rm, groups, monkeypatch):
+    """`score(prompt, None)` and `score(prompt, "a.png")` (a path is not a list: it iterated the path's characters)
+    and a single (3, H, W) tensor are refused naming the prompt and what is expected; no forward runs."""
+    monkeypatch.setattr(reward_model, "compare_pairs", lambda *a, **k: pytest.fail("a forward ran"))
+    prompt, paths = groups[0]
+    for images, words in ((None, "got NoneType"), (paths[0], f"got str {paths[0][:60]!r}: one image? pass a list"),
+                          (torch.rand(3, 8, 8), "got Tensor of shape (3, 8, 8): one image?"), (7, "got int")):
+        with pytest.raises(TypeError, match="prompt 0: expected the images as a list .*" + re.escape(words)):
+            rm.score(prompt, images)
+    with pytest.raises(TypeError, match=r"prompt 1: expected the images as a list"):
+        rm.score_batch([groups[0], (prompt, None)])
+
+
+@pytest.mark.parametrize("case", ["one NaN pixel", "all NaN", "an infinity", "no pixels", "int64", "aspect ratio",
+                                  "PIL aspect ratio"])
+def test_tensor_images_get_the_checks_files_get(rm, groups, monkeypatch, case):
+    """A broken VAE output is refused, naming the prompt and the image, never scored: NaN (which passed the range
+    check: every comparison with NaN is false, so one all-NaN image scored 0.513), infinity, a tensor of no pixels (a
+    reduction error), another dtype, and a shape the image processor would refuse (a transformers error naming no
+    image): the aspect-ratio limit files have, for tensors and PIL images alike."""
+    monkeypatch.setattr(reward_model, "compare_pairs", lambda *a, **k: pytest.fail("a forward ran"))
+    prompt, paths = groups[1]
+    good = torch.rand(3, 56, 56)
+    bad, words = {
+        "one NaN pixel": (good.clone().index_put_((torch.tensor(1), torch.tensor(7), torch.tensor(9)),
+                                                  torch.tensor(float("nan"))),
+                          "holds 1 non-finite values (NaN or infinity), the first at channel 1, row 7, column 9"),
+        "all NaN": (torch.full((3, 56, 56), float("nan")), "holds 9408 non-finite values"),
+        "an infinity": (good.clone().index_fill_(2, torch.tensor([3]), float("inf")), "non-finite values"),
+        "no pixels": (torch.rand(3, 0, 56), "a tensor image of shape (3, 0, 56) has no pixels"),
+        "int64": ((good * 255).long(), "must be floats in [0, 1] or uint8, got torch.int64"),
+        "aspect ratio": (torch.rand(3, 2, 500), "500x2 pixels: the aspect ratio is over MAX_ASPECT_RATIO"),
+        "PIL aspect ratio": (Image.new("RGB", (3, 700)), "3x700 pixels: the aspect ratio is over MAX_ASPECT_RATIO"),
+    }[case]
+    with pytest.raises(DataError, match=r"prompt 0: image 1: .*" + re.escape(words)):
+        rm.score(prompt, [paths[0], bad])
+
+
+def test_a_prompt_over_the_limit_is_refused_before_any_forward(rm, groups, monkeypatch):
+    """One limit, max_prompt_tokens (1024 by default, as evaluate.py --prompt), on every call that reads a prompt:
+    a 9,001-token prompt (which the model's context would not hold) and a 1.3-million-character one (which ran for
+    minutes) are refused in about a second, naming the prompt; in a batch, before any prompt is scored."""
+    monkeypatch.setattr(reward_model, "compare_pairs", lambda *a, **k: pytest.fail("a forward ran"))
+    (prompt, paths), long = groups[0], "a red circle " * 3000  # 9,001 tokens
+    for call in (lambda: rm.score(long, paths), lambda: rm.compare(long, *paths[:2]),
+                 lambda: rm.score_batch([groups[1], (long, paths)])):
+        with pytest.raises(DataError, match=r"(prompt [01]|compare): expected a prompt of at most 1024 tokens "
+                                            r"\(--max_prompt_tokens\), got 9001 tokens"):
+            call()
+    t = time.time()
+    with pytest.raises(DataError, match="got 300001 tokens"):
+        rm.score("a red circle " * 100_000, paths)
+    assert time.time() - t < 30
 
 
 # ---------------------------------------------------------------- the JSONL batch mode
@@ -254,3 +344,38 @@ def test_jsonl_resumes_after_a_real_kill(rm, checkpoint_dir, groups, tmp_path):
     assert [r["id"] for r in written] == [f"g{i}" for i in range(len(many))]
     for row, scores in zip(written, rm.score_batch(many)):
         assert row["scores"] == pytest.approx(scores, abs=1e-5)
+
+
+def test_jsonl_lines_that_cannot_be_read_are_named_before_the_model_loads(checkpoint_dir, groups, tmp_path,
+                                                                          monkeypatch):
+    """A line that is not UTF-8 (a UnicodeDecodeError "position 530" named no line), JSON nested too deep (a
+    RecursionError), or a prompt over --max_prompt_tokens: the run stops naming the file and the line before the
+    model loads; an options file beside --out that cannot be read is named too."""
+    monkeypatch.setattr(RewardModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    source, out = tmp_path / "in.jsonl", str(tmp_path / "out.jsonl")
+    good = (json.dumps({"prompt": groups[0][0], "images": groups[0][1]}) + "\n").encode()
+    for line, words in ((b'{"prompt": "caf\xe9", "images": ["a.png", "b.png"]}', "line 2: not UTF-8 text (byte 15)"),
+                        (b"[" * 100_000, "line 2: not JSON (or nested too deep)"),
+                        (json.dumps({"prompt": "a red circle " * 3000, "images": groups[0][1]}).encode(),
+                         "line 2: expected a prompt of at most 1024 tokens (--max_prompt_tokens), got 9001 tokens")):
+        source.write_bytes(good + line + b"\n")
+        with pytest.raises(SystemExit, match=re.escape(f"reward_model.py: error: {source}: {words}")):
+            reward_model.main(["--model", checkpoint_dir, "--input", str(source), "--out", out, *FLAGS])
+    source.write_bytes(good)
+    (tmp_path / "scores.jsonl").write_text("{}\n")
+    (tmp_path / "scores.jsonl.options.json").write_text("[" * 100_000)
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'scores.jsonl.options.json'}: unreadable "
+                                                   f"(RecursionError")):
+        reward_model.main(["--model", checkpoint_dir, "--input", str(source), "--out", str(tmp_path / "scores.jsonl")])
+
+
+def test_jsonl_skip_bad_gives_a_long_prompt_its_error(checkpoint_dir, groups, tmp_path):
+    """With --skip_bad a line whose prompt is over --max_prompt_tokens is written with its "error" and null scores,
+    as a line with an unreadable image is; the other lines are scored."""
+    source = write_input(tmp_path / "in.jsonl", [groups[1], ("a red circle " * 50, groups[0][1])])
+    out = str(tmp_path / "out.jsonl")
+    reward_model.main(["--model", checkpoint_dir, "--input", source, "--out", out, "--skip_bad",
+                       "--max_prompt_tokens=100", *FLAGS])
+    first, second = rows(out)
+    assert first["scores"] is not None and second["scores"] is None
+    assert "line 2: expected a prompt of at most 100 tokens (--max_prompt_tokens), got 151 tokens" in second["error"]
