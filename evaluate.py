@@ -64,7 +64,7 @@ from listener import Listener, answer_probs, answer_token_ids, continuation_ids,
 from models import families
 from prompt import PROMPT, Processor, PromptFormat, pixel_bounds_problem, prompt_tokens, score_messages
 from report import judge, metrics
-from report.tables import markdown_tables, write_outputs, write_ratings
+from report.tables import OUTPUTS, markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
 from sample import end_of_turn_ids, sample, seeded_generators
 
@@ -78,11 +78,11 @@ class Config:
     """Every option of `evaluate.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
     model: str = option("toy", "reasoner checkpoint (a local model directory with safetensors weights); the "
                                "untrained instruct model gives the zero-shot row of table 3; 'toy' builds the tiny "
-                               "random model and, without --data, toy data")
+                               "random model and, without --data, toy data", blank=False)
     data: str = option("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
     images: list = option([], "image root of --data; with --prompt, the image files to score")
-    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)")
-    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures")
+    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)", blank=False)
+    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures", blank=False)
     k: int = option(1, "reasoning rollouts per comparison (Mean@k, majority vote)", min=1)
     both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
     no_thinking: bool = option(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
@@ -137,7 +137,8 @@ class Config:
                 fail("images", self.images, "at least two image files to compare with --prompt")
             for path in self.images:
                 if not Path(path).is_file():
-                    fail("images", self.images, f"image files that exist ({path} does not)")
+                    fail("images", self.images, f"image files that exist ({path} "
+                                                f"{'is a folder' if Path(path).is_dir() else 'does not exist'})")
             if self.anchor >= len(self.images):
                 fail("anchor", self.anchor, f"-1 or an index below the {len(self.images)} --images")
             return
@@ -147,6 +148,10 @@ class Config:
             fail("data", self.data, "a dataset with a real --model (e.g. --data imagereward:test.json), or --prompt")
         if len(self.images) > 1:
             fail("images", self.images, "one image root with --data (several files only with --prompt)")
+        cli.check_folder("images", self.images[0] if self.images else "", "the image root of --data")
+        if self.exclude and not Path(self.exclude).is_file():
+            fail("exclude", self.exclude, "the file `python data.py check` writes")
+        cli.check_output("out", self.out, folder=True, writes=OUTPUTS)
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 

@@ -98,7 +98,7 @@ class Config:
     mode: str = option("demo", "demo: the toy world's four trainings and their table (toy/demo.py; no other option needed); sft | grpo | score "
                                "(absolute ratings, section 5) train --model", choices=("demo", "sft", "grpo", "score"))
     model: str = option("toy", "the starting checkpoint, a local save_pretrained directory with safetensors weights "
-                               "(also the KL reference and the listener); 'toy' builds the tiny toy model")
+                               "(also the KL reference and the listener); 'toy' builds the tiny toy model", blank=False)
     listener: str = option("", "the listener's checkpoint directory; '' = the reference model (held once)")
     train_data: str = option("", "hpdv2:PATH | imagereward:PATH | rapidata:P1,P2 | pickapic:P | toy; required "
                                  "with a checkpoint as --model ('' = toy with --model=toy)")
@@ -169,7 +169,7 @@ class Config:
     activation_checkpointing: bool = option(False, "recompute each block in the backward pass (needed at 7B)")
     # bookkeeping
     seed: int = option(0, "seed of the data order, the sampling and the held-out sample", min=0, max=2**63 - 1)
-    out_dir: str = option("runs/default", "checkpoints and metrics.jsonl; a run restarted here resumes")
+    out_dir: str = option("runs/default", "checkpoints and metrics.jsonl; a run restarted here resumes", blank=False)
     eval_every: int = option(50, "held-out evaluation every N steps (0: before and after only)", min=0)
     save_every: int = option(100, "checkpoint every N steps", min=1)
     keep_last: int = option(2, "checkpoints kept", min=1)
@@ -184,6 +184,7 @@ class Config:
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
         tracking.require(self.report_to)  # a missing tensorboard or wandb stops the run here
+        cli.check_output("out_dir", self.out_dir, folder=True)
         toy_model = self.model == "toy"
         if self.mode == "demo":
             given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images")
@@ -202,6 +203,8 @@ class Config:
         for name in ("train_data", "eval_data"):
             if getattr(self, name) not in ("", "toy"):
                 cli.check_dataset(name, getattr(self, name))
+                cli.check_folder(name.replace("data", "images"), getattr(self, name.replace("data", "images")),
+                                 f"the image root of --{name}")
         if self.mode == "grpo" and self.w_fmt + self.w_acc + self.w_list == 0:
             fail("w_acc", self.w_acc, "a weight > 0 on at least one reward (--w_fmt, --w_acc, --w_list): with all "
                  "three 0 every reward is 0 and GRPO has nothing to learn")

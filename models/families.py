@@ -28,6 +28,7 @@ the directory, the file and what is wrong; infra/cli.py runs the same check on t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,15 @@ class CheckpointError(OSError):
     """A checkpoint directory that cannot be loaded; the message names the directory, the file and the fault."""
 
 
-def read_config(path: str | Path) -> dict:
-    """A checkpoint directory's config.json as a dict, or a CheckpointError saying why it cannot be read."""
-    file = Path(path) / "config.json"
+def read_config(path: str | Path, name: str = "config.json") -> dict:
+    """A checkpoint directory's config.json (or another of its JSON configs, `name`) as a dict, or a CheckpointError
+    saying why it cannot be read."""
+    file = Path(path) / name
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json") from None
-    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: no {name}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError) as e:  # RecursionError: nested too deep
         raise CheckpointError(f"{file}: not a JSON config ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
@@ -95,9 +97,11 @@ def context_length(path: str | Path) -> int | None:
 
 def checkpoint_problem(path: str | Path, vision: bool = True) -> str | None:
     """What is wrong with a checkpoint directory, as "FILE: what" (or None): config.json parses and (with
-    `vision`, for a reasoner or listener) names a family this code runs; the tokenizer's files and chat template
+    `vision`, for a reasoner or listener) names a family this code runs, with its nested sizes (vision_config;
+    Qwen3-VL's text_config) and a preprocessor_config.json that parses; the tokenizer's files and chat template
     are there; every weight file the directory's index names exists and has a whole safetensors header, whose
-    embedding has the shape config.json gives (a config.json of another model over these weights).
+    embedding, numbers of layers and vision blocks and vision width are those config.json gives (a config.json of
+    another model over these weights).
     """
     try:
         config = read_config(path)
@@ -109,8 +113,20 @@ def checkpoint_problem(path: str | Path, vision: bool = True) -> str | None:
                 f"({', '.join(f'{f.model_type} ({f.name})' for f in FAMILIES.values())})")
     if not isinstance(model_type, str):
         return "config.json: no model_type (not a transformers config)"
+    nested = {"vision_config": "the vision tower's sizes"} if vision else {}
+    if model_type == QWEN3_VL.model_type:  # Qwen2.5-VL's text sizes are at the top level, Qwen3-VL's nested
+        nested["text_config"] = "the language model's sizes"
+    for name, what in nested.items():
+        if not isinstance(config.get(name), dict):  # transformers would build a default-size one before the weights
+            return (f"config.json: no {name} ({what}): transformers would build a default-size one, which these "
+                    f"weights do not fit")
     if vision and not (Path(path) / "preprocessor_config.json").is_file():
         return "preprocessor_config.json is missing (the image processor's settings)"
+    if vision:
+        try:
+            read_config(path, "preprocessor_config.json")
+        except CheckpointError as e:
+            return str(e).removeprefix(f"{Path(path)}/")
     return tokenizer_problem(path) or weights_problem(path, config)
 
 
@@ -188,12 +204,14 @@ def safetensors_header(file: Path) -> dict | str:
 
 
 def weights_problem(path: str | Path, config: dict) -> str | None:
-    """Every weight file whole, and the embedding's shape the one config.json gives."""
+    """Every weight file whole, and the sizes config.json gives those of the weights: the embedding's shape, the
+    number of decoder layers, and (for a vision model) the vision tower's depth and width."""
     files = weight_files(path)
     if isinstance(files, str):
         return files
     text = text_config(config)
     expected = [text.get("vocab_size"), text.get("hidden_size")]
+    shapes = {}
     for file in files:
         header = safetensors_header(file)
         if isinstance(header, str):
@@ -202,6 +220,27 @@ def weights_problem(path: str | Path, config: dict) -> str | None:
             if name.endswith("embed_tokens.weight") and None not in expected and tensor.get("shape") != expected:
                 return (f"{file.name}: {name} has shape {tensor.get('shape')}, but config.json gives vocab_size x "
                         f"hidden_size = {expected}: config.json belongs to another model")
+            shapes[name] = tensor.get("shape") if isinstance(tensor, dict) else None
+    return sizes_problem(shapes, text, config.get("vision_config"))
+
+
+def sizes_problem(shapes: dict, text: dict, vision) -> str | None:
+    """config.json's numbers of layers and vision blocks, and vision width, against the weights' names and shapes."""
+    def count(pattern: str) -> int:
+        return len({m.group(1) for name in shapes if (m := re.search(pattern, name))})
+
+    layers = count(r"^(?!.*visual\.).*\blayers\.(\d+)\.")
+    checks = [("num_hidden_layers", text.get("num_hidden_layers"), layers, "{} decoder layers")]
+    if isinstance(vision, dict):
+        patch = next((shape for name, shape in shapes.items() if name.endswith("visual.patch_embed.proj.weight")), None)
+        checks += [("vision_config's depth", vision.get("depth"), count(r"\bvisual\.blocks\.(\d+)\."),
+                    "{} vision blocks"),
+                   ("vision_config's hidden_size", vision.get("hidden_size"), patch[0] if patch else None,
+                    "a visual.patch_embed {} wide")]
+    for field, given, found, what in checks:
+        if found and given != found:
+            return (f"config.json: {field} is {given!r}, but the weights hold {what.format(found)}: config.json "
+                    f"belongs to another model")
     return None
 
 

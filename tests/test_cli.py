@@ -1,5 +1,7 @@
 """One command line for train.py and evaluate.py (infra/cli.py): spellings, --help, and every bad option refused
-before anything loads, with a message naming the option, the value and what is allowed."""
+before anything loads, with a message naming the option, the value and what is allowed: the paths a script will
+write (an existing file where a folder goes, a folder where a file goes, a path under a file, a read-only place),
+the datasets and folders it will read, a checkpoint whose config.json does not fit its weights."""
 import dataclasses
 import json
 import re
@@ -16,8 +18,10 @@ from models import families
 from prompt import Processor
 
 import evaluate
+import reward_model
 import train
 from infra import trainer
+from test_checkpoint import small_disk_available  # `unshare -rm` works: a mount namespace of our own
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,6 +209,8 @@ def test_prompt_limit_must_fit_the_models_context(real_checkpoint, capsys):
             "--max_prompt_tokens=127600", "at most 127488", "context is 128000 tokens", "--max_new_tokens=512")
     refused(evaluate.parse_config, [model, "--data=imagereward:x", "--max_prompt_tokens=127600"], capsys,
             "--max_prompt_tokens=127600", "at most 127488")
+    refused(reward_model_parse, [model, f"--input={real_checkpoint / 'config.json'}", "--out=scores.jsonl",
+                                 "--max_prompt_tokens=127600"], capsys, "--max_prompt_tokens=127600", "at most 127488")
 
 
 # ---------------------------------------------------------------- checkpoints given by the user, broken
@@ -254,6 +260,16 @@ BROKEN_CHECKPOINTS = {  # name -> (damage, words of the refusal, also refused as
         "no chat template (expected chat_template.jinja", True),
     "tokenizer.json cut short": (truncated("tokenizer.json"), "tokenizer.json is empty or cut short", True),
     "no image processor": (removed("preprocessor_config.json"), "preprocessor_config.json is missing", False),
+    "image processor config nested too deep": (lambda d: (d / "preprocessor_config.json").write_text("[" * 5000),
+                                               "preprocessor_config.json: not a JSON config (maximum recursion", False),
+    "no vision_config": (edited_json("config.json", lambda c: {k: v for k, v in c.items() if k != "vision_config"}),
+                         "config.json: no vision_config (the vision tower's sizes): transformers would build a "
+                         "default-size one", False),
+    "another vision depth": (edited_json("config.json", lambda c: dict(c, vision_config=dict(c["vision_config"],
+                                                                                             depth=32))),
+                             "config.json: vision_config's depth is 32, but the weights hold 2 vision blocks", True),
+    "another number of layers": (edited_json("config.json", lambda c: dict(c, num_hidden_layers=28)),
+                                 "config.json: num_hidden_layers is 28, but the weights hold 2 decoder layers", True),
 }
 
 
@@ -293,3 +309,139 @@ def test_what_the_cheap_check_cannot_see_still_names_the_directory(broken_copy, 
     with pytest.raises(OSError, match=re.escape(f"{d}: no tokenizer files")):
         (d / "tokenizer.json").unlink()
         Processor.from_pretrained(str(d))
+
+
+def test_a_qwen3_config_without_its_nested_configs_is_refused(qwen3_checkpoint, tmp_path, capsys):
+    """Qwen3-VL's config.json nests the sizes: without vision_config (or text_config) transformers would build a
+    default-size model (the vision tower alone 2.8 GB, 12 s) before finding the weights do not fit. The field is
+    named before anything is built."""
+    for field in ("vision_config", "text_config"):
+        d = tmp_path / field
+        d.mkdir()
+        for f in qwen3_checkpoint.iterdir():  # the weights linked, not copied
+            (d / f.name).symlink_to(f)
+        (d / "config.json").unlink()
+        config = json.loads((qwen3_checkpoint / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != field}))
+        refused(train.parse_args, ["--mode=sft", f"--model={d}", "--train_data=toy"], capsys,
+                f"--model='{d}'", f"config.json: no {field}")
+        with pytest.raises(OSError, match=f"config.json: no {field}"):
+            families.load(d, torch.float32)
+
+
+# ---------------------------------------------------------------- paths a script writes: checked before anything loads
+
+
+@pytest.fixture
+def places(tmp_path):
+    """A file, a folder, and a JSONL input for reward_model.py."""
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "images": ["a.png", "b.png"]}) + "\n")
+    return tmp_path
+
+
+def reward_model_parse(argv):
+    return cli.parse(reward_model.Config, argv)
+
+
+OUTPUTS = [  # (script, its arguments with {t} for the folder of `places`, words of the refusal)
+    (train.parse_args, ["--out_dir={t}/a_file"], "expected a folder to write into ({t}/a_file is a file)"),
+    (train.parse_args, ["--out_dir={t}/a_file/run"], "expected a path under folders ({t}/a_file is a file)"),
+    (train.parse_args, ["--mode=demo", "--out_dir={t}/a_file"], "a folder to write into"),
+    (evaluate.parse_config, ["--out={t}/a_file"], "expected a folder to write into ({t}/a_file is a file)"),
+    (evaluate.parse_config, ["--out={t}/a_file/eval"], "expected a path under folders"),
+    (evaluate.parse_config, ["--out={t}"],
+     "a folder where rollouts.jsonl can be written ({t}/rollouts.jsonl is a folder)"),
+    (reward_model_parse, ["--input={t}/in.jsonl", "--out={t}/a_folder"], "expected a file to write ({t}/a_folder is a "
+                                                                          "folder)"),
+    (reward_model_parse, ["--input={t}/in.jsonl", "--out={t}/a_file/out.jsonl"], "a path under folders"),
+    (reward_model_parse, ["--input={t}/in.jsonl", "--out={t}/scores.jsonl"],
+     "--out='{t}/scores.jsonl.options.json' is not allowed: expected a file to write"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(OUTPUTS)))
+def test_an_output_path_that_cannot_be_written_is_refused_before_anything_loads(places, case, capsys):
+    """Each script's output, wrong in each way, is refused as the options are read: before the models load, not
+    at the end of the evaluation or the run that would have written it."""
+    parse, argv, words = OUTPUTS[case]
+    (places / "rollouts.jsonl").mkdir(exist_ok=True)  # where evaluate.py would write a file
+    (places / "scores.jsonl.options.json").mkdir(exist_ok=True)  # where reward_model.py keeps its options
+    refused(parse, [a.format(t=places) for a in argv], capsys, words.format(t=places))
+
+
+@pytest.mark.skipif(not small_disk_available(), reason="needs `unshare -rm` (a user and mount namespace)")
+def test_a_read_only_output_is_refused_before_anything_is_read(tmp_path):
+    """On a read-only filesystem (a tmpfs mounted read-only in a mount namespace: even root cannot write there),
+    train.py's --out_dir and data.py check's --out are refused as the arguments are read."""
+    dataset, ro = tmp_path / "train.json", tmp_path / "ro"
+    dataset.write_text("[]")
+    ro.mkdir()
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} && "
+              f"{sys.executable} data.py check hpdv2:{dataset} --out {ro}/bad.jsonl; echo data=$?; "
+              f"{sys.executable} train.py --out_dir={ro}/run; echo train=$?")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    out = result.stdout + result.stderr
+    assert "data=2" in out and "train=2" in out, out
+    assert f"--out='{ro}/bad.jsonl' is not allowed: expected a path this process can write to ({ro} is read-only" in out
+    assert f"--out_dir='{ro}/run' is not allowed: expected a path this process can write to ({ro} is read-only" in out
+
+
+# ---------------------------------------------------------------- what is read: empty values, folders, files
+
+
+@pytest.mark.parametrize("case", ["train out_dir", "train model", "evaluate prompt", "evaluate model", "evaluate out",
+                                  "reward_model input", "reward_model model"])
+def test_an_option_given_empty_is_refused(places, case, capsys):
+    """An empty value is not the option left out: `--out_dir=""` would write into the current folder, `--prompt ""`
+    fell into a dataset evaluation and spoke of --data, `--model ""` loaded the current folder."""
+    script, name = case.split()
+    parse = {"train": train.parse_args, "evaluate": evaluate.parse_config, "reward_model": reward_model_parse}[script]
+    extra = [f"--out={places}/s.jsonl"] if script == "reward_model" and name != "out" else []
+    extra += [f"--input={places}/in.jsonl"] if script == "reward_model" and name != "input" else []
+    message = refused(parse, [f"--{name}", "", *extra], capsys,
+                      f"--{name}='' is not allowed: expected a non-empty value")
+    assert "--data" not in message
+
+
+def test_evaluate_names_what_is_wrong_with_its_inputs(places, capsys):
+    """An --images entry that is a folder is said to be one (not "does not exist"); a dataset's image root that is
+    not a folder, and an --exclude file that does not exist, are refused as the options are read."""
+    image = places / "a.png"
+    image.write_bytes(b"")
+    refused(evaluate.parse_config, ["--prompt", "a fox", "--images", str(image), str(places / "a_folder")], capsys,
+            f"image files that exist ({places / 'a_folder'} is a folder)")
+    data = places / "test.json"
+    data.write_text("[]")
+    refused(evaluate.parse_config, ["--data", f"imagereward:{data}", "--images", str(places / "a_file")], capsys,
+            "--images=", "the image root of --data, a folder", "is a file")
+    refused(evaluate.parse_config, ["--data", f"imagereward:{data}", "--exclude", str(places / "missing.jsonl")],
+            capsys, "--exclude=", "the file `python data.py check` writes")
+
+
+def test_a_dataset_spec_is_checked_for_its_kind_of_path(places, capsys):
+    """hpdv2 and the imagereward test.json read one JSON file: a folder is refused naming it, not left to raise
+    IsADirectoryError; a parquet folder must hold parquet files; an image root must be a folder."""
+    sft = ["--mode=sft"]
+    refused(train.parse_args, [*sft, f"--train_data=hpdv2:{places / 'a_folder'}"], capsys,
+            f"a JSON file for hpdv2 ({places / 'a_folder'} is a folder)")
+    refused(train.parse_args, [*sft, f"--train_data=imagereward:{places / 'a_folder'}"], capsys, "a JSON file")
+    refused(train.parse_args, [*sft, f"--train_data=rapidata:{places / 'a_folder'}"], capsys,
+            f"parquet files, or folders holding them ({places / 'a_folder'} is a folder with no *.parquet file)")
+    refused(train.parse_args, [*sft, f"--train_data=hpdv2:{places / 'a_file'}", f"--train_images={places / 'a_file'}"],
+            capsys, "--train_images=", "the image root of --train_data, a folder", "is a file")
+
+
+def test_api_values_are_checked_by_their_declared_type():
+    """cli.value_problem also checks the type a value of the Python API may get wrong (the command line's are
+    typed by argparse): a bool for an int, a string for a float, NaN."""
+    fields = {f.name: f for f in dataclasses.fields(reward_model.Config)}
+    def problem(name, value):
+        return cli.value_problem(value, fields[name].metadata, fields[name].default)
+    assert problem("k", True) == "an int, not a bool" and problem("k", 2.0) == "an int, got float"
+    assert problem("temperature", "hot") == "a float, got str"
+    assert problem("temperature", float("nan")) == "a finite number"
+    assert problem("both_orders", 1) == "true or false" and problem("decode", "fast").startswith("one of reference")
+    assert problem("temperature", 1) is None and problem("k", 3) is None and problem("both_orders", False) is None

@@ -452,7 +452,13 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m toy.world", description="Write the toy dataset (the default "
                                      "sizes of train.py's --train_data=toy) in the published layouts.")
     parser.add_argument("out_dir", help="the folder to write it to (made if missing)")
-    out = write_dataset(parser.parse_args(argv).out_dir, **DEFAULT_SIZES, seed=0)
+    out_dir = parser.parse_args(argv).out_dir
+    from infra import cli
+    try:
+        cli.check_output("out_dir", out_dir, folder=True)
+    except cli.OptionError as e:  # before any image is drawn
+        parser.error(f"OUT_DIR {out_dir!r} is not allowed: expected {e.allowed}")
+    out = write_dataset(out_dir, **DEFAULT_SIZES, seed=0)
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
 
 
