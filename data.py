@@ -305,8 +305,8 @@ class ExampleStream:
         self.global_batch = batch_size * world_size // self.views  # pairs per global batch
         self.steps_per_epoch = len(self.examples) // self.global_batch
         if batch_size < 1 or self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.examples)} examples cannot fill one global batch of batch_size={batch_size}"
-                             f" x world_size={world_size}")
+            raise DataError(f"{len(self.examples)} examples cannot fill one global batch of batch_size={batch_size}"
+                            f" x world_size={world_size} (train.py: --pairs_per_rank x processes)")
         self.epoch, self.index, self.replaced = 0, 0, 0
         self.bad: set[int] = set()  # examples found unreadable (a cache: re-derived after a restart)
         self._order, self._order_epoch = None, None
@@ -376,7 +376,8 @@ def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records
     Prompts are measured against `prompt_limit` (the run's tokenizer and --max_prompt_tokens); without one,
     the prompts longer than `max_prompt_bytes` UTF-8 bytes, which may be over that many tokens, are counted
     ("uncounted_prompts", with the longest) but not listed: only a tokenizer can tell.
-    Returns the counts by problem, the number of images decoded and the time it took.
+    Returns the counts by problem, the records usable ("usable": none means nothing to train on), the number of
+    images decoded and the time it took.
     """
     report: dict = {}
     records = load(spec, images_root, skip_bad=True, report=report, prompt_limit=prompt_limit)
@@ -395,8 +396,8 @@ def check(spec: str, images_root=None, workers: int = 1, out: str = "bad_records
     for e in entries:
         problems[e["problem"]] = problems.get(e["problem"], 0) + 1
     long = [] if prompt_limit else long_prompts(records, max_prompt_bytes)
-    return {"records": report.get("records", len(records)), "images": len(unique), "seconds": seconds,
-            "problems": problems, "bad_records": len({(e["file"], e["record"]) for e in entries}),
+    return {"records": report.get("records", len(records)), "usable": len(records), "images": len(unique),
+            "seconds": seconds, "problems": problems, "bad_records": len({(e["file"], e["record"]) for e in entries}),
             "uncounted_prompts": len(long), "longest_prompt": max(long, key=lambda x: x[1], default=None)}
 
 
@@ -426,8 +427,33 @@ def _tokenizer_limit(tokenizer: str, max_tokens: int) -> PromptLimit | None:
     return PromptLimit(max_tokens, lambda text: prompt_tokens(tok, text))
 
 
+def check_arguments(args) -> None:
+    """`python data.py check`'s arguments, before anything is read: an OptionError naming the one at fault."""
+    from infra import cli
+    from models.families import tokenizer_problem
+    try:
+        cli.check_dataset("spec", args.spec)
+    except cli.OptionError as e:  # a positional argument: no --spec to name
+        raise cli.OptionError(f"SPEC {args.spec!r} is not allowed: expected {e.allowed}") from None
+    cli.check_folder("images", args.images, "the image root of the dataset")
+    for name in ("workers", "max_prompt_tokens"):
+        if getattr(args, name) < 1:
+            cli.fail(name, getattr(args, name), "a number >= 1")
+    cli.check_output("out", args.out, folder=False)
+    if os.path.realpath(args.out) in {os.path.realpath(p) for p in args.spec.partition(":")[2].split(",") if p}:
+        cli.fail("out", args.out, "a file other than the dataset's own (it would be overwritten)")
+    if args.tokenizer not in ("", "toy"):
+        problem = tokenizer_problem(args.tokenizer) if os.path.isdir(args.tokenizer) else \
+            "is a file" if os.path.exists(args.tokenizer) else "does not exist"
+        if problem:
+            cli.fail("tokenizer", args.tokenizer, f"the run's --model checkpoint directory, whose tokenizer counts the "
+                     f"prompts' tokens (or toy); {args.tokenizer}: {problem}")
+
+
 def main(argv: Sequence[str]) -> int:
     import argparse
+
+    from infra.cli import OptionError
     parser = argparse.ArgumentParser(prog="python data.py check", description="Decode every image of a dataset "
                                      "and list the records that cannot be used, before a long run.")
     parser.add_argument("command", choices=["check"])
@@ -439,10 +465,16 @@ def main(argv: Sequence[str]) -> int:
                         "each prompt's tokens against --max_prompt_tokens")
     parser.add_argument("--max_prompt_tokens", type=int, default=MAX_PROMPT_TOKENS, help="as train.py's")
     args = parser.parse_args(argv)
-    if args.max_prompt_tokens < 1:
-        parser.error(f"--max_prompt_tokens={args.max_prompt_tokens} is not allowed: expected a number >= 1")
+    try:
+        check_arguments(args)
+    except OptionError as e:
+        parser.error(str(e))
     limit = _tokenizer_limit(args.tokenizer, args.max_prompt_tokens)
-    result = check(args.spec, args.images, args.workers, args.out, limit, args.max_prompt_tokens)
+    try:
+        result = check(args.spec, args.images, args.workers, args.out, limit, args.max_prompt_tokens)
+    except DataError as e:  # a file that cannot be read as its layout at all (bad records are listed, not raised)
+        print(f"python data.py check: error: {e}", file=sys.stderr)
+        return 2
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.spec}: {result['records']} records, {result['images']} images decoded in {result['seconds']:.1f} s "
           f"({rate:.0f} images/s, {args.workers} workers)")
@@ -453,11 +485,15 @@ def main(argv: Sequence[str]) -> int:
         print(f"{result['uncounted_prompts']} prompts are longer than {args.max_prompt_tokens} bytes, so may be over "
               f"--max_prompt_tokens={args.max_prompt_tokens} tokens (the longest: {where}, {size} bytes); pass "
               f"--tokenizer=DIR (the run's --model) to count their tokens")
+    if result["problems"]:
+        print(f"wrote {result['bad_records']} bad records to {args.out}: train with --exclude={args.out} "
+              f"(or --skip_bad=true)")
+    if not result["usable"]:  # an empty file, or nothing but ties and bad records: training would stop at once
+        print(f"no usable records: of {result['records']} records read, none is a preference to train or evaluate on")
+        return 1
     if not result["problems"]:
         print("no problems found" + (" in what was checked" if result["uncounted_prompts"] else ""))
         return 1 if result["uncounted_prompts"] else 0
-    print(f"wrote {result['bad_records']} bad records to {args.out}: train with --exclude={args.out} "
-          f"(or --skip_bad=true)")
     return 1
 
 

@@ -55,6 +55,7 @@ import data
 from data import DatasetPairs, anchor_pairs, dataset_pairs
 from fast.answer_logits import WatchAnswers, sampled_p_b
 from fast.static_decode import DECODES, make_decoder
+from formats.images import DataError
 from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Group, Pair, Rated, swapped
 from infra import cli
@@ -594,8 +595,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             rank_images(cfg)
             return
         report = run(cfg)
-    except cli.OptionError as e:  # found once the data is read (e.g. --anchor against the groups' sizes)
-        raise SystemExit(f"evaluate.py: error: {e}")
+    except (cli.OptionError, DataError) as e:  # found once the data is read (--anchor against the groups' sizes, a
+        raise SystemExit(f"evaluate.py: error: {e}")  # bad record or image: the message names its file and record)
     if report is not None:  # rank 0
         print(markdown_tables(report))
         print(f"wrote {cfg.out}/results.json, results.md and "

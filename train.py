@@ -81,6 +81,7 @@ import reward
 import sample
 from fast import listener_from_reference
 from fast.static_decode import DECODES
+from formats.images import DataError
 from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Pair
 from infra import checkpoint, cli, tracking
@@ -227,6 +228,19 @@ class Config:
         if self.listener_from_reference and (self.listener or self.beta == 0 or self.mode != "grpo" or self.w_list == 0):
             fail("listener_from_reference", True, "a listener that is the KL reference model: --mode=grpo, --w_list > 0, "
                  "--beta > 0 and no --listener")
+
+    def unread(self) -> tuple[str, ...]:
+        """The options this mode never reads while it trains (`UNREAD`)."""
+        return UNREAD.get(self.mode, ())
+
+
+# The options a mode never reads while it trains (the held-out evaluation aside): a resumed run may change them,
+# as it may change the options checkpoint.py's NOT_TRAINING lists.
+SFT_ONLY = ("sft_answers", "sft_reasoning", "sft_captions", "sft_answer_captions")
+UNREAD = {"sft": ("group_size", "max_new_tokens", "temperature", "top_p", "top_k", "listener", "num_iterations",
+                  "clip_low", "clip_high", "beta", "loss_type", "scale_advantages", "mask_truncated", "w_fmt", "w_acc",
+                  "w_list"),
+          "grpo": SFT_ONLY, "score": SFT_ONLY + ("listener", "w_fmt", "w_acc", "w_list")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,10 +499,13 @@ def main() -> None:
     rank, world, device = setup_distributed()
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"world size {world}, device {device.type}")
-    if cfg.mode == "demo":
-        demo.run(cfg, train)
-    else:
-        train(cfg)
+    try:
+        if cfg.mode == "demo":
+            demo.run(cfg, train)
+        else:
+            train(cfg)
+    except DataError as e:  # a dataset that cannot be used: the message names its file, record and field
+        raise SystemExit(f"train.py: error: {e}")
     dist.destroy_process_group()
 
 

@@ -29,6 +29,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -274,7 +275,7 @@ def read_manifest(path: Path) -> dict | str:
         manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
         return "no manifest.json (an interrupted save, or not a checkpoint)"
-    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; JSON nested too deep
         return f"manifest.json unreadable ({e})"
     shape = 'expected {"step": N, "files": {name: {"size": bytes, "sha256": hex}}}'
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
@@ -297,7 +298,7 @@ def step_problem(path: Path, manifest: dict) -> str | None:
     step = int(match.group(1)) if match else None
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:
         return f"trainer_state.json unreadable ({e})"
     saved = state.get("step") if isinstance(state, dict) else None
     if not _count(saved):
@@ -331,13 +332,16 @@ def pick(out: Path, rank: int, world: int) -> Path | None:
     return None
 
 
-def config_differences(saved: dict, saved_world: int, current: dict, world: int, defaults: dict) -> list[str]:
+def config_differences(saved: dict, saved_world: int, current: dict, world: int, defaults: dict,
+                       unread: Sequence[str] = ()) -> list[str]:
     """Fields that change training and differ between a checkpoint's run and this one (global batch included).
-    An option newer than the checkpoint counts only when it is set to other than its default."""
+    An option newer than the checkpoint counts only when it is set to other than its default; `unread` are the
+    options the run's mode never reads (train.py's UNREAD: --group_size in SFT)."""
+    ignored = NOT_TRAINING | set(unread)
     diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
-             if k not in NOT_TRAINING and k in saved and saved[k] != v]
+             if k not in ignored and k in saved and saved[k] != v]
     diffs += [f"--{k}: not an option when the checkpoint was written; now {current[k]!r}" for k in current
-              if k not in saved and k not in NOT_TRAINING and current[k] != defaults.get(k)]
+              if k not in saved and k not in ignored and current[k] != defaults.get(k)]
     before, after = saved["pairs_per_rank"] * saved_world, current["pairs_per_rank"] * world
     if before != after:
         diffs.append(f"global batch (pairs_per_rank x world size): {saved['pairs_per_rank']} x {saved_world} = "
@@ -457,6 +461,8 @@ def _row_problem(line: str) -> str | None:
         row = json.loads(line)
     except ValueError:
         return "is not JSON"
+    except RecursionError:
+        return "is JSON nested too deep to read"
     if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
         return 'is not a metrics row (a JSON object with an integer "step")'
     return None

@@ -58,15 +58,9 @@ def require(report_to: str) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl as earlier runs left it (a partial last line, from a kill, left out)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass  # checkpoint.open_metrics reports it (and refuses a bad line that is not the last)
-    return rows
+    """The rows of a metrics.jsonl as earlier runs left it: a partial last line (a kill mid-write, which may cut a
+    UTF-8 character) left out; any other bad line raises naming the file and line (checkpoint.read_metrics)."""
+    return [json.loads(line) for line, _ in checkpoint.read_metrics(path, warn=False)] if path.exists() else []
 
 
 def start(cfg, step: int, earlier: list[dict]) -> list:

@@ -28,6 +28,7 @@ import sample
 from data import ExampleStream
 from fast import shared_prompt
 from fast.static_decode import make_decoder
+from formats.images import DataError
 from formats.records import Group, Pair
 from infra import checkpoint, tracking
 from infra.parallel import all_sum, frozen, gathered, load_model, log, shard, to_device
@@ -61,9 +62,9 @@ def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None) -
         root = toy_data(cfg)
         spec, images = (f"hpdv2:{root / 'hpdv2/train.json'}", str(root / "hpdv2")) if train else \
             (f"imagereward:{root / 'imagereward/test.json'}", str(root / "imagereward"))
-    kwargs = {"fraction": cfg.fraction, "seed": cfg.seed} if train else {}
+    kwargs, report = ({"fraction": cfg.fraction, "seed": cfg.seed} if train else {}), {}
     records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, prompt_limit=prompt_limit,
-                        **kwargs)
+                        report=report, **kwargs)
     if cfg.mode == "score":
         examples = data.to_rated(records, len(PROMPT.ratings))
     else:
@@ -72,8 +73,24 @@ def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None) -
     if not train:
         examples = data.spread_sample(examples, cfg.eval_pairs, cfg.seed)  # over prompts, in random order
     if not examples:
-        raise ValueError(f"no training examples in {spec}")
+        raise DataError(f"no {'training' if train else 'held-out'} examples in {spec}: "
+                        f"{why_empty(report, records, kwargs.get('fraction', 1.0))}")
     return examples
+
+
+def why_empty(report: dict, records: list, fraction: float) -> str:
+    """What left a dataset without examples, from `data.load`'s counts (`report`) and the records it returned."""
+    read, kept = report.get("records", 0), report.get("pairs", report.get("groups", 0))
+    if not read:
+        return "its files hold no records"
+    if kept and not records or report.get("selected") == 0:
+        return f"--fraction={fraction} keeps none of its {read} records (raise --fraction)"
+    if records:
+        return f"its {len(records)} groups have no two images of different ranks (a tie is not a preference)"
+    selected = f" ({report['selected']} selected by --fraction={fraction})" if fraction < 1 and "selected" in report \
+        else ""
+    return (f"of its {read} records{selected}, {report.get('ties', 0)} are ties, {report.get('skipped', 0)} bad "
+            f"(left out by --skip_bad) and {report.get('excluded', 0)} excluded (--exclude)")
 
 
 def heldout_examples(cfg, prompt_limit=None) -> list:
@@ -221,11 +238,13 @@ def open_run(cfg, rank: int, world: int) -> tuple:
     Returns (the lock, or None off rank 0; the checkpoint or None; its trainer_state or None).
     """
     out = Path(cfg.out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     held, error = None, None
     if rank == 0:
         try:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # train.py's options check this first: here, what changed since, or a full disk
+                raise OSError(f"--out_dir={cfg.out_dir}: the folder cannot be made ({type(e).__name__}: {e})") from None
             held = checkpoint.lock(out)
             if (out / "metrics.jsonl").exists():  # a damaged row stops the run now, not after the models load
                 checkpoint.read_metrics(out / "metrics.jsonl", warn=False)
@@ -243,8 +262,12 @@ def open_run(cfg, rank: int, world: int) -> tuple:
     if resume is None:
         return held, None, None
     saved = json.loads((resume / "trainer_state.json").read_text())
+    if saved["step"] > cfg.steps:  # the loop would not run, and the run would end saying nothing
+        raise SystemExit(f"--steps={cfg.steps} is not allowed: expected at least {saved['step']}, the step of "
+                         f"{resume}, where this run resumes (to train fewer steps from the start, use another "
+                         f"--out_dir)")
     diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world,
-                                          dataclasses.asdict(type(cfg)()))
+                                          dataclasses.asdict(type(cfg)()), cfg.unread())
     if diffs and not cfg.allow_config_change:
         raise SystemExit(f"{resume} was written by a run with another config; resuming it with this one would not "
                          f"continue that run:\n  " + "\n  ".join(diffs) +
@@ -369,7 +392,10 @@ def stop_run(trainer: Trainer, why: str) -> None:
     """Save the last finished step (unless saved already, or none), then exit cleanly."""
     if trainer.step > trainer.saved_step:
         trainer.save()
-    log(f"{why}; the checkpoint of step {trainer.step} is in {trainer.out}")
+    if trainer.step == 0:
+        log(f"{why}; no step had finished, so no checkpoint was written: the same command starts the run afresh")
+    else:
+        log(f"{why}; the checkpoint of step {trainer.step} is in {trainer.out}")
     dist.destroy_process_group()
     sys.exit(0)
 

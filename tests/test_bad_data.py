@@ -280,6 +280,76 @@ def test_check_without_a_tokenizer_says_what_it_could_not_count(tmp_path):
             f"{path}: record 1, 260000 bytes); pass --tokenizer") in run.stdout, run.stdout
 
 
+@pytest.mark.parametrize("case", ["out a folder", "out the dataset", "workers 0", "images a file", "spec a folder",
+                                  "tokenizer missing", "tokenizer without its files"])
+def test_check_refuses_its_arguments_before_reading_anything(tmp_path, capsys, monkeypatch, case):
+    """Each argument that would fail late (--out a folder: after decoding every image) or pass what it should not
+    (--workers 0; a --tokenizer folder without tokenizer files gave an empty vocabulary and "no problems found") is
+    refused first, in one line naming the argument: nothing is loaded or decoded."""
+    path = hpd_dataset(tmp_path, 3, {})
+    monkeypatch.setattr(data, "check", lambda *a, **k: pytest.fail("the dataset was read"))
+    (tmp_path / "folder").mkdir()
+    argv, words = {
+        "out a folder": (["--out", str(tmp_path / "folder")], f"--out='{tmp_path / 'folder'}' is not allowed: expected "
+                                                               f"a file to write ({tmp_path / 'folder'} is a folder)"),
+        "out the dataset": (["--out", str(path)], "a file other than the dataset's own"),
+        "workers 0": (["--workers", "0"], "--workers=0 is not allowed: expected a number >= 1"),
+        "images a file": (["--images", str(path)], "the image root of the dataset, a folder"),
+        "spec a folder": ([], f"SPEC 'hpdv2:{tmp_path / 'folder'}' is not allowed: expected a JSON file for hpdv2"),
+        "tokenizer missing": (["--tokenizer", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'}: does not exist"),
+        "tokenizer without its files": (["--tokenizer", str(tmp_path / "folder")],
+                                        f"{tmp_path / 'folder'}: no tokenizer files"),
+    }[case]
+    spec = f"hpdv2:{tmp_path / 'folder'}" if case == "spec a folder" else f"hpdv2:{path}"
+    with pytest.raises(SystemExit) as stop:
+        data.main(["check", spec, "--out", str(tmp_path / "bad.jsonl"), *argv])
+    assert stop.value.code == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_check_fails_a_dataset_with_no_usable_record(tmp_path, capsys):
+    """A Pick-a-Pic parquet of 0 rows, an ImageReward test.json of [] and one whose every record is bad: nothing to
+    train on, so the check fails (status 1) instead of "no problems found"; a file that is not its layout at all
+    stops it with one line (status 2), not a traceback."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    empty = tmp_path / "pick.parquet"
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                             "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())}), empty)
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "all_bad.json").write_text(json.dumps([{"generations": ["a.png", "b.png"], "ranking": [1, 2]}] * 2))
+    for spec, read in ((f"pickapic:{empty}", 0), (f"imagereward:{tmp_path / 'empty.json'}", 0),
+                       (f"imagereward:{tmp_path / 'all_bad.json'}", 2)):
+        assert data.main(["check", spec, "--workers", "1", "--out", str(tmp_path / "bad.jsonl")]) == 1
+        out = capsys.readouterr().out
+        assert f"no usable records: of {read} records read" in out and "no problems found" not in out, out
+    (tmp_path / "bad.json").write_text("[1, 2")
+    assert data.main(["check", f"hpdv2:{tmp_path / 'bad.json'}", "--out", str(tmp_path / "bad.jsonl")]) == 2
+    assert f"python data.py check: error: {tmp_path / 'bad.json'}: invalid JSON" in capsys.readouterr().err
+
+
+def test_an_empty_training_set_says_why(tmp_path):
+    """No training example: the message names what left none, --fraction (0.0001 of 12 records keeps none, where it
+    said only "no training examples"), or the ties and bad records; held-out data is called held-out; too few
+    examples for one global batch names train.py's options."""
+    import train
+    from infra.trainer import load_examples
+    out = toy.write_dataset(tmp_path, n_train=12, n_test=3, seed=0)
+    cfg = train.Config(mode="sft", fraction=0.0001)
+    with pytest.raises(DataError, match=re.escape(f"no training examples in hpdv2:{out['train']}: --fraction=0.0001 "
+                                                  f"keeps none of its 12 records (raise --fraction)")):
+        load_examples(f"hpdv2:{out['train']}", str(out["train_images"]), cfg, train=True)
+    test = json.loads(Path(out["test"]).read_text())
+    Path(out["test"]).write_text(json.dumps([dict(r, ranking=[1] * len(r["ranking"])) for r in test]))
+    with pytest.raises(DataError, match=re.escape(f"no held-out examples in imagereward:{out['test']}: its 3 groups "
+                                                  f"have no two images of different ranks")):
+        load_examples(f"imagereward:{out['test']}", str(out["test_images"]), cfg, train=False)
+    with pytest.raises(DataError, match=r"12 examples cannot fill one global batch of batch_size=8 x world_size=2 "
+                                        r"\(train.py: --pairs_per_rank x processes\)"):
+        ExampleStream(list(range(12)), 8, world_size=2)
+
+
 def test_a_long_prompt_is_refused_or_skipped_as_the_data_loads(tmp_path, capsys):
     path = imagereward_with_bad_records(tmp_path)
     records = json.loads(path.read_text())
@@ -530,7 +600,8 @@ def test_evaluation_skip_bad_leaves_out_the_unreadable_image_and_counts_it(tmp_p
     argv = ["--data", f"imagereward:{out['test']}", "--images", str(out["test_images"]), "--max-new-tokens", "4",
             "--anchor", "0", "--out", str(tmp_path / "eval")]
     image = os.path.join(str(out["test_images"]), test[1]["generations"][2])
-    with pytest.raises(DataError, match=f"record 1: field 'generations': image {re.escape(image)}: cannot be decoded"):
+    with pytest.raises(SystemExit, match=f"^evaluate.py: error: {re.escape(str(out['test']))}: record 1: field "
+                                         f"'generations': image {re.escape(image)}: cannot be decoded"):
         evaluate.main(argv)
     evaluate.main(argv + ["--skip_bad"])
     report = json.loads((tmp_path / "eval" / "results.json").read_text())

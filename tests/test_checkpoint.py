@@ -4,6 +4,7 @@ survives a partial line, one live run per out_dir, and exports keep the starting
 The checkpoints are real ones, written by `train.py` on the toy model (one short SFT run); the damage is done
 here, the way a kill, a full disk or a careless hand would do it.
 """
+import dataclasses
 import errno
 import json
 import os
@@ -23,7 +24,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from infra import checkpoint  # noqa: E402
+from infra import checkpoint, tracking  # noqa: E402
+from infra.trainer import open_run  # noqa: E402
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG  # noqa: E402
 from test_train import launch  # noqa: E402
 from toy import world as toy_world  # noqa: E402
@@ -116,6 +118,11 @@ DAMAGE = {  # name -> (what to do to step_0000002, the words of the warning)
                                              "trainer_state.json says step 1, manifest.json step 2"),
     "a shard the manifest does not list": (lambda d: shutil.copy(d / "__0_0.distcp", d / "__1_0.distcp"),
                                            "__1_0.distcp is in the directory but not in manifest.json"),
+    "manifest nested too deep": (lambda d: (d / "manifest.json").write_text("[" * 100_000),
+                                 "manifest.json unreadable (maximum recursion depth exceeded"),
+    "trainer_state.json nested too deep": (lambda d: ((d / "trainer_state.json").write_text("[" * 100_000),
+                                                      rehashed(d, "trainer_state.json")),
+                                           "trainer_state.json unreadable"),
 }
 
 
@@ -256,6 +263,67 @@ def test_metrics_rows_without_a_step_or_not_utf8_name_the_file_and_line(tmp_path
         checkpoint.open_metrics(path, 3).close()
         assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
         assert f"warning: {path}: dropping a partial last line 3" in capsys.readouterr().out
+
+
+def test_the_trackers_read_metrics_as_the_run_does(tmp_path):
+    """tracking.read_rows (a --report_to run's first look at metrics.jsonl) reads it as open_metrics does: a last
+    line cut inside a UTF-8 character (a kill mid-write) is left out, where it raised UnicodeDecodeError naming no
+    file; any other bad line, not UTF-8 or nested too deep, raises naming the file and the line."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "note": "caf\xc3')
+    assert tracking.read_rows(path) == [{"step": 1}]
+    for bad, why in ((b'{"step": 2, "note": "caf\xe9"}', "is not UTF-8 text"), (b"[" * 100_000, "nested too deep")):
+        path.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+        with pytest.raises(ValueError, match=re.escape(f"{path}: line 2 ") + ".*" + why):
+            tracking.read_rows(path)
+
+
+def sft_config(out: Path, *extra: str):
+    """The module run's train.Config with `out_dir=out` and `extra` options (not validated: open_run is tested)."""
+    import train
+    cfg = train.parse_args([*SFT, *extra])
+    return dataclasses.replace(cfg, out_dir=str(out))
+
+
+def test_resuming_refuses_fewer_steps_and_allows_what_the_mode_never_reads(run, group, tmp_path):
+    """open_run, before anything loads: --steps below the checkpoint's step is refused (it exited 0 having done
+    nothing); options SFT never reads (--group_size, --temperature, --beta) may change; one it reads may not."""
+    out = copy_run(run, tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(f"--steps=1 is not allowed: expected at least 2, the step of "
+                                                   f"{out / 'step_0000002'}, where this run resumes")):
+        open_run(sft_config(out, "--steps=1"), 0, 1)
+    lock, resume, _ = open_run(sft_config(out, "--group_size=3", "--temperature=0.3", "--beta=0.5"), 0, 1)
+    assert resume == out / "step_0000002"
+    lock.close()
+    with pytest.raises(SystemExit, match="--sft_answers: 'random' -> 'label'"):
+        open_run(sft_config(out, "--sft_answers=label"), 0, 1)
+    grpo = {"mode": "grpo", "group_size": 4, "sft_answers": "random", "pairs_per_rank": 2}
+    assert checkpoint.config_differences(grpo, 1, dict(grpo, sft_answers="label"), 1, grpo, ("sft_answers",)) == []
+    assert checkpoint.config_differences(grpo, 1, dict(grpo, group_size=5), 1, grpo, ("sft_answers",)) == [
+        "--group_size: 4 -> 5"]
+
+
+def test_an_out_dir_that_cannot_be_made_is_named(group, tmp_path):
+    """What train.py's option check cannot see in advance (a file put where --out_dir goes since): one line naming
+    --out_dir and what the OS said, not a FileExistsError from inside open_run."""
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(SystemExit, match=re.escape(f"--out_dir={out}: the folder cannot be made (")):
+            open_run(sft_config(out), 0, 1)
+
+
+def test_a_stop_before_the_first_step_finished_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
+    """A stop during step 1: no checkpoint exists, and the message says so (it said "the checkpoint of step 0 is
+    in OUT"); the process exits 0."""
+    from types import SimpleNamespace
+    from infra import trainer
+    monkeypatch.setattr(trainer.dist, "destroy_process_group", lambda: None)
+    with pytest.raises(SystemExit) as stop:
+        trainer.stop_run(SimpleNamespace(step=0, saved_step=0, out=tmp_path), "stop requested during step 1: abandoned")
+    assert stop.value.code == 0
+    said = capsys.readouterr().out
+    assert ("stop requested during step 1: abandoned; no step had finished, so no checkpoint was written: the same "
+            "command starts the run afresh") in said and "step 0" not in said
 
 
 def test_a_bad_metrics_file_stops_the_run_before_anything_loads(run, tmp_path):
