@@ -586,6 +586,7 @@ def test_two_processes_skip_bad_finish_count_and_resume_exactly(corrupt_toy):
     assert rows[3]["replaced_examples"] == 3 and rows[-1]["replaced_examples"] >= 3
     assert f"unreadable examples replaced: {int(rows[-1]['replaced_examples'])}" in run.stdout
     assert [(r["loss"], r["replaced_examples"]) for r in rows] == [(r["loss"], r["replaced_examples"]) for r in again]
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 and r["skipped"] == 0 for r in again), again  # the weights moved
     from safetensors.torch import load_file
     a, b = (load_file(sorted(d.glob("export_*"))[-1] / "model.safetensors") for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from infra import checkpoint, tracking  # noqa: E402
 from infra.trainer import open_run  # noqa: E402
 from real_layout import GENERATION_CONFIG, PREPROCESSOR_CONFIG  # noqa: E402
-from test_train import launch  # noqa: E402
+from test_train import assert_moved, launch  # noqa: E402
 from toy import world as toy_world  # noqa: E402
 
 SFT = ["--mode=sft", "--train_data=toy", "--eval_data=toy", "--sft_answers=random", "--pairs_per_rank=4", "--micro_pairs=4", "--lr=1e-3", "--steps=2",
@@ -168,6 +168,7 @@ def test_resume_past_a_damaged_latest_equals_the_uninterrupted_run(run, tmp_path
         assert torch.equal(resumed[k], straight[k]), k
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    assert_moved(out, [1, 2])  # step 1 before the damaged checkpoint, step 2 redone after it
 
 
 class Touch:

@@ -59,6 +59,15 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_moved(run_dir: Path, steps) -> None:
+    """Each of `steps` moved the weights: a non-zero gradient norm, a non-zero learning rate, no skipped optimiser
+    step. Without it "the resumed run equals the uninterrupted one" can hold of weights that never moved (from a
+    start where every GRPO group is flat, every gradient is 0)."""
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    for step in steps:
+        assert rows[step]["grad_norm"] > 0 and rows[step]["lr"] > 0 and rows[step]["skipped"] == 0, rows[step]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One directory for every run of this module, so the toy data next to them is written once."""
@@ -107,6 +116,8 @@ def test_two_processes_equal_one(cold_start, runs, two_procs):
     assert losses(one) == pytest.approx(losses(two), abs=1e-5)
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward_std"] > 0 for r in rows), "no reward signal: the comparison would be vacuous"
+    assert_moved(one, [1, 2])
+    assert_moved(two, [1, 2])
     fast = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert all(r["listener_from_reference"] > 0 for r in fast), "the reference pass never served the listener"
     w1, w2 = weights(one), weights(two)
@@ -127,6 +138,8 @@ def test_resume_on_fewer_processes(cold_start, runs, two_procs):
     shutil.copytree(two_procs / "step_0000001", out / "step_0000001")
     run = launch(grpo_args(cold_start, out, pairs_per_rank=4, decode="static"))
     assert "resumed from" in run.stdout and "step 1" in run.stdout
+    assert_moved(two_procs, [1])  # before the checkpoint resumed from
+    assert_moved(out, [2])  # after it
     assert losses(out) == pytest.approx(losses(two_procs)[1:], abs=1e-5)
     w1, w2 = weights(out), weights(two_procs)
     for k in w1:
@@ -171,7 +184,11 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
     2 s (step 1's ran at full speed): the step (12 s left) cannot finish in the grace, so it is abandoned at its
     next phase boundary (at most two forwards away) and the checkpoint of step 1 is written. Resuming from it gives
     the uninterrupted run's step 2 exactly (same losses and weights to 1e-6): weights, AdamW moments and the data
-    stream were restored."""
+    stream were restored. Step 1 moved the weights before the stop, and step 2 after it: the equality is not that
+    of weights that never moved.
+
+    What the user sees, as docs/checkpoints.md says: the workers save and stop cleanly, and torchrun itself, which
+    was the one signalled, exits 1 with its `SignalException` traceback ("got signal: 15")."""
     out, log_file = runs / "term", tmp_path / "forwards"
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW.format(root=str(ROOT)))
@@ -183,14 +200,17 @@ def test_sigterm_inside_a_step_under_torchrun(cold_start, runs, two_procs, tmp_p
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
         time.sleep(0.1)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert_moved(out, [1])
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert "stop requested during step 2: abandoned" in output, output
+    assert f"stop requested during step 2: abandoned; the checkpoint of step 1 is in {out}" in output, output
     assert "forcefully" not in output and "SIGKILL" not in output, output
+    assert proc.returncode == 1 and "SignalException: Process" in output and "got signal: 15" in output, output
     assert [p.name for p in sorted(out.glob("step_*"))] == ["step_0000001"], output
     state = json.loads((out / "step_0000001" / "trainer_state.json").read_text())
     assert state["step"] == 1 and (state["stream"]["epoch"], state["stream"]["index"]) == (0, 1)
     launch(grpo_args(cold_start, out, 2, **FAST_PATHS), nproc=2)  # resume, at full speed
+    assert_moved(out, [2])
     assert losses(out) == pytest.approx(losses(two_procs), abs=1e-6)
     w1, w2 = weights(out), weights(two_procs)
     for k in w1:
