@@ -313,8 +313,8 @@ def test_what_the_cheap_check_cannot_see_still_names_the_directory(broken_copy, 
 
 def test_a_qwen3_config_without_its_nested_configs_is_refused(qwen3_checkpoint, tmp_path, capsys):
     """Qwen3-VL's config.json nests the sizes: without vision_config (or text_config) transformers would build a
-    default-size model (the vision tower alone 2.8 GB, 12 s) before finding the weights do not fit. The field is
-    named before anything is built."""
+    default-size model (Qwen3-VL-8B's vision tower, or its whole language model) before finding the weights do not
+    fit. The field is named before anything is built."""
     for field in ("vision_config", "text_config"):
         d = tmp_path / field
         d.mkdir()
