@@ -374,19 +374,18 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_anything_loads(
 @pytest.mark.skipif(not small_disk_available(), reason="needs `unshare -rm` (a user and mount namespace)")
 def test_a_read_only_output_is_refused_before_anything_is_read(tmp_path):
     """On a read-only filesystem (a tmpfs mounted read-only in a mount namespace: even root cannot write there),
-    train.py's --out_dir and data.py check's --out are refused as the arguments are read."""
+    data.py check's --out is refused as the arguments are read, by the check (cli.check_output) every script's
+    output goes through (the cases above show each script calls it)."""
     dataset, ro = tmp_path / "train.json", tmp_path / "ro"
     dataset.write_text("[]")
     ro.mkdir()
     script = (f"mount -t tmpfs -o ro tmpfs {ro} && "
-              f"{sys.executable} data.py check hpdv2:{dataset} --out {ro}/bad.jsonl; echo data=$?; "
-              f"{sys.executable} train.py --out_dir={ro}/run; echo train=$?")
+              f"{sys.executable} data.py check hpdv2:{dataset} --out {ro}/bad.jsonl; echo status=$?")
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     out = result.stdout + result.stderr
-    assert "data=2" in out and "train=2" in out, out
+    assert "status=2" in out, out
     assert f"--out='{ro}/bad.jsonl' is not allowed: expected a path this process can write to ({ro} is read-only" in out
-    assert f"--out_dir='{ro}/run' is not allowed: expected a path this process can write to ({ro} is read-only" in out
 
 
 # ---------------------------------------------------------------- what is read: empty values, folders, files
