@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -148,3 +149,42 @@ def check_dataset(name: str, spec: str) -> None:
     for p in paths:
         if not (os.path.exists(p) or (glob.has_magic(p) and glob.glob(p))):
             fail(name, spec, f"paths that exist ({p} does not)")
+
+
+def check_prompt_format(name: str, path: str, checkpoints: dict[str, str]) -> None:
+    """Each checkpoint's own prompt_format.json and the --prompt_format file read as a `prompt.PromptFormat`
+    (strictly: `prompt.read_format`), and the given format's answers and ratings are one token each of every
+    checkpoint's tokenizer, as one next-token distribution reads them (`listener.answer_token_ids`).
+    `checkpoints`: option name -> checkpoint directory ('toy': the toy tokenizer; '': no checkpoint)."""
+    from listener import answer_token_ids
+    from prompt import FORMAT_FILE, FormatError, read_format
+    for option_name, checkpoint in checkpoints.items():
+        own = Path(checkpoint) / FORMAT_FILE
+        if checkpoint not in ("", "toy") and own.is_file():
+            try:
+                read_format(own)
+            except FormatError as e:
+                fail(option_name, checkpoint, f"a checkpoint whose {FORMAT_FILE} reads as a prompt format ({e})")
+    if not path:
+        return
+    try:
+        fmt = read_format(path)
+    except FormatError as e:
+        fail(name, path, f"a JSON file of prompt.PromptFormat's fields ({e})")
+    for option_name, checkpoint in checkpoints.items():
+        for words in (fmt.answers, fmt.ratings) if checkpoint else ():
+            try:
+                answer_token_ids(_tokenizer(checkpoint), fmt, words)
+            except ValueError as e:
+                fail(name, path, f"answers and ratings that are one token each of --{option_name}'s tokenizer "
+                                 f"({checkpoint}): {e}")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(checkpoint: str):
+    """A checkpoint's tokenizer alone, without its weights; 'toy' the toy world's."""
+    if checkpoint == "toy":
+        from toy import world
+        return world.make_tokenizer()
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
