@@ -19,6 +19,9 @@ pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The 
 comparison are seeded by (seed, j): a prompt's scores depend on the prompt, its images and the options alone,
 not on the other prompts of a batch, the batch size, the process or the restart that computes them.
 
+The checkpoint is asked in the prompt format it was trained with (its prompt_format.json, prompt.py), unless
+`prompt_format=` (`--prompt_format`) names another.
+
 Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out comes one line
 per input line (blank lines aside), in input order: its fields plus "scores" and "ranking" (and, with
 --reasonings, each comparison's k reasonings). Killed, the same command goes on where it stopped: lines already
@@ -54,6 +57,8 @@ from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import log, setup_distributed
+from listener import answer_token_ids
+from prompt import PROMPT, PromptFormat, checkpoint_format
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,30 +70,35 @@ class RewardModel:
 
     def __init__(self, model, processor, k: int = 1, both_orders: bool = False, anchor: int = 0,
                  max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False):
+                 seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False,
+                 prompt_format: PromptFormat = PROMPT):
         for name, value, least in (("k", k, 1), ("anchor", anchor, 0), ("max_new_tokens", max_new_tokens, 1),
                                    ("seed", seed, 0), ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r}: expected an integer >= {least}")
         if decode not in DECODES:
             raise ValueError(f"decode={decode!r}: expected one of {', '.join(DECODES)}")
-        self.model, self.processor = model.eval(), processor
+        answer_token_ids(processor.tokenizer, prompt_format)  # each answer one token, or a ValueError naming it
+        self.model, self.processor, self.fmt = model.eval(), processor, prompt_format
         self.k, self.both_orders, self.anchor, self.seed, self.batch_size = k, both_orders, anchor, seed, batch_size
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                              decoder=make_decoder(decode, model.device), reuse_sampler_logits=reuse_sampler_logits)
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype: torch.dtype | str | None = None, min_pixels: int = 0,
-                        max_pixels: int = 0, **options) -> RewardModel:
+                        max_pixels: int = 0, prompt_format: str | PromptFormat = "", **options) -> RewardModel:
         """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
         (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
-        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `options` are `__init__`'s."""
+        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `prompt_format` (a JSON file or a
+        PromptFormat) replaces the checkpoint's own prompt_format.json (prompt.checkpoint_format: `PROMPT` when it
+        has none), with a warning when they differ; `options` are `__init__`'s."""
         if path != "toy":
             cli.check_checkpoint("model", path)
+        fmt = checkpoint_format(path, prompt_format)  # read before the weights: a bad file stops here
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         model, processor = evaluate.load_reasoner(path, evaluate.Config(min_pixels=min_pixels, max_pixels=max_pixels),
                                                   device=device, dtype=dtype)
-        return cls(model, processor, **options)
+        return cls(model, processor, prompt_format=fmt, **options)
 
     def score(self, prompt: str, images: Sequence) -> list[float]:
         """One score per image: the anchor's 0.5, every other image's Mean@k probability of beating it."""
@@ -131,7 +141,8 @@ class RewardModel:
         return out
 
     def _options(self) -> dict:
-        return dict(k=self.k, both_orders=self.both_orders, batch_size=self.batch_size, **self.sampling)
+        return dict(k=self.k, both_orders=self.both_orders, batch_size=self.batch_size, fmt=self.fmt,
+                    **self.sampling)
 
 
 def best_first(scores: Sequence[float]) -> list[int]:
@@ -211,6 +222,8 @@ class Config:
     reasonings: bool = option(False, "also write each comparison's k reasonings (\"reasonings\", the anchor's null)")
     skip_bad: bool = option(False, "a line whose images cannot be read gets \"error\" and null scores instead of "
                                    "stopping the run")
+    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields to ask --model in; '' = its "
+                                    "prompt_format.json (what train.py trained it with), else prompt.PROMPT")
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
@@ -220,6 +233,7 @@ class Config:
             fail("out", self.out, "the JSONL file to write the scores to (not --input)")
         if self.model != "toy":
             cli.check_checkpoint("model", self.model)
+        cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model})
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
@@ -280,7 +294,8 @@ def lines_done(out: Path, records: list, cfg: Config) -> int:
         raise DataError(f"{out} exists but {sidecar} does not: it was not written by reward_model.py; move it or "
                         f"pick another --out")
     saved = json.loads(sidecar.read_text())
-    diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+    saved = {k: saved.get(k, getattr(Config, k)) for k in options}  # an option newer than the file: its default
+    diffs = [f"--{k}: {saved[k]!r} -> {v!r}" for k, v in options.items() if saved[k] != v]
     if diffs:
         raise DataError(f"{out} was scored with other options; going on would mix two scorings:\n  " +
                         "\n  ".join(diffs) + "\nrerun with its options, or pick another --out")
@@ -339,7 +354,7 @@ def score_file(cfg: Config) -> None:
     records = read_records(cfg.input, cfg.anchor)
     done = resume(cfg, records)
     rm = RewardModel.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                     **{k: getattr(cfg, k) for k in SCORING})
+                                     prompt_format=cfg.prompt_format, **{k: getattr(cfg, k) for k in SCORING})
     todo, per_write = list(range(done, len(records))), cfg.batch_size * world
     images = [len(record["images"]) for _, record in records]
     out = open(cfg.out, "a", encoding="utf-8") if rank == 0 else None
