@@ -104,18 +104,33 @@ def test_answers_that_are_not_one_token_are_refused_at_start(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One SFT step of the toy model asked in ASKED (this process, a group of one), saved and exported: the run's
-    directory and its format file."""
+    directory, its format file, the toy data, and what the step encoded."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("format_run")
     paths = world.write_dataset(root / "data", n_train=8, n_test=2, seed=0)
     fmt_file = root / "asked.json"
     fmt_file.write_text(json.dumps(asked(ASKED)))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # train.Stop replaces them
-    train.train(train.parse_args(run_args(root / "run", fmt_file, paths)))
+    seen = {"asked": [], "targets": []}  # what the SFT step encodes: the prompts, the target completions
+    encode, targets = trainer.Trainer.encode, train.completion_tokens
+
+    def recording_encode(self, examples):
+        batch = encode(self, examples)
+        seen["asked"] += self.processor.tokenizer.batch_decode(batch["input_ids"])
+        return batch
+
+    def recording_targets(tokenizer, texts, device):
+        seen["targets"] += texts
+        return targets(tokenizer, texts, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.Trainer, "encode", recording_encode)
+        patch.setattr(train, "completion_tokens", recording_targets)
+        train.train(train.parse_args(run_args(root / "run", fmt_file, paths)))
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     gc.collect()  # the finished run's Trainer, and with it its lock on out_dir
-    return root / "run", fmt_file, paths
+    return root / "run", fmt_file, paths, seen
 
 
 def run_args(out, fmt_file, paths, steps=1):
@@ -143,8 +158,12 @@ def asks(monkeypatch, run) -> str:
     return seen[0]
 
 
-def test_the_format_is_written_into_every_checkpoint_and_export(trained):
-    out, _, _ = trained
+def test_the_run_asks_in_the_format_and_writes_it_into_every_checkpoint_and_export(trained):
+    """The SFT step asks ASKED's question and trains on completions answering A or B in ASKED's tags; the step
+    directory (its manifest listing the file) and the export hold the format."""
+    out, _, _, seen = trained
+    assert seen["asked"] and all("Which picture wins?" in text for text in seen["asked"])
+    assert seen["targets"] and all(t in (ASKED.completion("", "A"), ASKED.completion("", "B")) for t in seen["targets"])
     for directory in (out / "step_0000001", out / "export_0000001"):
         assert (directory / FORMAT_FILE).read_text() == format_json(ASKED), directory
     manifest = json.loads((out / "step_0000001" / "manifest.json").read_text())
@@ -155,7 +174,7 @@ def test_evaluate_and_the_reward_model_ask_an_export_in_its_format(trained, tmp_
     """The export is asked ASKED's question by `evaluate.py --prompt` and by the reward model, with no option; the
     option overrides it with a warning naming the fields that differ; the same export without prompt_format.json
     is asked PROMPT's question."""
-    out, _, paths = trained
+    out, _, paths, _ = trained
     export = out / "export_0000001"
     images = [str(p) for p in sorted((paths["test_images"]).rglob("*.png"))[:2]]
     prompt = "a red circle"
@@ -185,7 +204,7 @@ def test_a_resumed_run_refuses_a_changed_format(trained, tmp_path):
     """Resuming with another format is refused, naming the field, before any model loads; so is resuming with
     PROMPT a run asked in ASKED. A checkpoint written before formats were recorded (no prompt_format.json) is
     one trained in PROMPT: resuming it in PROMPT goes on, in ASKED is refused."""
-    out, fmt_file, paths = trained
+    out, fmt_file, paths, _ = trained
     other = write(tmp_path / "other.json", asked(dataclasses.replace(ASKED, answers=("B", "A"))))
     with pytest.raises(SystemExit, match=r"prompt format \(prompt_format.json\) answers: \('A', 'B'\) -> \('B', 'A'\)"):
         train.train(train.parse_args(run_args(out, other, paths, steps=2)))
