@@ -4,8 +4,9 @@ A prompt's n images are scored against an anchor, as in section 5: the anchor (i
 scores 0.5, every other image its probability of beating the anchor, p(b | C) = sigma(f(b | C) - f(a | C))
 (eq. (4)), averaged over k reasoning rollouts (Mean@k). Higher is preferred. A score compares the images of
 one prompt with each other, not with another prompt's images. This file is a thin shell over evaluate.py's
-scoring (`compare_pairs`, `anchor_pairs`, `anchor_scores`) and gives the numbers of
-`python evaluate.py --model CKPT --prompt P --images ...` for the same options and seed.
+scoring (`compare_pairs`, `anchor_scores`) and gives the numbers of
+`python evaluate.py --model CKPT --prompt P --images ...` for the same options and seed. `reward_fn` can also
+score every pair of a prompt's images (each image's mean win rate).
 
     from reward_model import RewardModel
     rm = RewardModel.from_pretrained("runs/hpdv2/export_0001000", k=3)  # bf16 on the GPU, fp32 on the CPU
@@ -13,6 +14,8 @@ scoring (`compare_pairs`, `anchor_pairs`, `anchor_scores`) and gives the numbers
     rm.rank("a red cube", ["a.png", "b.png", "c.png"])    # [1, 0, 2]: image indices, best first
     rm.compare("a red cube", "a.png", "b.png")            # .p_b, and the k .reasonings it was read after
     rm.score_batch([(prompt, images), ...])               # many prompts: batches filled across prompts
+    reward_fn = rm.reward_fn()                            # a diffusion trainer's reward (docs/reward_fn.md):
+    scores, info = reward_fn(images, prompts, metadata)   # (N, 3, H, W) images, N prompts -> (N,) scores
 
 Images are paths, PIL images, encoded bytes or (3, H, W) tensors (floats in [0, 1] or uint8, what a diffusion
 pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The rollouts of a prompt's j-th
@@ -40,16 +43,17 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
+import numpy
 import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from data import anchor_pairs
 from evaluate import Comparison, anchor_scores, compare_pairs
 from fast.static_decode import DECODES, make_decoder
 from formats.images import DataError, load_image
@@ -121,32 +125,148 @@ class RewardModel:
         return [anchor_scores(len(c) + 1, self.anchor, [r.p_b for r in c]) for c in self.compare_groups(groups, progress)]
 
     @torch.no_grad()
-    def compare_groups(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False) -> list[list[Comparison]]:
-        """Each (prompt, images)'s n - 1 comparisons (anchor, image i), i != anchor in order, with their rollouts.
+    def compare_groups(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False,
+                       mode: str = "anchor") -> list[list[Comparison]]:
+        """Each (prompt, images)'s comparisons with their rollouts, the pairs (a, b) of `compared(n, anchor, mode)`:
+        "anchor", the n - 1 pairs (anchor, image i), i != anchor in order; "pairs", every (image i, image j),
+        i < j, shown in both orders (n (n - 1) comparisons, whatever `both_orders`).
 
         The comparisons of all prompts go through `compare_pairs` together, `batch_size` at a time, each seeded by
         (seed, its index within its prompt). Images are read `4 * batch_size` prompts at a time, so a list of
         10,000 prompts of image paths never holds more than that many prompts' images in memory.
         """
         groups, chunk, out = list(groups), 4 * self.batch_size, []
+        anchor = self.anchor if mode == "anchor" else 0  # read_group checks it is an index of every group
         with tqdm(total=len(groups), desc="score", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(groups), chunk):
-                read = [read_group(g, f"prompt {start + i}", self.anchor) for i, g in enumerate(groups[start:start + chunk])]
-                pairs = [anchor_pairs(prompt, images, self.anchor) for prompt, images in read]
+                read = [read_group(g, f"prompt {start + i}", anchor) for i, g in enumerate(groups[start:start + chunk])]
+                pairs = [[Pair(prompt, (images[a], images[b]), 0) for a, b in compared(len(images), anchor, mode)]
+                         for prompt, images in read]
                 keys = [(self.seed, j) for ps in pairs for j in range(len(ps))]  # within its prompt: see the docstring
                 results = iter(compare_pairs(self.model, self.processor, [p for ps in pairs for p in ps], keys=keys,
-                                             **self._options()))
+                                             **self._options(mode)))
                 out += [[next(results) for _ in ps] for ps in pairs]
                 bar.update(len(read))
         return out
 
-    def _options(self) -> dict:
-        return dict(k=self.k, both_orders=self.both_orders, batch_size=self.batch_size, fmt=self.fmt,
-                    **self.sampling)
+    def _options(self, mode: str = "anchor") -> dict:
+        return dict(k=self.k, both_orders=self.both_orders or mode == "pairs", batch_size=self.batch_size,
+                    fmt=self.fmt, **self.sampling)
+
+    def reward_fn(self, mode: str = "anchor", reasonings: bool = False):
+        """`reward_fn(images, prompts, metadata=None) -> (scores, info)`: this model as the reward of a loop that
+        trains an image generator (Flow-GRPO, DDPO; docs/reward_fn.md).
+
+        `images`: N images, a (N, 3, H, W) tensor (floats in [0, 1], or uint8), a uint8 (N, H, W, 3) array or a
+        list of PIL images (or paths); `prompts`: N strings, each prompt once per image generated from it;
+        `metadata` is not read. The rows of a prompt form its group, in the order given; the groups' comparisons
+        are batched together (`compare_groups`, as `score_batch`), with no autograd (`torch.inference_mode`).
+        mode "anchor": the group's first image (the `anchor`-th) scores 0.5, every other its Mean@k probability
+        of beating it, eq. (4); "pairs": each image's mean win rate against the others, from all G (G - 1)
+        ordered comparisons. A group of one image scores 0.5. A score compares an image with its group only.
+
+        `scores`: (N,) float32 on the images' device (the CPU for an array or a list). `info`: "mode"; "groups",
+        one per prompt in order: its "prompt", "rows", "scores" and "ranking" (its rows, best first), and with
+        `reasonings` its "comparisons" ({"rows": (a, b), "p_b", the k "reasonings", and "reasonings_reversed"
+        when shown in both orders}); "notes", one per group of one image.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+
+        def reward_fn(images, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
+            return self.group_rewards(images, prompts, mode, reasonings)
+
+        return reward_fn
+
+    def group_rewards(self, images, prompts: Sequence[str], mode: str, reasonings: bool) -> tuple[torch.Tensor, dict]:
+        """What `reward_fn`'s callable returns: rows grouped by prompt, the groups' comparisons batched together."""
+        rows, device = image_rows(images)
+        groups = prompt_groups(prompts, len(rows))  # [(prompt, its rows)], in order of first appearance
+        several = [(prompt, idx) for prompt, idx in groups if len(idx) > 1]
+        with torch.inference_mode():
+            results = iter(self.compare_groups([(prompt, [rows[i] for i in idx]) for prompt, idx in several],
+                                               mode=mode))
+        scores, info = [0.5] * len(rows), {"mode": mode, "groups": [], "notes": []}
+        for prompt, idx in groups:
+            comparisons = next(results) if len(idx) > 1 else []
+            values = group_scores(len(idx), self.anchor, mode, [c.p_b for c in comparisons]) if comparisons else [0.5]
+            for i, value in zip(idx, values):
+                scores[i] = value
+            group = {"prompt": prompt, "rows": idx, "scores": values, "ranking": [idx[i] for i in best_first(values)]}
+            if reasonings:
+                group["comparisons"] = [comparison_info(c, idx[a], idx[b]) for c, (a, b) in
+                                        zip(comparisons, compared(len(idx), self.anchor, mode))]
+            if not comparisons:
+                info["notes"].append(f"row {idx[0]} is the only image of its prompt {prompt!r:.80}: it scores 0.5, "
+                                     f"with nothing to compare it with")
+            info["groups"].append(group)
+        return torch.tensor(scores, dtype=torch.float32, device=device), info  # (N,) outside inference mode
 
 
 def best_first(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Groups of a generator's batch: which images are compared, and their scores
+
+
+MODES = ("anchor", "pairs")
+
+
+def compared(n: int, anchor: int, mode: str) -> list[tuple[int, int]]:
+    """The pairs (a, b) of n images compared, each giving p(b beats a): (anchor, i) for every i != anchor, in
+    order (section 5's anchor scores); or, mode "pairs", every (i, j), i < j (itertools.combinations' order)."""
+    if mode == "anchor":
+        return [(anchor, i) for i in range(n) if i != anchor]
+    return list(combinations(range(n), 2))
+
+
+def group_scores(n: int, anchor: int, mode: str, p_b: Sequence[float]) -> list[float]:
+    """n images' scores from the p(b) of their `compared` pairs: eq. (4)'s anchor scores, or each image's mean win
+    rate, image j winning (i, j) with p_b and image i with 1 - p_b."""
+    if mode == "anchor":
+        return anchor_scores(n, anchor, p_b)
+    wins = [0.0] * n
+    for (i, j), p in zip(compared(n, anchor, mode), p_b):
+        wins[i], wins[j] = wins[i] + 1.0 - p, wins[j] + p
+    return [w / (n - 1) for w in wins]
+
+
+def prompt_groups(prompts: Sequence[str], n: int) -> list[tuple[str, list[int]]]:
+    """N prompts, one per image -> [(prompt, the rows that have it)], in order of first appearance."""
+    if isinstance(prompts, str) or len(prompts) != n:
+        raise ValueError(f"reward_fn: {n} images need {n} prompts, one per image, got "
+                         f"{'a string' if isinstance(prompts, str) else len(prompts)}")
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"reward_fn: prompts[{i}] must be a non-empty string, got {prompt!r:.80}")
+        groups.setdefault(prompt, []).append(i)
+    return list(groups.items())
+
+
+def image_rows(images) -> tuple[list[Image.Image], torch.device]:
+    """A generator's batch -> its N images decoded as RGB PIL images (errors name the row), and the device its
+    scores go to: a (N, 3, H, W) tensor's, or the CPU for a (N, H, W, 3) NumPy array or a list."""
+    device = torch.device("cpu")
+    if isinstance(images, numpy.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"reward_fn: an array of images must have shape (N, H, W, 3), got {images.shape}")
+        images = torch.from_numpy(numpy.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    elif isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"reward_fn: a tensor of images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        device = images.device
+    return [read_image(image, f"reward_fn: images[{i}]") for i, image in enumerate(images)], device
+
+
+def comparison_info(c: Comparison, a: int, b: int) -> dict:
+    """One comparison of rows (a, b) as `reward_fn`'s info shows it: p(b beats a) and the reasonings read."""
+    out = {"rows": (a, b), "p_b": c.p_b, "reasonings": c.reasonings}
+    if c.reversed is not None:
+        out["reasonings_reversed"] = c.reversed.reasonings
+    return out
 
 
 def read_group(group, where: str, anchor: int = 0) -> tuple[str, list[Image.Image]]:
