@@ -18,6 +18,10 @@ the zero-shot row of table 3; every option: `python evaluate.py --help`):
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
     python reward_model.py --model PATH --input prompts.jsonl --out scores.jsonl     # many prompts (and its Python API)
 
+A checkpoint is asked in the prompt format it was trained in, its prompt_format.json (train.py writes one into
+every export; prompt.PROMPT for a checkpoint without one); --prompt_format=FILE.json overrides it, with a warning
+naming the fields that differ.
+
 Under torchrun each process holds the whole model and takes every N-th comparison; each pair's rollouts are
 seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
 and the judge (table 4) on its own and writes the outputs.
@@ -63,7 +67,8 @@ from infra.cli import fail, option
 from infra.parallel import setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
 from models import families
-from prompt import PROMPT, Processor, PromptFormat, pixel_bounds_problem, prompt_tokens, score_messages
+from prompt import (PROMPT, Processor, PromptFormat, checkpoint_format, pixel_bounds_problem, prompt_tokens,
+                    score_messages)
 from report import judge, metrics
 from report.tables import OUTPUTS, markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
@@ -115,6 +120,8 @@ class Config:
     scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
                                       "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
                                       "table 3's abs-score row)", choices=("pairwise", "absolute"))
+    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields to ask --model in; '' = its "
+                                    "prompt_format.json (what train.py trained it with), else prompt.PROMPT")
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
@@ -122,6 +129,7 @@ class Config:
             if getattr(self, name) not in ("", "toy"):
                 cli.check_checkpoint(name, getattr(self, name), vision=name != "judge")
                 cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
         for name in ("model", "listener"):
             problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
                 getattr(self, name), self.min_pixels or None, self.max_pixels or None)
@@ -219,7 +227,7 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
         rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
-        reasonings = [[reasoning_of(t) for t in row] for row in texts]
+        reasonings = [[reasoning_of(t, fmt) for t in row] for row in texts]
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
         if reuse_sampler_logits:
             p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
@@ -383,11 +391,12 @@ def dataset_accuracy(dataset: DatasetPairs, p: Sequence[float]) -> dict:
     return {"accuracy": result["micro"], **result}
 
 
-def no_thinking_metrics(model, processor, dataset: DatasetPairs, results, subset: list[int], cfg: Config) -> dict:
+def no_thinking_metrics(model, processor, dataset: DatasetPairs, results, subset: list[int], cfg: Config,
+                        fmt: PromptFormat = PROMPT) -> dict:
     """Table 5: accuracy with and without the reasoning on the same pairs."""
     pairs = [dataset.compared[i] for i in subset]
     plain = compare_all(model, processor, pairs, cfg.seed, both_orders=cfg.both_orders, no_thinking=True,
-                        batch_size=cfg.batch_size)
+                        batch_size=cfg.batch_size, fmt=fmt)
     rows = {"w/ thinking, Mean@1": [mean_at(results[i].probs, 1) for i in subset],
             f"w/ thinking, Mean@{cfg.k}": [results[i].p_b_forward for i in subset],
             "w/o thinking": [r.p_b_forward for r in plain]}
@@ -438,16 +447,18 @@ def run(cfg: Config) -> dict | None:
             dataset = dataset_pairs(records, cfg.anchor, cfg.seed)  # the data is checked before the model loads
         except ValueError as e:  # an empty dataset, an --anchor beyond a group
             raise cli.OptionError(str(e)) from None
+        fmt = checkpoint_format(cfg.model, cfg.prompt_format)  # the format --model was trained in, unless given
         model, processor = load_reasoner(cfg.model, cfg)
         results = compare_all(model, processor, dataset.compared, cfg.seed, k=cfg.k, both_orders=cfg.both_orders,
-                              **sampling_args(cfg, model.device))
+                              fmt=fmt, **sampling_args(cfg, model.device))
         subset = metrics.confident_or_labelled(dataset, cfg.min_votes, cfg.confident_top)
-        plain = no_thinking_metrics(model, processor, dataset, results, subset, cfg) if cfg.no_thinking else None
+        plain = no_thinking_metrics(model, processor, dataset, results, subset, cfg, fmt) if cfg.no_thinking else None
         if dist.get_rank() != 0:
             return None
         probs = p_b_by_rule(results, cfg.k)
         report = {"model": cfg.model, "data": spec, "layout": "pairs" if dataset.groups is None else "groups",
                   "records": len(records), "unreadable_images": unreadable, "comparisons": len(dataset.compared),
+                  "prompt_format": dataclasses.asdict(fmt),
                   "k": cfg.k, "well_formed": statistics.fmean(a is not None for r in results for a in r.answers),
                   "accuracy": {name: dataset_accuracy(dataset, v) for name, v in probs.items()},
                   "ece": metrics.expected_calibration_error([results[i].p_b for i in dataset.labelled],
@@ -456,10 +467,10 @@ def run(cfg: Config) -> dict | None:
         if plain is not None:
             report["no_thinking"] = plain
         if cfg.listener:
-            report["disagreement"] = disagreement_metrics(Listener(*load_reasoner(cfg.listener, cfg, seed=1)),
+            report["disagreement"] = disagreement_metrics(Listener(*load_reasoner(cfg.listener, cfg, seed=1), fmt),
                                                           dataset, results, cfg.batch_size)
         if cfg.judge:
-            report["contradiction"] = contradiction_metrics(cfg.judge, results, subset, cfg)
+            report["contradiction"] = contradiction_metrics(cfg.judge, results, subset, cfg, fmt)
     report["config"] = dataclasses.asdict(cfg)
     write_outputs(Path(cfg.out), report, dataset, results)
     return report
@@ -468,17 +479,18 @@ def run(cfg: Config) -> dict | None:
 def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
     """The absolute-score evaluation: rate every image (split over the processes; a group's images in order, a
     pair's two), score each by its Mean@j expected rating, rank each group by it, write the outputs."""
+    fmt = checkpoint_format(cfg.model, cfg.prompt_format)
     model, processor = load_reasoner(cfg.model, cfg)
     items = [Rated(r.prompt, im, 0) for r in records for im in r.images]
     sampling = {k: v for k, v in sampling_args(cfg, model.device).items() if k not in ("batch_size", "reuse_sampler_logits")}
     scores = split_over_processes(lambda mine, keys, progress: rate_images(
-        model, processor, mine, cfg.k, keys, cfg.batch_size, progress=progress, **sampling), items, cfg.seed)
+        model, processor, mine, cfg.k, keys, cfg.batch_size, fmt, progress=progress, **sampling), items, cfg.seed)
     if dist.get_rank() != 0:
         return None
     ratings = {f"mean@{j}": [mean_at(s, j) for s in scores] for j in range(1, cfg.k + 1)}  # one per image
     report = {"model": cfg.model, "data": spec, "scoring": "absolute",
               "layout": "groups" if isinstance(records[0], Group) else "pairs", "records": len(records),
-              "images": len(items), "k": cfg.k,
+              "images": len(items), "k": cfg.k, "prompt_format": dataclasses.asdict(fmt),
               "accuracy": {name: metrics.rating_accuracy(records, v) for name, v in ratings.items()},
               "config": dataclasses.asdict(cfg)}
     write_ratings(Path(cfg.out), report, items, scores)
@@ -577,9 +589,10 @@ def rank_images(cfg: Config) -> list[float]:
     if tokens > cfg.max_prompt_tokens:
         fail("prompt", cfg.prompt if len(cfg.prompt) <= 60 else cfg.prompt[:60] + "...",
              f"a prompt of at most {cfg.max_prompt_tokens} tokens (--max_prompt_tokens), got {tokens} tokens")
+    fmt = checkpoint_format(cfg.model, cfg.prompt_format)
     model, processor = load_reasoner(cfg.model, cfg)
     scores = score_group(model, processor, cfg.prompt, cfg.images, k=cfg.k, anchor=max(cfg.anchor, 0),
-                         both_orders=cfg.both_orders, seed=cfg.seed, **sampling_args(cfg, model.device))
+                         both_orders=cfg.both_orders, seed=cfg.seed, fmt=fmt, **sampling_args(cfg, model.device))
     for path, s in zip(cfg.images, scores):
         print(f"{s:.4f}  {path}")
     print(f"best: {cfg.images[max(range(len(scores)), key=scores.__getitem__)]}")

@@ -4,8 +4,9 @@ A prompt's n images are scored against an anchor, as in section 5: the anchor (i
 scores 0.5, every other image its probability of beating the anchor, p(b | C) = sigma(f(b | C) - f(a | C))
 (eq. (4)), averaged over k reasoning rollouts (Mean@k). Higher is preferred. A score compares the images of
 one prompt with each other, not with another prompt's images. This file is a thin shell over evaluate.py's
-scoring (`compare_pairs`, `anchor_pairs`, `anchor_scores`) and gives the numbers of
-`python evaluate.py --model CKPT --prompt P --images ...` for the same options and seed.
+scoring (`compare_pairs`, `anchor_scores`) and gives the numbers of
+`python evaluate.py --model CKPT --prompt P --images ...` for the same options and seed. `reward_fn` can also
+score every pair of a prompt's images (each image's mean win rate).
 
     from reward_model import RewardModel
     rm = RewardModel.from_pretrained("runs/hpdv2/export_0001000", k=3)  # bf16 on the GPU, fp32 on the CPU
@@ -13,17 +14,22 @@ scoring (`compare_pairs`, `anchor_pairs`, `anchor_scores`) and gives the numbers
     rm.rank("a red cube", ["a.png", "b.png", "c.png"])    # [1, 0, 2]: image indices, best first
     rm.compare("a red cube", "a.png", "b.png")            # .p_b, and the k .reasonings it was read after
     rm.score_batch([(prompt, images), ...])               # many prompts: batches filled across prompts
+    reward_fn = rm.reward_fn()                            # a diffusion trainer's reward (docs/reward_fn.md):
+    scores, info = reward_fn(images, prompts, metadata)   # (N, 3, H, W) images, N prompts -> (N,) scores
 
 Images are paths, PIL images, encoded bytes or (3, H, W) tensors (floats in [0, 1] or uint8, what a diffusion
 pipeline returns with output_type="pt"; a (G, 3, H, W) tensor is G images). The rollouts of a prompt's j-th
 comparison are seeded by (seed, j): a prompt's scores depend on the prompt, its images and the options alone,
 not on the other prompts of a batch, the batch size, the process or the restart that computes them.
 
-Before any forward, every prompt and image is checked as a dataset's are, and refused naming the prompt and the
-image: a prompt over `max_prompt_tokens` (1024), an image over the pixel or aspect-ratio limits of an image file,
-a tensor of another shape or dtype, of no pixels, or holding a NaN or an infinity (a broken VAE decode would
-otherwise be ranked). The options are checked as the command line checks them, before the checkpoint loads
-(`check_options`).
+Before any forward, every prompt and image (a `reward_fn` batch's too) is checked as a dataset's are, and
+refused naming the prompt and the image: a prompt over `max_prompt_tokens` (1024), an image over the pixel or
+aspect-ratio limits of an image file, a tensor of another shape or dtype, of no pixels, or holding a NaN or an
+infinity (a broken VAE decode would otherwise be ranked). The options are checked as the command line checks
+them, before the checkpoint loads (`check_options`).
+
+The checkpoint is asked in the prompt format it was trained with (its prompt_format.json, prompt.py), unless
+`prompt_format=` (`--prompt_format`) names another.
 
 Batch scoring from the command line: a JSONL file of {"prompt": ..., "images": [paths]} in; out comes one line
 per input line (blank lines aside), in input order: its fields plus "scores" and "ranking" (and, with
@@ -44,16 +50,17 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
+import numpy
 import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import evaluate
-from data import anchor_pairs
 from evaluate import Comparison, anchor_scores, compare_pairs
 from fast.static_decode import DECODES, make_decoder
 from formats.images import DataError, load_image
@@ -62,7 +69,7 @@ from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import log, setup_distributed
-from prompt import pixel_bounds_problem
+from prompt import PROMPT, PromptFormat, checkpoint_format, pixel_bounds_problem, read_format
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,12 +82,15 @@ class RewardModel:
     def __init__(self, model, processor, k: int = 1, both_orders: bool = False, anchor: int = 0,
                  max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int = 0, decode: str = "reference", batch_size: int = 8, reuse_sampler_logits: bool = False,
-                 max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+                 max_prompt_tokens: int = MAX_PROMPT_TOKENS, prompt_format: PromptFormat | str = PROMPT):
         checked_options(k=k, both_orders=both_orders, anchor=anchor, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, decode=decode,
                         batch_size=batch_size, reuse_sampler_logits=reuse_sampler_logits,
-                        max_prompt_tokens=max_prompt_tokens)
+                        max_prompt_tokens=max_prompt_tokens, prompt_format=prompt_format,
+                        tokenizer=processor.tokenizer)  # the format's answers: one token each of this tokenizer
         self.model, self.processor = model.eval(), processor
+        self.fmt = prompt_format if isinstance(prompt_format, PromptFormat) else \
+            read_format(prompt_format) if prompt_format else PROMPT  # a file: read as from_pretrained reads it
         self.k, self.both_orders, self.anchor, self.seed, self.batch_size = k, both_orders, anchor, seed, batch_size
         self.prompt_limit = processor.prompt_limit(max_prompt_tokens)  # a longer prompt is refused before any forward
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -88,11 +98,13 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype: torch.dtype | str | None = None, min_pixels: int = 0,
-                        max_pixels: int = 0, **options) -> RewardModel:
+                        max_pixels: int = 0, prompt_format: str | PromptFormat = "", **options) -> RewardModel:
         """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
         (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
-        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `options` are `__init__`'s. Every
-        argument is checked before anything loads, as the command line checks it (`check_options`)."""
+        `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `prompt_format` (a JSON file or a
+        PromptFormat) replaces the checkpoint's own prompt_format.json (prompt.checkpoint_format: `PROMPT` when it
+        has none), with a warning when they differ; `options` are `__init__`'s. Every argument is checked before
+        anything loads, as the command line checks it (`check_options`)."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path={path!r}: expected a checkpoint directory (or 'toy')")
         names = list(inspect.signature(cls.__init__).parameters)[3:]  # __init__'s options, after model and processor
@@ -100,10 +112,13 @@ class RewardModel:
             raise TypeError(f"RewardModel.from_pretrained: unknown option {unknown[0]!r}: expected one of "
                             f"{', '.join(names)}")
         path, (device, dtype) = os.fspath(path), checked_device(device, dtype)
-        checked_options(path, min_pixels=min_pixels, max_pixels=max_pixels, **options)
+        if isinstance(prompt_format, os.PathLike):
+            prompt_format = os.fspath(prompt_format)
+        checked_options(path, min_pixels=min_pixels, max_pixels=max_pixels, prompt_format=prompt_format, **options)
+        fmt = checkpoint_format(path, prompt_format)  # checked above: the file given, else the checkpoint's own
         model, processor = evaluate.load_reasoner(path, evaluate.Config(min_pixels=min_pixels, max_pixels=max_pixels),
                                                   device=device, dtype=dtype)
-        return cls(model, processor, **options)
+        return cls(model, processor, prompt_format=fmt, **options)
 
     def score(self, prompt: str, images: Sequence) -> list[float]:
         """One score per image: the anchor's 0.5, every other image's Mean@k probability of beating it."""
@@ -126,8 +141,11 @@ class RewardModel:
         return [anchor_scores(len(c) + 1, self.anchor, [r.p_b for r in c]) for c in self.compare_groups(groups, progress)]
 
     @torch.no_grad()
-    def compare_groups(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False) -> list[list[Comparison]]:
-        """Each (prompt, images)'s n - 1 comparisons (anchor, image i), i != anchor in order, with their rollouts.
+    def compare_groups(self, groups: Sequence[tuple[str, Sequence]], progress: bool = False,
+                       mode: str = "anchor") -> list[list[Comparison]]:
+        """Each (prompt, images)'s comparisons with their rollouts, the pairs (a, b) of `compared(n, anchor, mode)`:
+        "anchor", the n - 1 pairs (anchor, image i), i != anchor in order; "pairs", every (image i, image j),
+        i < j, shown in both orders (n (n - 1) comparisons, whatever `both_orders`).
 
         The comparisons of all prompts go through `compare_pairs` together, `batch_size` at a time, each seeded by
         (seed, its index within its prompt). Every prompt and list of images is checked first (`checked_group`), so a
@@ -135,26 +153,152 @@ class RewardModel:
         of 10,000 prompts of image paths never holds more than that many prompts' images in memory.
         """
         chunk, out = 4 * self.batch_size, []
-        groups = [checked_group(g, f"prompt {i}", self.anchor, self.prompt_limit)  # all before the first forward
+        anchor = self.anchor if mode == "anchor" else 0  # checked_group checks it is an index of every group
+        groups = [checked_group(g, f"prompt {i}", anchor, self.prompt_limit)  # all before the first forward
                   for i, g in enumerate(groups)]
         with tqdm(total=len(groups), desc="score", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(groups), chunk):
                 read = [(prompt, read_images(images, f"prompt {start + i}"))
                         for i, (prompt, images) in enumerate(groups[start:start + chunk])]
-                pairs = [anchor_pairs(prompt, images, self.anchor) for prompt, images in read]
+                pairs = [[Pair(prompt, (images[a], images[b]), 0) for a, b in compared(len(images), anchor, mode)]
+                         for prompt, images in read]
                 keys = [(self.seed, j) for ps in pairs for j in range(len(ps))]  # within its prompt: see the docstring
                 results = iter(compare_pairs(self.model, self.processor, [p for ps in pairs for p in ps], keys=keys,
-                                             **self._options()))
+                                             **self._options(mode)))
                 out += [[next(results) for _ in ps] for ps in pairs]
                 bar.update(len(read))
         return out
 
-    def _options(self) -> dict:
-        return dict(k=self.k, both_orders=self.both_orders, batch_size=self.batch_size, **self.sampling)
+    def _options(self, mode: str = "anchor") -> dict:
+        return dict(k=self.k, both_orders=self.both_orders or mode == "pairs", batch_size=self.batch_size,
+                    fmt=self.fmt, **self.sampling)
+
+    def reward_fn(self, mode: str = "anchor", reasonings: bool = False):
+        """`reward_fn(images, prompts, metadata=None) -> (scores, info)`: this model as the reward of a loop that
+        trains an image generator (Flow-GRPO, DDPO; docs/reward_fn.md).
+
+        `images`: N images, a (N, 3, H, W) tensor (floats in [0, 1], or uint8), a uint8 (N, H, W, 3) array or a
+        list of PIL images (or paths); `prompts`: N strings, each prompt once per image generated from it;
+        `metadata` is not read. The rows of a prompt form its group, in the order given; the groups' comparisons
+        are batched together (`compare_groups`, as `score_batch`), with no autograd (`torch.inference_mode`).
+        mode "anchor": the group's first image (the `anchor`-th) scores 0.5, every other its Mean@k probability
+        of beating it, eq. (4); "pairs": each image's mean win rate against the others, from all G (G - 1)
+        ordered comparisons. A group of one image scores 0.5. A score compares an image with its group only.
+        Every row is checked before the first forward as `score`'s images and prompts are (`read_image`,
+        `max_prompt_tokens`): a NaN pixel or a prompt too long is refused, naming the row.
+
+        `scores`: (N,) float32 on the images' device (the CPU for an array or a list). `info`: "mode"; "groups",
+        one per prompt in order: its "prompt", "rows", "scores" and "ranking" (its rows, best first), and with
+        `reasonings` its "comparisons" ({"rows": (a, b), "p_b", the k "reasonings", and "reasonings_reversed"
+        when shown in both orders}); "notes", one per group of one image.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+
+        def reward_fn(images, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
+            return self.group_rewards(images, prompts, mode, reasonings)
+
+        return reward_fn
+
+    def group_rewards(self, images, prompts: Sequence[str], mode: str, reasonings: bool) -> tuple[torch.Tensor, dict]:
+        """What `reward_fn`'s callable returns: rows grouped by prompt, the groups' comparisons batched together.
+        Every prompt (a lone image's too) and every image is checked before the first forward, as `score`'s are."""
+        rows, device = image_rows(images)  # N images, not yet read
+        groups = prompt_groups(prompts, len(rows), self.prompt_limit)  # [(prompt, its rows)], in order of appearance
+        rows = [read_image(row, f"reward_fn: images[{i}]") for i, row in enumerate(rows)]  # RGB PIL images
+        several = [(prompt, idx) for prompt, idx in groups if len(idx) > 1]
+        with torch.inference_mode():
+            results = iter(self.compare_groups([(prompt, [rows[i] for i in idx]) for prompt, idx in several],
+                                               mode=mode))
+        scores, info = [0.5] * len(rows), {"mode": mode, "groups": [], "notes": []}
+        for prompt, idx in groups:
+            comparisons = next(results) if len(idx) > 1 else []
+            values = group_scores(len(idx), self.anchor, mode, [c.p_b for c in comparisons]) if comparisons else [0.5]
+            for i, value in zip(idx, values):
+                scores[i] = value
+            group = {"prompt": prompt, "rows": idx, "scores": values, "ranking": [idx[i] for i in best_first(values)]}
+            if reasonings:
+                group["comparisons"] = [comparison_info(c, idx[a], idx[b]) for c, (a, b) in
+                                        zip(comparisons, compared(len(idx), self.anchor, mode))]
+            if not comparisons:
+                info["notes"].append(f"row {idx[0]} is the only image of its prompt {prompt!r:.80}: it scores 0.5, "
+                                     f"with nothing to compare it with")
+            info["groups"].append(group)
+        return torch.tensor(scores, dtype=torch.float32, device=device), info  # (N,) outside inference mode
 
 
 def best_first(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Groups of a generator's batch: which images are compared, and their scores
+
+
+MODES = ("anchor", "pairs")
+
+
+def compared(n: int, anchor: int, mode: str) -> list[tuple[int, int]]:
+    """The pairs (a, b) of n images compared, each giving p(b beats a): (anchor, i) for every i != anchor, in
+    order (section 5's anchor scores); or, mode "pairs", every (i, j), i < j (itertools.combinations' order)."""
+    if mode == "anchor":
+        return [(anchor, i) for i in range(n) if i != anchor]
+    return list(combinations(range(n), 2))
+
+
+def group_scores(n: int, anchor: int, mode: str, p_b: Sequence[float]) -> list[float]:
+    """n images' scores from the p(b) of their `compared` pairs: eq. (4)'s anchor scores, or each image's mean win
+    rate, image j winning (i, j) with p_b and image i with 1 - p_b."""
+    if mode == "anchor":
+        return anchor_scores(n, anchor, p_b)
+    wins = [0.0] * n
+    for (i, j), p in zip(compared(n, anchor, mode), p_b):
+        wins[i], wins[j] = wins[i] + 1.0 - p, wins[j] + p
+    return [w / (n - 1) for w in wins]
+
+
+def prompt_groups(prompts: Sequence[str], n: int, prompt_limit: PromptLimit | None = None
+                  ) -> list[tuple[str, list[int]]]:
+    """N prompts, one per image -> [(prompt, the rows that have it)], in order of first appearance; each prompt
+    non-empty and within `prompt_limit`."""
+    if isinstance(prompts, str) or len(prompts) != n:
+        raise ValueError(f"reward_fn: {n} images need {n} prompts, one per image, got "
+                         f"{'a string' if isinstance(prompts, str) else len(prompts)}")
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"reward_fn: prompts[{i}] must be a non-empty string, got {prompt!r:.80}")
+        groups.setdefault(prompt, []).append(i)
+    for prompt, rows in groups.items():  # each prompt measured once, however many images it has
+        if prompt_limit is not None and (problem := prompt_limit.problem(prompt)):
+            raise DataError(f"reward_fn: prompts[{rows[0]}]: {problem}", "prompt too long")
+    return list(groups.items())
+
+
+def image_rows(images) -> tuple[list, torch.device]:
+    """A generator's batch -> its N images, each as `read_image` reads it ((3, H, W) tensors, or the list's items),
+    and the device its scores go to: a (N, 3, H, W) tensor's, or the CPU for a (N, H, W, 3) NumPy array or a list."""
+    device = torch.device("cpu")
+    if isinstance(images, numpy.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"reward_fn: an array of images must have shape (N, H, W, 3), got {images.shape}")
+        images = torch.from_numpy(numpy.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    elif isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"reward_fn: a tensor of images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        device = images.device
+    elif not isinstance(images, (list, tuple)):
+        raise TypeError(f"reward_fn: expected the images as a (N, 3, H, W) tensor, a (N, H, W, 3) array or a list, "
+                        f"got {_described(images)}")
+    return list(images), device
+
+
+def comparison_info(c: Comparison, a: int, b: int) -> dict:
+    """One comparison of rows (a, b) as `reward_fn`'s info shows it: p(b beats a) and the reasonings read."""
+    out = {"rows": (a, b), "p_b": c.p_b, "reasonings": c.reasonings}
+    if c.reversed is not None:
+        out["reasonings_reversed"] = c.reversed.reasonings
+    return out
 
 
 def read_group(group, where: str, anchor: int = 0, prompt_limit: PromptLimit | None = None
@@ -237,12 +381,12 @@ def _described(value) -> str:
         f"{type(value).__name__}{shape}"
 
 
-def checked_options(path: str | None = None, **options) -> None:
+def checked_options(path: str | None = None, tokenizer=None, **options) -> None:
     """`check_options` for the Python API: a ValueError in its own words ("temperature=nan: expected ...")."""
     try:
-        check_options(path, **options)
+        check_options(path, tokenizer, **options)
     except cli.OptionError as e:
-        raise ValueError(f"{e.name}={e.value!r}: expected {e.allowed}" if e.name else str(e)) from None
+        raise ValueError(f"{e.name}={e.value!r:.200}: expected {e.allowed}" if e.name else str(e)) from None
 
 
 def checked_device(device, dtype) -> tuple:
@@ -294,6 +438,8 @@ class Config:
     reasonings: bool = option(False, "also write each comparison's k reasonings (\"reasonings\", the anchor's null)")
     skip_bad: bool = option(False, "a line whose images cannot be read gets \"error\" and null scores instead of "
                                    "stopping the run")
+    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields to ask --model in; '' = its "
+                                    "prompt_format.json (what train.py trained it with), else prompt.PROMPT")
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
@@ -304,7 +450,8 @@ class Config:
         cli.check_output("out", self.out, folder=False)
         cli.check_output("out", self.out + ".options.json", folder=False)  # the scoring options, kept beside it
         cli.check_folder("image_root", self.image_root, "the folder relative image paths are under")
-        check_options(self.model, **{k: getattr(self, k) for k in SCORING + ("min_pixels", "max_pixels")})
+        check_options(self.model, **{k: getattr(self, k) for k in SCORING + ("min_pixels", "max_pixels",
+                                                                             "prompt_format")})
 
 
 SCORING = ("k", "both_orders", "anchor", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "decode",
@@ -313,24 +460,29 @@ SAME_SCORES = ("input", "out", "decode", "batch_size", "reuse_sampler_logits", "
                "max_prompt_tokens")  # may change on resume
 
 
-def check_options(path: str | None = None, **options) -> None:
+def check_options(path: str | None = None, tokenizer=None, **options) -> None:
     """RewardModel's options (and the pixel bounds) checked in one place, for the command line and the Python API
     alike: each by the type, range and choices `Config` declares for it, the pixel bounds together, and with a
     checkpoint `path` (not 'toy') the checkpoint itself, its context (--max_prompt_tokens + --max_new_tokens)
-    and its own pixel bounds. Raises cli.OptionError naming the option; reads no weights."""
+    and its own pixel bounds. The prompt format (a JSON file, or from the API a PromptFormat) is read as the
+    command line reads it (`cli.check_prompt_format`): its answers one token each of `path`'s tokenizer, or of
+    `tokenizer` for a model already loaded (`path` None). Raises cli.OptionError naming the option; reads no
+    weights."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name, value in options.items():
+        if name == "prompt_format" and isinstance(value, PromptFormat):
+            continue  # the API's form of --prompt_format: checked with the tokenizer below
         if name in fields and (problem := cli.value_problem(value, fields[name].metadata, fields[name].default)):
             fail(name, value, problem)
     given = {f.name: f.default for f in fields.values()} | options
     if given["min_pixels"] and given["max_pixels"] and given["min_pixels"] > given["max_pixels"]:
         fail("min_pixels", given["min_pixels"], f"at most --max_pixels={given['max_pixels']}")
-    if path is None or path == "toy":
-        return
-    cli.check_checkpoint("model", path)
-    cli.check_context("model", path, given["max_prompt_tokens"], given["max_new_tokens"])
-    if problem := pixel_bounds_problem(path, given["min_pixels"] or None, given["max_pixels"] or None):
-        fail("max_pixels", given["max_pixels"], f"--min_pixels too: {problem}")
+    if path not in (None, "toy"):
+        cli.check_checkpoint("model", path)
+        cli.check_context("model", path, given["max_prompt_tokens"], given["max_new_tokens"])
+        if problem := pixel_bounds_problem(path, given["min_pixels"] or None, given["max_pixels"] or None):
+            fail("max_pixels", given["max_pixels"], f"--min_pixels too: {problem}")
+    cli.check_prompt_format("prompt_format", given["prompt_format"], {"model": path} if path else {}, tokenizer)
 
 
 def read_records(path: str, anchor: int, prompt_limit: PromptLimit | None = None) -> list[tuple[int, dict]]:
@@ -397,7 +549,8 @@ def lines_done(out: Path, records: list, cfg: Config) -> int:
     if not isinstance(saved, dict):
         raise DataError(f"{sidecar}: expected the JSON object of the options {out} was scored with; move both away, "
                         f"or pick another --out")
-    diffs = [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in options.items() if saved.get(k) != v]
+    saved = {k: saved.get(k, getattr(Config, k)) for k in options}  # an option newer than the file: its default
+    diffs = [f"--{k}: {saved[k]!r} -> {v!r}" for k, v in options.items() if saved[k] != v]
     if diffs:
         raise DataError(f"{out} was scored with other options; going on would mix two scorings:\n  " +
                         "\n  ".join(diffs) + "\nrerun with its options, or pick another --out")
@@ -462,7 +615,7 @@ def score_file(cfg: Config) -> None:
     records = read_records(cfg.input, cfg.anchor, None if cfg.skip_bad else limit)
     done = resume(cfg, records)
     rm = RewardModel.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                     **{k: getattr(cfg, k) for k in SCORING})
+                                     prompt_format=cfg.prompt_format, **{k: getattr(cfg, k) for k in SCORING})
     todo, per_write = list(range(done, len(records))), cfg.batch_size * world
     images = [len(record["images"]) for _, record in records]
     out = open(cfg.out, "a", encoding="utf-8") if rank == 0 else None

@@ -22,7 +22,9 @@ image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun
 go to out_dir/metrics.jsonl, and with --report_to=tensorboard|wandb also to TensorBoard or W&B, to watch the run
 live (infra/tracking.py; the packages are needed only when asked for). Every option is a field of `Config`
 below (--name=value or --name value; `--help` lists them), checked before anything loads. The last three
-options above switch on speed-ups (fast/), each tested equal to the reference path this file shows.
+options above switch on speed-ups (fast/), each tested equal to the reference path this file shows. The run asks
+in prompt.PROMPT's words unless --prompt_format (or --model's own prompt_format.json) gives others, and writes
+the format it asked in into every checkpoint and export (prompt_format.json), where evaluate.py reads it.
 
 This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
 G rollouts per pair (sample.py), reads them with the reference model (`reference_pass`, pi_ref of eq. (2)) and
@@ -88,7 +90,7 @@ from infra import checkpoint, cli, tracking
 from infra.cli import OptionError, fail, option
 from infra.parallel import all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
-from prompt import PROMPT, pixel_bounds_problem
+from prompt import PROMPT, PromptFormat, pixel_bounds_problem
 from toy import demo, world
 
 
@@ -120,6 +122,9 @@ class Config:
     max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
     max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest dataset prompt read, in tokens: a longer record "
                                     "is refused, naming it (left out and counted with --skip_bad)", min=1)
+    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields (the question, tags, answers, ratings) "
+                                    "to train in; '' = --model's prompt_format.json, else prompt.PROMPT. Written into "
+                                    "every checkpoint and export as prompt_format.json")
     # GRPO (section 3.3) and rewards (eq. (5))
     group_size: int = option(10, "G, rollouts per pair", min=1)
     pairs_per_rank: int = option(2, "B, pairs per rank and step", min=1)
@@ -188,8 +193,8 @@ class Config:
         cli.check_output("out_dir", self.out_dir, folder=True)
         toy_model = self.model == "toy"
         if self.mode == "demo":
-            given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images")
-                     if getattr(self, k) != getattr(Config, k)]
+            given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images",
+                                        "prompt_format") if getattr(self, k) != getattr(Config, k)]
             if given:
                 raise OptionError(f"--mode=demo runs the toy world and ignores {', '.join(given)}: pass "
                                   f"--mode=grpo (or sft, score) to train --model")
@@ -198,6 +203,7 @@ class Config:
             if getattr(self, name) not in ("", "toy"):
                 cli.check_checkpoint(name, getattr(self, name))
                 cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
         if not toy_model and not self.train_data:  # the toy task only when asked for by name
             fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
                  "hpdv2:/data/HPDv2/train.json; 'toy' for the toy task)")
@@ -268,7 +274,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     if cfg.listener_from_reference:  # fast/: one pass gives pi_ref's log-probs and, where it can, p_corr
         ref_logp, p_correct, fast["listener_from_reference"] = listener_from_reference.reference_and_listener(
             trainer.reference, trainer.listener, trainer.logits_fn, micro, rollouts.tokens, rollouts.mask, pairs,
-            texts, cfg.temperature)  # (N, T), (N,), the fraction of rows it read
+            texts, cfg.temperature, trainer.fmt)  # (N, T), (N,), the fraction of rows it read
     else:
         ref_logp = reference_pass(cfg, trainer, micro, rollouts)  # (N, T) or None
         p_correct = listener_pass(cfg, trainer, pairs, texts)  # (N,) or None
@@ -278,7 +284,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     t2 = time.time()
     trainer.boundary()
     metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
-    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct), **fast)
+    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, trainer.fmt), **fast)
     metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
                    time_update=torch.tensor(time.time() - t2))
     return metrics
@@ -308,11 +314,11 @@ def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str]
     """Rewards of the B*G completions: eq. (5), or section 5's in the score mode; each component (N,)."""
     if cfg.mode == "score":
         targets = [r.rating for r in pairs for _ in range(cfg.group_size)]
-        rewards = reward.score_rewards(texts, targets)  # format, exact, distance, total
+        rewards = reward.score_rewards(texts, targets, fmt=trainer.fmt)  # format, exact, distance, total
     else:
         labels = [p.label for p in pairs for _ in range(cfg.group_size)]
         rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
-                                            w_list=cfg.w_list if p_correct is not None else 0.0)
+                                            w_list=cfg.w_list if p_correct is not None else 0.0, fmt=trainer.fmt)
     return {k: v.to(trainer.device).float() for k, v in rewards.items()}
 
 
@@ -343,7 +349,7 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
     return metrics
 
 
-def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct) -> dict:
+def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, fmt: PromptFormat = PROMPT) -> dict:
     """What the rollouts looked like: rewards per component, accuracy, lengths, the listener's view."""
     lengths = rollouts.mask.sum(-1).float()  # (N,)
     total = rewards["total"]
@@ -354,8 +360,8 @@ def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct) -> 
                 "tokens": lengths.sum()})
     if p_correct is not None:
         labels = torch.tensor([p.label for p in pairs], device=p_correct.device).repeat_interleave(cfg.group_size)
-        picked = torch.tensor([PROMPT.answers.index(a) if a is not None else -1
-                               for a in (reward.parse_completion(t)[1] for t in texts)], device=p_correct.device)
+        picked = torch.tensor([fmt.answers.index(a) if a is not None else -1
+                               for a in (reward.parse_completion(t, fmt)[1] for t in texts)], device=p_correct.device)
         listener_pick = torch.where(p_correct > 0.5, labels, 1 - labels)  # (N,) the image the listener favours
         out["listener_p_correct"] = p_correct.mean()
         out["listener_agreement"] = (picked == listener_pick).float().mean()
@@ -370,7 +376,7 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
     if cfg.sft_answers == "both":
         pairs = [p for p in pairs for _ in (0, 1)]
-    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device)  # (B, T)
+    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device, trainer.fmt)  # (B, T)
     batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
     if cfg.sft_captions:
         batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
@@ -388,8 +394,9 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     return {"loss": loss_total, **trainer.optimizer_step()}
 
 
-def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>`, right-padded.
+def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device,
+                fmt: PromptFormat = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>` in `fmt`, right-padded.
 
     The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
     the target answer (toy/world.py's `cold_start_reasoning`).
@@ -405,7 +412,7 @@ def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device) ->
             reasoning = world.cold_start_reasoning(pair.prompt, label)
         else:
             reasoning = cfg.sft_reasoning
-        texts.append(PROMPT.completion(reasoning, PROMPT.answers[label]))
+        texts.append(fmt.completion(reasoning, fmt.answers[label]))
     return completion_tokens(tokenizer, texts, device)
 
 
@@ -430,7 +437,7 @@ def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
     out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
     for i in range(0, len(pairs), m):
         chunk = pairs[i:i + m]
-        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot) for pair in chunk))
+        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot, trainer.fmt) for pair in chunk))
         batch = trainer.processor(list(messages), [pair.images for pair in chunk])
         tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
         out.append((to_device(batch, trainer.device), tokens, mask))

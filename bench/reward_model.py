@@ -1,11 +1,14 @@
-"""Benchmark: images/s of `RewardModel.score_batch` (the comparisons of all prompts batched together) against
-calling `RewardModel.score` prompt by prompt, on the same model, prompts and options, in one process.
+"""Benchmark: images/s of `RewardModel.score_batch` (the comparisons of all prompts batched together) and of
+`rm.reward_fn()` (a diffusion trainer's batch: one (N, 3, H, W) tensor, each prompt repeated for its images)
+against calling `RewardModel.score` prompt by prompt, on the same model, prompts and options, in one process;
+and of `rm.reward_fn(mode="pairs")`, which compares every pair of a prompt's images in both orders.
 
 A prompt of n images takes n - 1 comparisons against its anchor (section 5), each k rollouts: prompt by prompt,
 a batch holds at most n - 1 comparisons (2(n - 1) with --both_orders), whatever --batch_size allows; batched,
-every batch but the last is full. Both give the same scores (checked here to 1e-5: the rollouts are seeded per
-comparison within its prompt). Timings are the fastest of --repeats runs, the two methods taking turns, after
-a warm-up run of each.
+every batch but the last is full. The three anchor methods give the same scores (checked here to 1e-5: the
+rollouts are seeded per comparison within its prompt; each prompt is made distinct with its number, so that the
+reward function's grouping by prompt finds the same groups). Mode "pairs" takes n (n - 1) comparisons a
+prompt. Timings are the fastest of --repeats runs, the methods taking turns, after a warm-up run of each.
 
     .venv/bin/python bench/reward_model.py                                  # toy model on the CPU, ~30 s
     .venv/bin/python bench/reward_model.py --model CKPT --device cuda --prompts 64 --images 4 --k 3 \\
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy  # noqa: E402
 import torch  # noqa: E402
 
 from infra import cli  # noqa: E402
@@ -59,25 +63,33 @@ def main() -> None:
     rm = RewardModel.from_pretrained(cfg.model, device=cfg.device or None, k=cfg.k, both_orders=cfg.both_orders,
                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
     rng = random.Random(cfg.seed)
-    groups = [world.make_group(rng, n_images=cfg.images)[:2] for _ in range(cfg.prompts)]  # [(prompt, PIL images)]
-    methods = {"score_batch (batched across prompts)": lambda: rm.score_batch(groups),
-               "score, prompt by prompt": lambda: [rm.score(prompt, images) for prompt, images in groups]}
+    groups = [(f"{prompt} {i}", images) for i, (prompt, images, _) in  # [(prompt, PIL images)], prompts distinct
+              enumerate(world.make_group(rng, n_images=cfg.images) for _ in range(cfg.prompts))]
+    prompts = [prompt for prompt, images in groups for _ in images]  # N = prompts x images, as a trainer passes them
+    pixels = torch.stack([torch.from_numpy(numpy.array(im)).permute(2, 0, 1) for _, images in groups
+                          for im in images]).float().div(255).to(rm.model.device)  # (N, 3, H, W) in [0, 1]
+    anchor_fn, pairs_fn = rm.reward_fn(), rm.reward_fn(mode="pairs")
+    per_prompt = lambda scores: [scores[i:i + cfg.images] for i in range(0, len(scores), cfg.images)]  # noqa: E731
+    methods = {"score, prompt by prompt": lambda: [rm.score(prompt, images) for prompt, images in groups],
+               "score_batch (batched across prompts)": lambda: rm.score_batch(groups),
+               "reward_fn (one generator batch)": lambda: per_prompt(anchor_fn(pixels, prompts)[0].tolist()),
+               "reward_fn, mode=pairs": lambda: per_prompt(pairs_fn(pixels, prompts)[0].tolist())}
     best, scores = {name: float("inf") for name in methods}, {}
     for repeat in range(cfg.repeats + 1):  # run 0 warms up
         for name, fn in methods.items():
             seconds, scores[name] = timed(fn)
             if repeat:
                 best[name] = min(best[name], seconds)
-    batched, alone = scores.values()
-    gap = max(abs(a - b) for x, y in zip(batched, alone) for a, b in zip(x, y))
+    alone, *anchored, _ = scores.values()
+    gap = max(abs(a - b) for other in anchored for x, y in zip(other, alone) for a, b in zip(x, y))
     total = cfg.prompts * cfg.images
     print(f"model {cfg.model} on {rm.model.device} ({rm.model.dtype}), {torch.get_num_threads()} threads; "
           f"{cfg.prompts} prompts x {cfg.images} images, k={cfg.k}, both_orders={cfg.both_orders}, "
           f"max_new_tokens={cfg.max_new_tokens}, batch_size={cfg.batch_size}")
     for name in methods:
-        print(f"  {name:40s} {total / best[name]:8.1f} images/s  ({best[name]:.2f} s for {total} images)")
-    print(f"  speed-up {best['score, prompt by prompt'] / best['score_batch (batched across prompts)']:.2f}x; "
-          f"largest score difference between the two: {gap:.1e}")
+        print(f"  {name:40s} {total / best[name]:8.1f} images/s  {1000 * best[name] / total:7.1f} ms/image  "
+              f"x{best['score, prompt by prompt'] / best[name]:.2f}")
+    print(f"  largest anchor score difference from score prompt by prompt: {gap:.1e}")
     assert gap < 1e-5, f"the batched scores differ from the per-prompt ones by {gap}"
     print(f"config: {dataclasses.asdict(cfg)}")
 

@@ -59,18 +59,20 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
 
 @torch.no_grad()
 def reference_and_listener(reference, listener: Listener, logits_fn, micro, tokens: torch.Tensor, mask: torch.Tensor,
-                           pairs: Sequence[Pair], texts: Sequence[str], temperature: float):
+                           pairs: Sequence[Pair], texts: Sequence[str], temperature: float, fmt: PromptFormat = PROMPT):
     """The reference pass and p_corr together: (ref_logp (N, T), p_correct (N,), the fraction of rows whose
     p_corr the reference pass gave).
 
     `logits_fn`: grpo.completion_logits or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
-    the N rows. Rows whose answer slot the reference pass reads (`answer_slots`) take the listener's
-    probabilities from it; the others get the listener's own pass. That pass gathers the FSDP2 weights, a
-    collective: a rank with no row of its own left scores one row again, so that every rank joins it.
+    the N rows; `fmt`: the format the reasoner was asked in. Rows whose answer slot the reference pass reads
+    (`answer_slots`) take the listener's probabilities from it; the others get the listener's own pass. That
+    pass gathers the FSDP2 weights, a collective: a rank with no row of its own left scores one row again, so
+    that every rank joins it.
     """
-    if listener.model is not reference or listener.fmt != PROMPT:  # conditions (a) and (b) of answer_slots
-        raise ValueError("the listener is read from the reference pass only when it is the reference model")
-    slots = answer_slots(listener.processor.tokenizer, pairs, texts, tokens, mask)  # (N,)
+    if listener.model is not reference or listener.fmt != fmt:  # conditions (a) and (b) of answer_slots
+        raise ValueError("the listener is read from the reference pass only when it is the reference model, asked "
+                         "in the reasoner's prompt format")
+    slots = answer_slots(listener.processor.tokenizer, pairs, texts, tokens, mask, fmt)  # (N,)
     ref_logp, probs = [], []
     for mb, rows in micro:
         logits = logits_fn(reference, mb, tokens[rows], mask[rows])  # (n, T+1, V)

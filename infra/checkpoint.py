@@ -6,9 +6,11 @@ fallback to the last good checkpoint, a lock on the run directory, and `from_pre
         __0_0.distcp ...     manifest exists: each rank's shards of the fp32 weights and AdamW moments
         .metadata            (torch.distributed.checkpoint, DCP); .metadata is DCP's index of the shards
         trainer_state.json   step, stream position, config, world size, global batch, pixel bounds used
+        prompt_format.json   the prompt format the run asks in (prompt.py), every field
         manifest.json        every file's size and sha256; written last (fsync, then rename)
       export_0000100/        a from_pretrained directory: config, safetensors in the starting checkpoint's
-                             dtype, and the starting checkpoint's tokenizer, preprocessor and generation configs
+                             dtype, the starting checkpoint's tokenizer, preprocessor and generation configs,
+                             and prompt_format.json (what evaluate.py and reward_model.py ask it in)
       metrics.jsonl
       .lock                  flock held by rank 0 of the live run
 
@@ -45,7 +47,8 @@ STEP_DIR = re.compile(r"step_(\d{7})")
 # which speed-ups compute it (fast/: the same numbers up to rounding).
 NOT_TRAINING = {"out_dir", "steps", "eval_every", "eval_pairs", "eval_data", "eval_images", "save_every",
                 "keep_last", "export_every", "allow_config_change", "activation_checkpointing", "micro_pairs",
-                "pairs_per_rank", "decode", "shared_prompt", "listener_from_reference", "report_to", "wandb_project"}
+                "pairs_per_rank", "decode", "shared_prompt", "listener_from_reference", "report_to", "wandb_project",
+                "prompt_format"}  # the file's name: its contents, the format, are compared (infra/trainer.open_run)
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -131,8 +134,10 @@ def sha256(path: Path) -> str:
 # Save and load: every rank its own shards
 
 
-def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last: int) -> Path:
-    """Write step_{step}/ collectively: DCP shards by every rank, then trainer_state.json, then the manifest.
+def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last: int,
+         files: dict[str, bytes] | None = None) -> Path:
+    """Write step_{step}/ collectively: DCP shards by every rank, then trainer_state.json and `files` (name ->
+    contents: prompt_format.json), then the manifest, which lists them all.
 
     Each rank hashes the files it wrote; rank 0 writes the manifest last and renames the directory into place.
     An older directory of the same name (a damaged checkpoint the run fell back from: `pick` takes the newest
@@ -149,14 +154,16 @@ def save(out: Path, step: int, policy, optimizer, trainer_state: dict, keep_last
         mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.glob(f"__{rank}_*"))}
     except (OSError, RuntimeError, CheckpointException) as e:  # DCP raises a rank's failure on every rank
         raise save_error(e, final, tmp) from e
-    files = [None] * dist.get_world_size()
-    dist.all_gather_object(files, mine)
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, mine)
 
     def finish():  # rank 0: trainer_state.json, the manifest (last), the rename, the old checkpoints removed
         write_synced(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
-        listed = {k: v for f in files for k, v in f.items()}
+        for name, contents in (files or {}).items():
+            write_synced(tmp / name, contents)
+        listed = {k: v for f in shards for k, v in f.items()}
         listed.update({name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
-                       for name in (".metadata", "trainer_state.json")})
+                       for name in (".metadata", "trainer_state.json", *(files or {}))})
         manifest = {"step": step, "files": dict(sorted(listed.items()))}
         write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
         if final.exists():
@@ -366,12 +373,14 @@ def start_dtype(start: str) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 30) -> Path:
+def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 30,
+           files: dict[str, bytes] | None = None) -> Path:
     """A from_pretrained directory of the policy, collectively: each weight gathered in turn and cast to the
     starting checkpoint's dtype on rank 0 (its host holds the bf16 model, 16 GB at 7B, not the fp32 one).
 
     The tokenizer, preprocessor_config.json and generation_config.json are the starting checkpoint's files,
-    copied unchanged (a run's --max_pixels is recorded in trainer_state.json, not here).
+    copied unchanged (a run's --max_pixels is recorded in trainer_state.json, not here); `files` (name ->
+    contents: this run's prompt_format.json) are written last, over a starting checkpoint's file of that name.
     """
     rank, dtype = dist.get_rank(), start_dtype(start)
     weights = {}
@@ -395,6 +404,8 @@ def export(final: Path, policy, processor, start: str, shard_bytes: int = 5 << 3
             for f in sorted(Path(start).iterdir()):
                 if f.is_file() and not WEIGHTS.fullmatch(f.name) and f.name != "trainer_state.json":
                     shutil.copy2(f, tmp / f.name)
+        for name, contents in (files or {}).items():
+            (tmp / name).write_bytes(contents)
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())

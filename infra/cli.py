@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -208,3 +209,46 @@ def check_output(name: str, path: str, folder: bool, writes: Sequence[str] = ())
         fail(name, path, f"a path under folders ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(name, path, f"a path this process can write to ({existing} is read-only for it)")
+
+
+def check_prompt_format(name: str, path, checkpoints: dict[str, str], tokenizer=None) -> None:
+    """Each checkpoint's own prompt_format.json and the --prompt_format file read as a `prompt.PromptFormat`
+    (strictly: `prompt.read_format`; a Python API may give the PromptFormat itself), and the given format's
+    answers and ratings are one token each of every checkpoint's tokenizer (and of `tokenizer`, a loaded model's),
+    as one next-token distribution reads them (`listener.answer_token_ids`).
+    `checkpoints`: option name -> checkpoint directory ('toy': the toy tokenizer; '': no checkpoint)."""
+    from listener import answer_token_ids
+    from prompt import FORMAT_FILE, FormatError, PromptFormat, read_format
+    for option_name, checkpoint in checkpoints.items():
+        own = Path(checkpoint) / FORMAT_FILE
+        if checkpoint not in ("", "toy") and own.is_file():
+            try:
+                read_format(own)
+            except FormatError as e:
+                fail(option_name, checkpoint, f"a checkpoint whose {FORMAT_FILE} reads as a prompt format ({e})")
+    if not path:
+        return
+    try:
+        fmt = path if isinstance(path, PromptFormat) else read_format(path)
+    except FormatError as e:
+        fail(name, path, f"a JSON file of prompt.PromptFormat's fields ({e})")
+    tokenizers = {f"--{option_name}'s tokenizer ({checkpoint})": checkpoint
+                  for option_name, checkpoint in checkpoints.items() if checkpoint}
+    if tokenizer is not None:
+        tokenizers["the model's tokenizer"] = tokenizer
+    for whose, tok in tokenizers.items():
+        for words in (fmt.answers, fmt.ratings):
+            try:
+                answer_token_ids(_tokenizer(tok) if isinstance(tok, str) else tok, fmt, words)
+            except ValueError as e:
+                fail(name, path, f"answers and ratings that are one token each of {whose}: {e}")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(checkpoint: str):
+    """A checkpoint's tokenizer alone, without its weights; 'toy' the toy world's."""
+    if checkpoint == "toy":
+        from toy import world
+        return world.make_tokenizer()
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)

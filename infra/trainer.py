@@ -12,6 +12,7 @@ one SFT step, the loop), this file what it runs on. `cfg` is a train.Config thro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -33,7 +34,8 @@ from formats.records import Group, Pair
 from infra import checkpoint, tracking
 from infra.parallel import all_sum, frozen, gathered, load_model, log, shard, to_device
 from listener import Listener
-from prompt import PROMPT, Processor, prompt_rows
+from prompt import (FORMAT_FILE, PROMPT, Processor, PromptFormat, checkpoint_format, format_differences, format_json,
+                    prompt_rows, read_format)
 from report.heldout import greedy_verdicts
 from toy import world
 
@@ -51,11 +53,11 @@ def toy_data(cfg) -> Path:
     return root
 
 
-def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None) -> list:
+def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None, fmt: PromptFormat = PROMPT) -> list:
     """A dataset spec ("hpdv2:PATH", ...; "toy") -> training examples for cfg.mode.
 
     Preference modes take pairs (a ranked group gives all its untied pairs); the score mode takes single
-    images with ratings (`data.to_rated`). `prompt_limit` (formats/layouts.py: the run's tokenizer and
+    images with ratings on `fmt`'s scale (`data.to_rated`). `prompt_limit` (formats/layouts.py: the run's tokenizer and
     --max_prompt_tokens) refuses a record with a longer prompt, or with --skip_bad leaves it out and counts it.
     """
     if spec in ("", "toy"):  # training pairs in the HPDv2 layout, held-out groups in the ImageReward layout
@@ -66,7 +68,7 @@ def load_examples(spec: str, images: str, cfg, train: bool, prompt_limit=None) -
     records = data.load(spec, images or None, skip_bad=cfg.skip_bad, exclude=cfg.exclude, prompt_limit=prompt_limit,
                         report=report, **kwargs)
     if cfg.mode == "score":
-        examples = data.to_rated(records, len(PROMPT.ratings))
+        examples = data.to_rated(records, len(fmt.ratings))
     else:
         pairs = data.groups_to_pairs(records) if records and isinstance(records[0], Group) else records
         examples = data.random_orders(pairs, cfg.seed)  # no answer hidden in the file's image order
@@ -93,12 +95,12 @@ def why_empty(report: dict, records: list, fraction: float) -> str:
             f"(left out by --skip_bad) and {report.get('excluded', 0)} excluded (--exclude)")
 
 
-def heldout_examples(cfg, prompt_limit=None) -> list:
+def heldout_examples(cfg, prompt_limit=None, fmt: PromptFormat = PROMPT) -> list:
     """The held-out examples scored during training: none without --eval_data for a real model."""
     if not cfg.eval_data and cfg.model != "toy" or cfg.eval_pairs == 0:
         log("no held-out evaluation (pass --eval_data and --eval_pairs to have one)")
         return []
-    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False, prompt_limit=prompt_limit)
+    heldout = load_examples(cfg.eval_data, cfg.eval_images, cfg, train=False, prompt_limit=prompt_limit, fmt=fmt)
     if cfg.skip_bad:  # every rank decodes the same list, so all keep the same examples
         heldout, unreadable = data.drop_unreadable(heldout)
         log(f"held-out: left out {unreadable} unreadable images")
@@ -115,15 +117,16 @@ class Trainer:
     def __init__(self, cfg, rank: int, world: int, device: torch.device):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.out = Path(cfg.out_dir)
-        self.lock, resume, saved = open_run(cfg, rank, world)  # before anything heavy loads
+        self.fmt = checkpoint_format(cfg.model, cfg.prompt_format)  # what the run asks (prompt.py)
+        self.lock, resume, saved = open_run(cfg, rank, world, self.fmt)  # before anything heavy loads
         self.processor = self._processor(cfg.model)
         # The data before the models: a bad record (a prompt over --max_prompt_tokens, ...) stops the run before
         # minutes of loading weights, and long before any forward pass could allocate memory for it.
         limit = self.processor.prompt_limit(cfg.max_prompt_tokens)
-        self.stream = ExampleStream(load_examples(cfg.train_data, cfg.train_images, cfg, train=True, prompt_limit=limit),
-                                    cfg.pairs_per_rank, rank=rank, world_size=world, seed=cfg.seed,
+        examples = load_examples(cfg.train_data, cfg.train_images, cfg, train=True, prompt_limit=limit, fmt=self.fmt)
+        self.stream = ExampleStream(examples, cfg.pairs_per_rank, rank=rank, world_size=world, seed=cfg.seed,
                                     both_orders=cfg.both_orders, decode=True, skip_bad=cfg.skip_bad)
-        heldout = heldout_examples(cfg, limit)
+        heldout = heldout_examples(cfg, limit, self.fmt)
         self.policy = load_model(cfg.model, device, trainable=True)
         if cfg.freeze_vision:
             self.policy.model.visual.requires_grad_(False)
@@ -133,7 +136,7 @@ class Trainer:
             self.reference = frozen(shard(load_model(cfg.model, device, trainable=False), device))
         if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
             model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
-            self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor)
+            self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor, self.fmt)
         # The speed-ups the config switches on (fast/), each in place of one reference function:
         self.decoder = make_decoder(cfg.decode, device)  # sample.py's decode; None: sample.CopiedCache
         self.logits_fn = shared_prompt.completion_logits if cfg.shared_prompt else grpo.completion_logits
@@ -154,7 +157,7 @@ class Trainer:
     def encode(self, examples: list) -> dict:
         """The step's examples as model inputs on this rank's device, encoded once (sampling reads them whole,
         the update in micro-batches: `micro_batches`)."""
-        return to_device(self.processor.encode(examples), self.device)
+        return to_device(self.processor.encode(examples, self.fmt), self.device)
 
     def generators(self, pairs: list[Pair], step: int) -> list[torch.Generator]:
         """One generator per pair, seeded by (seed, step, the pair's place in the global batch): train.py's departure 5."""
@@ -205,13 +208,19 @@ class Trainer:
         replaced = int(all_sum(torch.tensor(float(self.stream.replaced), device=self.device)))  # over all ranks
         state = self.trainer_state()
         state["stream"]["replaced"] = replaced
-        path = checkpoint.save(self.out, self.step, self.policy, self.optimizer, state, self.cfg.keep_last)
+        path = checkpoint.save(self.out, self.step, self.policy, self.optimizer, state, self.cfg.keep_last,
+                               self.format_file())
         self.saved_step = self.step
         log(f"saved {path} in {time.time() - t:.1f} s")
         return path
 
     def export(self) -> Path:
-        return checkpoint.export(checkpoint.export_dir(self.out, self.step), self.policy, self.processor, self.cfg.model)
+        return checkpoint.export(checkpoint.export_dir(self.out, self.step), self.policy, self.processor, self.cfg.model,
+                                 files=self.format_file())
+
+    def format_file(self) -> dict[str, bytes]:
+        """prompt_format.json, written into every checkpoint and export: the format this run asks in."""
+        return {FORMAT_FILE: format_json(self.fmt).encode()}
 
     def _load(self, path: Path, saved: dict) -> None:
         t = time.time()
@@ -231,9 +240,10 @@ class StepAbandoned(Exception):
     """A stop request seen inside a step, before the step touched the weights."""
 
 
-def open_run(cfg, rank: int, world: int) -> tuple:
+def open_run(cfg, rank: int, world: int, fmt: PromptFormat = PROMPT) -> tuple:
     """Lock out_dir (one live run), check every rank sees it, pick the checkpoint to resume (rank 0 chooses,
-    all check they can read it; a damaged one is reported and the previous used) and refuse a changed config.
+    all check they can read it; a damaged one is reported and the previous used) and refuse a changed config,
+    the prompt format `fmt` included (a checkpoint without prompt_format.json was trained in `PROMPT`).
 
     Returns (the lock, or None off rank 0; the checkpoint or None; its trainer_state or None).
     """
@@ -268,6 +278,9 @@ def open_run(cfg, rank: int, world: int) -> tuple:
                          f"--out_dir)")
     diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world,
                                           dataclasses.asdict(type(cfg)()), cfg.unread())
+    saved_fmt = read_format(resume / FORMAT_FILE) if (resume / FORMAT_FILE).is_file() else PROMPT
+    diffs += [f"prompt format ({FORMAT_FILE}) {name}: {getattr(saved_fmt, name)!r:.60} -> {getattr(fmt, name)!r:.60}"
+              for name in format_differences(saved_fmt, fmt)]
     if diffs and not cfg.allow_config_change:
         raise SystemExit(f"{resume} was written by a run with another config; resuming it with this one would not "
                          f"continue that run:\n  " + "\n  ".join(diffs) +
@@ -302,8 +315,9 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
         examples = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
         with gathered(trainer.policy):
             seen = greedy_verdicts(trainer.policy, trainer.processor, examples or trainer.filler,
-                                   trainer.cfg.max_new_tokens, trainer.listener, world.verdict if judged else None,
-                                   trainer.decoder)[:len(examples)]
+                                   trainer.cfg.max_new_tokens, trainer.listener,
+                                   functools.partial(world.verdict, fmt=trainer.fmt) if judged else None,
+                                   trainer.decoder, trainer.fmt)[:len(examples)]
         for v in seen:
             sums += torch.tensor([float(v[k]) for k in keys] + [1.0], device=trainer.device)
     totals = all_sum(sums).tolist()

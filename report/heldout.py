@@ -15,24 +15,25 @@ import torch
 import reward
 import sample
 from formats.records import Rated
-from prompt import PROMPT
+from prompt import PROMPT, PromptFormat
 
 
 @torch.no_grad()
 def greedy_verdicts(policy, processor, examples: Sequence, max_new_tokens: int, listener=None,
-                    judge: Callable | None = None, decoder=None) -> list[dict]:
+                    judge: Callable | None = None, decoder=None, fmt: PromptFormat = PROMPT) -> list[dict]:
     """One dict per example (a Pair, or a Rated image: its exact rating) of its greedy completion:
 
       right, well_formed   the answer is the preferred image (the rating); the answer is readable at all
       p_correct, agrees    with a `listener.Listener`: its p_corr on the reasoning; it favours the image answered
       contradiction, faithful   with `judge(example, text) -> {"contradiction", "faithful"}`: its verdicts
 
-    Under FSDP2 every rank must call it with the same number of examples, inside `infra.parallel.gathered`.
+    Asked and read in `fmt`. Under FSDP2 every rank must call it with the same number of examples, inside
+    `infra.parallel.gathered`.
     """
     if not examples:
         return []
     tokenizer = processor.tokenizer
-    rollouts = sample.sample(policy, processor.encode(examples), num_samples=1, max_new_tokens=max_new_tokens,
+    rollouts = sample.sample(policy, processor.encode(examples, fmt), num_samples=1, max_new_tokens=max_new_tokens,
                              temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, decoder=decoder)
     texts = rollouts.texts(tokenizer)
@@ -40,14 +41,14 @@ def greedy_verdicts(policy, processor, examples: Sequence, max_new_tokens: int, 
     out = []
     for example, text, p in zip(examples, texts, p_correct):
         if isinstance(example, Rated):
-            answer = reward.parse_completion(text, vocabulary=PROMPT.ratings)[1]
-            row = {"right": answer == PROMPT.ratings[example.rating - 1], "well_formed": answer is not None}
+            answer = reward.parse_completion(text, fmt, fmt.ratings)[1]
+            row = {"right": answer == fmt.ratings[example.rating - 1], "well_formed": answer is not None}
         else:
-            answer = reward.parse_completion(text)[1]
-            row = {"right": answer == PROMPT.answers[example.label], "well_formed": answer is not None}
+            answer = reward.parse_completion(text, fmt)[1]
+            row = {"right": answer == fmt.answers[example.label], "well_formed": answer is not None}
             if p is not None:
                 favoured = example.label if p > 0.5 else 1 - example.label
-                row.update(p_correct=p, agrees=answer == PROMPT.answers[favoured])
+                row.update(p_correct=p, agrees=answer == fmt.answers[favoured])
         if judge is not None:
             row.update(judge(example, text))
         out.append(row)

@@ -1,7 +1,8 @@
 """reward_model.py: the API gives `evaluate.py --prompt ... --images ...`'s scores for the same checkpoint and seed;
 the batched call gives the per-prompt calls' scores, its batches holding comparisons of several prompts; bad
-images are named; the JSONL batch mode resumes after a kill without duplicating or losing a line, refuses to
-mix scorings, and 2 processes write what 1 writes.
+images are named; `reward_fn`, a generator's batch of rows grouped by prompt, gives score_batch's scores on those
+groups, or each image's mean win rate over all its group's pairs; the JSONL batch mode resumes after a kill
+without duplicating or losing a line, refuses to mix scorings, and 2 processes write what 1 writes.
 
 Everything runs the tiny random toy model (a saved copy of it where a checkpoint directory is needed), with
 rollouts of 6 tokens. Run: .venv/bin/python -m pytest -q tests/test_reward_model.py
@@ -23,7 +24,9 @@ from PIL import Image
 
 import evaluate
 import reward_model
+from evaluate import compare_pairs
 from formats.images import DataError
+from formats.records import Pair
 from infra import cli
 from reward_model import RewardModel
 from test_real_use import ROOT, run_script
@@ -220,6 +223,109 @@ def test_a_prompt_over_the_limit_is_refused_before_any_forward(rm, groups, monke
     assert time.time() - t < 30
 
 
+# ---------------------------------------------------------------- the reward function of a generator's training loop
+
+
+def batch_rows(groups, order):
+    """The groups' images as one generator batch, rows in `order` (indices into the flat list of images):
+    (prompts, (N, 3, H, W) floats in [0, 1], the image paths), all three in that row order."""
+    flat = [(prompt, path) for prompt, paths in groups for path in paths]
+    prompts, paths = [flat[i][0] for i in order], [flat[i][1] for i in order]
+    pixels = torch.stack([torch.from_numpy(numpy.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) / 255
+                          for p in paths])  # (N, 3, H, W)
+    return prompts, pixels, paths
+
+
+def by_prompt(prompts, items):
+    """[(prompt, its items in row order)], prompts in order of first appearance: the grouping written plainly."""
+    seen = []
+    for p in prompts:
+        if p not in seen:
+            seen.append(p)
+    return [(p, [item for q, item in zip(prompts, items) if q == p]) for p in seen]
+
+
+def test_reward_fn_equals_score_batch_on_its_groups(rm, groups, monkeypatch):
+    """The callable on the 14 images of five prompts (two alike: one group of 7), rows shuffled: each row's score
+    is score_batch's on the groups made here by prompt in row order (the first row of each its anchor),
+    exactly (the same batches). A uint8 (N, H, W, 3) array and a list of PIL images score the same; a prompt
+    with one image scores 0.5 with a note; the comparisons run in inference mode, the scores come out a plain
+    float32 tensor; the reasonings are those score_batch's comparisons read."""
+    order = torch.randperm(14, generator=torch.Generator().manual_seed(0)).tolist()
+    prompts, pixels, paths = batch_rows(groups, order)
+    expected_groups = by_prompt(prompts, paths)
+    assert len(expected_groups) == 4 and order != sorted(order)
+    modes, sample = [], evaluate.sample
+
+    def watching_sample(model, batch, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return sample(model, batch, **kwargs)
+
+    monkeypatch.setattr(evaluate, "sample", watching_sample)
+    scores, info = rm.reward_fn(reasonings=True)(images=pixels, prompts=prompts, metadata=[{}] * 14)
+    assert modes and all(modes)
+    monkeypatch.setattr(evaluate, "sample", sample)
+    expected = dict(zip(paths, [None] * 14))
+    for (prompt, group_paths), group_scores in zip(expected_groups, rm.score_batch(expected_groups)):
+        expected.update(zip(group_paths, group_scores))
+    assert scores.dtype == torch.float32 and scores.device == pixels.device and not scores.is_inference()
+    assert torch.equal(scores, torch.tensor([expected[p] for p in paths], dtype=torch.float32))
+    assert [g["prompt"] for g in info["groups"]] == [p for p, _ in expected_groups] and info["notes"] == []
+    for group in info["groups"]:
+        assert scores[group["rows"][0]] == 0.5 and {prompts[r] for r in group["rows"]} == {group["prompt"]}
+        assert group["ranking"] == sorted(group["rows"], key=lambda r: -expected[paths[r]])
+    compared = rm.compare_groups(expected_groups[:1])[0]
+    assert [c["reasonings"] for c in info["groups"][0]["comparisons"]] == [c.reasonings for c in compared]
+    assert [c["rows"] for c in info["groups"][0]["comparisons"]] == [(info["groups"][0]["rows"][0], r)
+                                                                     for r in info["groups"][0]["rows"][1:]]
+    array = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    assert torch.equal(rm.reward_fn()(array, prompts)[0], scores)
+    (prompt, three), lone = groups[0], groups[1][1][0]
+    alone, notes = rm.reward_fn()([Image.open(p) for p in three + [lone]], [prompt] * 3 + ["lone"])
+    assert torch.equal(alone, torch.tensor(rm.score(prompt, three) + [0.5], dtype=torch.float32))
+    assert notes["notes"] == ["row 3 is the only image of its prompt 'lone': it scores 0.5, with nothing to compare "
+                              "it with"]
+    with pytest.raises(ValueError, match="reward_fn: 14 images need 14 prompts, one per image, got 13"):
+        rm.reward_fn()(pixels, prompts[:13])
+
+
+def test_group_scores_by_hand():
+    """Anchor scores (eq. (4)) and mean win rates, from p(b beats a) of the compared pairs, counted by hand."""
+    from reward_model import compared, group_scores
+    assert compared(3, 1, "anchor") == [(1, 0), (1, 2)] and compared(3, 1, "pairs") == [(0, 1), (0, 2), (1, 2)]
+    assert group_scores(3, 1, "anchor", [0.2, 0.9]) == [0.2, 0.5, 0.9]
+    # image 0 wins (0, 1) with 1 - 0.8 and (0, 2) with 1 - 0.4; image 1 wins (0, 1) with 0.8 and (1, 2) with 1 - 0.3
+    assert group_scores(3, 0, "pairs", [0.8, 0.4, 0.3]) == pytest.approx([(0.2 + 0.6) / 2, (0.8 + 0.7) / 2,
+                                                                          (0.4 + 0.3) / 2])
+
+
+def test_reward_fn_pairs_mode_is_each_images_mean_win_rate(rm, groups, monkeypatch):
+    """mode="pairs": G (G - 1) comparisons per prompt (the sampler's rows counted: 6 + 2 + 42 + 2 = 52 for groups
+    of 3, 2, 7 and 2 images; k rollouts each), and each image's score its mean probability of beating each other
+    image of its prompt, every pair recomputed here alone in both orders (to 1e-5: batches differ)."""
+    prompts, pixels, paths = batch_rows(groups, list(range(14)))
+    rows, sample = [], evaluate.sample
+
+    def counting_sample(model, batch, **kwargs):
+        rows.append(batch["input_ids"].shape[0])
+        return sample(model, batch, **kwargs)
+
+    monkeypatch.setattr(evaluate, "sample", counting_sample)
+    scores, info = rm.reward_fn(mode="pairs")(pixels, prompts)
+    assert sum(rows) == sum(len(g) * (len(g) - 1) for _, g in by_prompt(prompts, paths)) == 52
+    monkeypatch.setattr(evaluate, "sample", sample)
+    options = dict(k=rm.k, both_orders=True, **rm.sampling)
+    for group in info["groups"]:
+        images, beats = [Image.open(paths[r]) for r in group["rows"]], {}
+        for n, (i, j) in enumerate((i, j) for i in range(len(images)) for j in range(i + 1, len(images))):
+            p = compare_pairs(rm.model, rm.processor, [Pair(group["prompt"], (images[i], images[j]), 0)],
+                              keys=[(rm.seed, n)], **options)[0].p_b  # image j beats image i
+            beats[i, j], beats[j, i] = p, 1 - p
+        G = len(images)
+        win_rates = [sum(beats[j, i] for j in range(G) if j != i) / (G - 1) for i in range(G)]
+        assert scores[group["rows"]].tolist() == pytest.approx(win_rates, abs=1e-5)
+
+
 # ---------------------------------------------------------------- the JSONL batch mode
 
 
@@ -265,12 +371,15 @@ def test_jsonl_lines_are_the_api_scores(rm, scored, groups):
 def test_jsonl_resumes_after_a_kill(checkpoint_dir, groups, scored, tmp_path, capsys):
     """A run killed while writing line 3 (two lines whole, half of the third): the rerun keeps lines 1-2 as they
     are, drops the partial line and writes lines 3-5, which equal the uninterrupted run's, whatever the batch
-    size; a rerun on a finished file changes nothing; other scoring options or another input are refused."""
+    size, also from an options file older than --prompt_format; a rerun on a finished file changes nothing; other
+    scoring options or another input are refused."""
     source, full = scored
     out = tmp_path / "out.jsonl"
     lines = open(full).read().splitlines(keepends=True)
     out.write_text(lines[0] + lines[1] + lines[2][:len(lines[2]) // 2])
-    shutil.copy(full + ".options.json", str(out) + ".options.json")
+    options = json.loads(open(full + ".options.json").read())
+    del options["prompt_format"]  # as written before the option existed: it resumes at its default
+    open(str(out) + ".options.json", "w").write(json.dumps(options))
     args = ["--model", checkpoint_dir, "--input", source, "--out", str(out), "--reasonings", *FLAGS]
     reward_model.main(args + ["--batch_size=2"])  # the batch size is not a scoring option
     assert "dropping a partial last line" in capsys.readouterr().out

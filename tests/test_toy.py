@@ -108,6 +108,7 @@ def test_captions_say_where_a_colour_is_not_which_image_is_preferred(tmp_path):
         cfg = train.Config(micro_pairs=4)  # caption micro-batches of 16
         processor = toy.make_processor()
         device = torch.device("cpu")
+        fmt = PROMPT
 
     batches = train.caption_batches(State, pairs, step=0)
     assert [tokens.shape[0] for _, tokens, _ in batches] == [16, 16, 8]

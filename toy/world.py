@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from prompt import PROMPT, Processor, reasoner_messages, score_messages
+from prompt import PROMPT, Processor, PromptFormat, reasoner_messages, score_messages
 from reward import parse_completion
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -358,12 +358,14 @@ def cold_start_reasoning(prompt: str, answer: int) -> str:
     return describe(prompt_colour(prompt), answer)
 
 
-def caption_example(images, rng: random.Random, answer_slot: bool = False) -> tuple[list[dict], str]:
+def caption_example(images, rng: random.Random, answer_slot: bool = False,
+                    fmt: PromptFormat = PROMPT) -> tuple[list[dict], str]:
     """The cold start's perception task on two images of different colours: (chat messages, target answer).
 
     It asks where one of the two colours is, drawn at random, the preferred image's or the other's alike:
     it teaches where colours are, not which image people prefer. `answer_slot`: asked in the reasoner's answer
-    format, answered with an empty reasoning and the image's number at the answer slot.
+    format (`fmt`), answered with an empty reasoning and the image's answer word at the answer slot (the request
+    to answer so is PROMPT's wording: the toy world's own language).
     """
     colours = [colour_of(im) for im in images]
     if colours[0] == colours[1]:
@@ -373,7 +375,7 @@ def caption_example(images, rng: random.Random, answer_slot: bool = False) -> tu
     if answer_slot:
         question += " " + PROMPT.question[PROMPT.question.index("Think it through"):]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}]
-    return messages, PROMPT.completion("", PROMPT.answers[k]) if answer_slot else caption(colours[k], k)
+    return messages, fmt.completion("", fmt.answers[k]) if answer_slot else caption(colours[k], k)
 
 
 def write_dataset(root: str | Path, n_train: int = 2000, n_test: int = 100, n_ood: int = 0,
@@ -430,10 +432,10 @@ def dataset(root: str | Path) -> dict[str, Path]:
             "ood": root / "ood" / "test.json", "ood_images": root / "ood"}
 
 
-def verdict(pair, text: str) -> dict:
+def verdict(pair, text: str, fmt: PromptFormat = PROMPT) -> dict:
     """`judge` on one completion for a pair: the image its answer names (0, 1 or None) and the judge's verdicts."""
-    reasoning, answer = parse_completion(text)
-    index = PROMPT.answers.index(answer) if answer is not None else None
+    reasoning, answer = parse_completion(text, fmt)
+    index = fmt.answers.index(answer) if answer is not None else None
     return {"answer": index, **judge(pair.prompt, reasoning, index, tuple(map(colour_of, pair.images)))}
 
 
