@@ -326,6 +326,55 @@ def test_reward_fn_pairs_mode_is_each_images_mean_win_rate(rm, groups, monkeypat
         assert scores[group["rows"]].tolist() == pytest.approx(win_rates, abs=1e-5)
 
 
+def test_reward_fn_checks_its_rows_as_score_does_before_any_forward(rm, groups, monkeypatch):
+    """A generator's batch gets `score`'s checks, naming the row: a NaN pixel in one row of 14 (a broken VAE
+    decode), an infinity in a float (N, H, W, 3) array, rows of no pixels, and a prompt over max_prompt_tokens,
+    that of a lone image included (it is never compared, yet it is read); none of them reaches a forward."""
+    monkeypatch.setattr(reward_model, "compare_pairs", lambda *a, **k: pytest.fail("a forward ran"))
+    prompts, pixels, _ = batch_rows(groups, list(range(14)))
+    broken = pixels.clone()
+    broken[5, 2, 10, 11] = float("nan")
+    with pytest.raises(DataError, match=r"reward_fn: images\[5\]: a tensor image holds 1 non-finite values \(NaN or "
+                                        r"infinity\), the first at channel 2, row 10, column 11"):
+        rm.reward_fn()(broken, prompts)
+    array = pixels.permute(0, 2, 3, 1).numpy().copy()  # (N, H, W, 3) float32
+    array[8, 3, 4, 0] = float("inf")
+    with pytest.raises(DataError, match=r"reward_fn: images\[8\]: .* non-finite values"):
+        rm.reward_fn(mode="pairs")(array, prompts)
+    with pytest.raises(DataError, match=r"reward_fn: images\[0\]: a tensor image of shape \(3, 0, 56\) has no "
+                                        r"pixels"):
+        rm.reward_fn()(torch.rand(2, 3, 0, 56), prompts[:2])
+    long = prompts[:13] + ["a red circle " * 3000]  # 9,001 tokens, the only prompt of row 13
+    with pytest.raises(DataError, match=r"reward_fn: prompts\[13\]: expected a prompt of at most 1024 tokens "
+                                        r"\(--max_prompt_tokens\), got 9001 tokens"):
+        rm.reward_fn()(pixels, long)
+    with pytest.raises(TypeError, match="reward_fn: expected the images as a .* got NoneType"):
+        rm.reward_fn()(None, prompts)
+
+
+def test_the_prompt_format_is_checked_with_the_other_options_before_loading(checkpoint_dir, rm, tmp_path,
+                                                                            monkeypatch):
+    """prompt_format, a file or a PromptFormat, goes through check_options with every other option: a file that
+    does not read, or answers the checkpoint's tokenizer writes as several tokens, is refused by from_pretrained
+    before any weight loads, and by RewardModel() itself against the tokenizer it is given."""
+    from prompt import PromptFormat
+    monkeypatch.setattr(evaluate, "load_reasoner", lambda *a, **k: pytest.fail("the model was loaded"))
+    words = PromptFormat(answers=("first image", "B"))
+    (tmp_path / "words.json").write_text(json.dumps({"answers": ["first image", "B"]}))
+    (tmp_path / "cut.json").write_text('{"answers": ["A", ')
+    for given in (words, str(tmp_path / "words.json"), tmp_path / "words.json"):
+        with pytest.raises(ValueError, match=r"prompt_format=.*: expected answers and ratings that are one token each "
+                                             r"of --model's tokenizer .*answer 'first image' is not exactly one token"):
+            RewardModel.from_pretrained(checkpoint_dir, prompt_format=given)
+    with pytest.raises(ValueError, match=r"prompt_format=.*cut.json': expected a JSON file of prompt.PromptFormat's "
+                                         r"fields \(.*cut.json: not a readable JSON file"):
+        RewardModel.from_pretrained(checkpoint_dir, prompt_format=str(tmp_path / "cut.json"))
+    with pytest.raises(ValueError, match="prompt_format=7: expected a str, got int"):
+        RewardModel.from_pretrained(checkpoint_dir, prompt_format=7)
+    with pytest.raises(ValueError, match="one token each of the model's tokenizer: answer 'first image'"):
+        RewardModel(rm.model, rm.processor, prompt_format=words)
+
+
 # ---------------------------------------------------------------- the JSONL batch mode
 
 
