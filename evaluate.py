@@ -570,7 +570,7 @@ def load_records(cfg: Config, scratch: str) -> tuple[str, list, int]:
 def sampling_args(cfg: Config, device) -> dict:
     """The sampling arguments of `compare_pairs` that the options give."""
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                batch_size=cfg.batch_size, decoder=make_decoder(cfg.decode, device),
+                batch_size=cfg.batch_size, decoder=make_decoder(cfg.decode),
                 reuse_sampler_logits=cfg.reuse_sampler_logits)
 
 

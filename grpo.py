@@ -8,8 +8,8 @@ Section 3.3 of the paper (Group Relative Policy Optimisation):
 `group_advantages` is eq. (1), `grpo_loss` is the negative of eq. (2) (we minimise), `loss_mask` drops
 truncated completions from the loss, `loss_counts` gives the token and completion counts that make the
 loss exact across micro-batches and ranks. `completion_logprobs` gives the log-probabilities eq. (2) needs,
-under the policy or the reference model: one forward over each prompt and its completion (the section at the
-end). Rows are ordered prompt-major everywhere: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
+under the policy or the reference model (train.py calls it for both): one forward over each prompt and its
+completion, the LM head read a chunk of tokens at a time (the section at the end). Rows are ordered prompt-major everywhere: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
 
 Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_grpo.py
@@ -54,7 +54,10 @@ Where this departs from the paper's eq. (1)-(2), and why:
    the penalty zero for a policy that has not moved, whatever the temperature.
 """
 
+import contextlib
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from prompt import images_per_row
 
@@ -190,10 +193,88 @@ def _metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # eq. (2)'s log-probabilities: one forward over prompt + completion
 #
-# The policy's and the reference model's log-probability of
-# every completion token. Each of the N rows is its prompt (images included) followed by its completion, in
-# one forward pass: simple and plainly right, and G times the prompt's work. fast/shared_prompt.py reads each
-# prompt once for its G completions instead, with the same numbers and gradients (tests/test_grpo.py).
+# The policy's and the reference model's log-probability of every completion token. Each of the N rows is its
+# prompt (images included) followed by its completion, in one forward pass: simple and plainly right, and G
+# times the prompt's work. fast/shared_prompt.py reads each prompt once for its G completions instead, with the
+# same numbers and gradients (tests/test_grpo.py): it is the other `hidden` function of `completion_logprobs`.
+#
+# The LM head's output over a batch, (N, T, V) with V = 152,064, is the largest tensor of the update: 10 rollouts
+# of 512 tokens give 3.1 GB of fp32 logits, 4.7 GB with their bf16 copy, and a backward pass would keep them.
+# So the forward stops at the final hidden states (N, T, C), C = 3,584, and the head and the log-softmax run a
+# chunk of tokens at a time (`token_logprobs`), each chunk recomputed in the backward pass instead of kept.
+
+
+def completion_logprobs(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor,
+                        temperature: float = 1.0, hidden=None) -> torch.Tensor:
+    """log pi(token) of every completion token (N, T) float32, at the sampling temperature (departure 8).
+
+    batch: the processor's output for B left-padded prompts; completions, completion_mask: (N, T) with N = B*G,
+    prompt-major. `hidden`: how the final hidden states are computed, `completion_hidden` (one forward per row,
+    the default) or fast/shared_prompt.py's. Gradients (when enabled) reach every weight, the vision tower's
+    included. Positions where completion_mask is 0 hold garbage that callers mask out.
+    """
+    states = (hidden or completion_hidden)(model, batch, completions, completion_mask)  # (N, T+1, C)
+    return token_logprobs(model.lm_head, states[:, :-1], completions, temperature)  # (N, T)
+
+
+def token_logprobs(head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk: int = 1024) -> torch.Tensor:
+    """log_softmax(head(hidden) / temperature) at `tokens`: (N, T, C), (N, T) -> (N, T) float32.
+
+    `chunk` tokens at a time go through the LM head and the fp32 log-softmax, so the (N, T, V) logits never exist
+    at once. With autograd each chunk is recomputed in the backward pass (`torch.utils.checkpoint`) instead of
+    keeping its logits: the pass keeps the (N, T, C) hidden states and (N, T) log-probs, a few MB, where the logits
+    would be GB (Liger's fused linear cross-entropy and verl's chunked log-probs do the same).
+    """
+    N, T = tokens.shape
+    states, ids = hidden.reshape(N * T, -1), tokens.reshape(N * T)  # (N*T, C), (N*T,)
+    recompute = torch.is_grad_enabled() and states.requires_grad
+    out = []
+    for i in range(0, N * T, chunk):
+        args = (head, states[i:i + chunk], ids[i:i + chunk], temperature)
+        out.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if recompute else chunk_logprobs(*args))
+    return torch.cat(out).view(N, T)  # (N, T)
+
+
+def chunk_logprobs(head, states: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(n, C) hidden states, (n,) tokens -> (n,) log_softmax(logits / temperature) at the tokens, in float32."""
+    logits = head(states).float() / max(temperature, 1e-6)  # (n, V)
+    return logits.gather(-1, ids[:, None])[:, 0] - logits.logsumexp(-1)  # (n,)
+
+
+def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states before and after each completion token: (N, T+1, C), index t predicts token t.
+
+    batch: the processor's output for B left-padded prompts; completions, completion_mask: (N, T) with N = B*G,
+    prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1. One forward over
+    each row's prompt and completion.
+    """
+    (N, T), B = completions.shape, batch["input_ids"].shape[0]
+    if N % B:
+        raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
+    rows = repeat_prompts(batch, N // B)
+    input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
+    mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_types, rows.get("image_grid_thw"),
+                                                 attention_mask=attention_mask)  # (3, N, P+T) mRoPE
+    with final_hidden(model) as states:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              pixel_values=rows.get("pixel_values"), image_grid_thw=rows.get("image_grid_thw"),
+              mm_token_type_ids=mm_types, use_cache=False, logits_to_keep=1)
+    return states[0][:, -(T + 1):]  # (N, T+1, C)
+
+
+@contextlib.contextmanager
+def final_hidden(model):
+    """Collect the final hidden states (the last norm's output, what the LM head reads), (rows, S, C), of each
+    forward of `model` run inside; pass `logits_to_keep=1` so that the model's own LM head reads one position."""
+    states = []
+    hook = model.model.language_model.norm.register_forward_hook(lambda module, args, out: states.append(out))
+    try:
+        yield states
+    finally:
+        hook.remove()
 
 
 def repeat_prompts(batch: dict, group_size: int) -> dict:
@@ -216,49 +297,3 @@ def repeat_prompts(batch: dict, group_size: int) -> dict:
         out["pixel_values"] = batch["pixel_values"][patch_index]
         out["image_grid_thw"] = grid[image_index]
     return out
-
-
-def completion_logits(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits before and after each completion token: (N, T+1, V), index t predicts token t.
-
-    batch: the processor's output for B left-padded prompts; completions, completion_mask: (N, T) with N = B*G,
-    prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1. One forward
-    over each row's prompt and completion; only the completion's positions reach the LM head.
-    """
-    (N, T), B = completions.shape, batch["input_ids"].shape[0]
-    if N % B:
-        raise ValueError(f"completion_logits: {N} completions do not split into {B} prompts")
-    rows = repeat_prompts(batch, N // B)
-    input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
-    attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
-    mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
-    position_ids, _ = model.model.get_rope_index(input_ids, mm_types, rows.get("image_grid_thw"),
-                                                 attention_mask=attention_mask)  # (3, N, P+T) mRoPE
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 pixel_values=rows.get("pixel_values"), image_grid_thw=rows.get("image_grid_thw"),
-                 mm_token_type_ids=mm_types, use_cache=False, logits_to_keep=T + 1).logits  # (N, T+1, V)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                   chunk: int = 1024) -> torch.Tensor:
-    """log_softmax(logits / temperature) at `tokens`: (N, T, V), (N, T) -> (N, T) float32, `chunk` positions
-    at a time (the logits may be bf16). Without autograd (the reference pass) this bounds the fp32 copy to one
-    chunk; with autograd it does not: each chunk's fp32 logits are kept for the backward pass, so the saved
-    tensors add up to a whole (N, T, V) in fp32 whatever the chunk."""
-    out = []
-    for t in range(0, tokens.shape[1], chunk):
-        part = logits[:, t:t + chunk].float() / max(temperature, 1e-6)  # (N, t', V)
-        out.append(part.gather(-1, tokens[:, t:t + chunk, None])[..., 0] - part.logsumexp(-1))  # (N, t')
-    return torch.cat(out, dim=1)  # (N, T)
-
-
-def completion_logprobs(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token) of every completion token (N, T) float32, at the sampling temperature (departure 8).
-
-    At the first pass these equal the log-probabilities the sampler drew the tokens with. Gradients (when
-    enabled) reach every weight, the vision tower's included. Positions where completion_mask is 0 hold
-    garbage that callers mask out.
-    """
-    logits = completion_logits(model, batch, completions, completion_mask)  # (N, T+1, V)
-    return token_logprobs(logits[:, :-1], completions, temperature)  # (N, T)

@@ -94,7 +94,7 @@ class RewardModel:
         self.k, self.both_orders, self.anchor, self.seed, self.batch_size = k, both_orders, anchor, seed, batch_size
         self.prompt_limit = processor.prompt_limit(max_prompt_tokens)  # a longer prompt is refused before any forward
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             decoder=make_decoder(decode, model.device), reuse_sampler_logits=reuse_sampler_logits)
+                             decoder=make_decoder(decode), reuse_sampler_logits=reuse_sampler_logits)
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype: torch.dtype | str | None = None, min_pixels: int = 0,

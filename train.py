@@ -88,7 +88,9 @@ from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Pair
 from infra import checkpoint, cli, tracking
 from infra.cli import OptionError, fail, option
-from infra.parallel import all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
+from infra.parallel import PRECISIONS, all_sum, gathered, log, peak_memory_gb, setup_distributed, to_device
+from infra import rehearsal
+from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
 from prompt import PROMPT, PromptFormat, pixel_bounds_problem
 from toy import demo, world
@@ -173,6 +175,9 @@ class Config:
     max_grad_norm: float = option(1.0, "gradient clipping norm", above=0.0)
     freeze_vision: bool = option(False, "train the language model only")
     activation_checkpointing: bool = option(False, "recompute each block in the backward pass (needed at 7B)")
+    precision: str = option("auto", "bf16: FSDP2 mixed precision (fp32 weights and AdamW, bf16 compute, fp32 gradient "
+                                    "reduction; frozen models in bf16); fp32 throughout; auto: bf16 on a GPU, fp32 on "
+                                    "the CPU (infra/parallel.py)", choices=PRECISIONS)
     # bookkeeping
     seed: int = option(0, "seed of the data order, the sampling and the held-out sample", min=0, max=2**63 - 1)
     out_dir: str = option("runs/default", "checkpoints and metrics.jsonl; a run restarted here resumes", blank=False)
@@ -186,12 +191,22 @@ class Config:
                                     "in out_dir/tensorboard), wandb, or tensorboard,wandb; each package is needed only "
                                     "when named (infra/tracking.py)")
     wandb_project: str = option("listener-grpo", "the W&B project of --report_to=wandb (the run is named after out_dir)")
+    # planning
+    rehearse: str = option("", "GPUSxGIB, e.g. 8x80: plan this run on this CPU instead of running it: the models at "
+                                "their real size on fake tensors, FSDP2 over GPUS fake ranks, one step at the worst "
+                                "case the options allow; prints each phase's peak memory per GPU and writes "
+                                "out_dir/rehearsal.json; exit status 3 when it does not fit in GIB (infra/rehearsal.py)")
+    rehearse_gpu: str = option("h100", "the GPU whose peak bf16 FLOP/s and memory bandwidth give --rehearse's time "
+                                       "floors", choices=tuple(GPUS))
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
         tracking.require(self.report_to)  # a missing tensorboard or wandb stops the run here
         cli.check_output("out_dir", self.out_dir, folder=True)
         toy_model = self.model == "toy"
+        if self.rehearse and self.mode == "demo":
+            fail("rehearse", self.rehearse, "a run to plan: --mode=grpo, sft or score with its options (the demo's "
+                 "four stages are toy-sized)")
         if self.mode == "demo":
             given = [f"--{k}" for k in ("model", "listener", "train_data", "train_images", "eval_data", "eval_images",
                                         "prompt_format") if getattr(self, k) != getattr(Config, k)]
@@ -199,16 +214,21 @@ class Config:
                 raise OptionError(f"--mode=demo runs the toy world and ignores {', '.join(given)}: pass "
                                   f"--mode=grpo (or sft, score) to train --model")
             return
+        if self.rehearse:
+            try:
+                rehearsal.parse_spec(self.rehearse)
+            except ValueError as e:
+                raise OptionError(str(e)) from None
         for name in ("model", "listener"):
             if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name))
+                cli.check_checkpoint(name, getattr(self, name), weights=not self.rehearse)
                 cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
         cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
-        if not toy_model and not self.train_data:  # the toy task only when asked for by name
+        if not toy_model and not self.train_data and not self.rehearse:  # the toy task only when asked for by name
             fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
                  "hpdv2:/data/HPDv2/train.json; 'toy' for the toy task)")
         for name in ("train_data", "eval_data"):
-            if getattr(self, name) not in ("", "toy"):
+            if getattr(self, name) not in ("", "toy") and not self.rehearse:  # a rehearsal reads no data
                 cli.check_dataset(name, getattr(self, name))
                 cli.check_folder(name.replace("data", "images"), getattr(self, name.replace("data", "images")),
                                  f"the image root of --{name}")
@@ -273,7 +293,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     fast = {}
     if cfg.listener_from_reference:  # fast/: one pass gives pi_ref's log-probs and, where it can, p_corr
         ref_logp, p_correct, fast["listener_from_reference"] = listener_from_reference.reference_and_listener(
-            trainer.reference, trainer.listener, trainer.logits_fn, micro, rollouts.tokens, rollouts.mask, pairs,
+            trainer.reference, trainer.listener, trainer.hidden_fn, micro, rollouts.tokens, rollouts.mask, pairs,
             texts, cfg.temperature, trainer.fmt)  # (N, T), (N,), the fraction of rows it read
     else:
         ref_logp = reference_pass(cfg, trainer, micro, rollouts)  # (N, T) or None
@@ -296,9 +316,8 @@ def reference_pass(cfg: Config, trainer: Trainer, micro, rollouts) -> torch.Tens
     are taken at the sampling temperature, as the policy's are (grpo.py's departure 8)."""
     if cfg.beta == 0:
         return None
-    return torch.cat([grpo.token_logprobs(trainer.logits_fn(trainer.reference, mb, rollouts.tokens[rows],
-                                                            rollouts.mask[rows])[:, :-1],
-                                          rollouts.tokens[rows], cfg.temperature) for mb, rows in micro])  # (N, T)
+    return torch.cat([grpo.completion_logprobs(trainer.reference, mb, rollouts.tokens[rows], rollouts.mask[rows],
+                                               cfg.temperature, trainer.hidden_fn) for mb, rows in micro])  # (N, T)
 
 
 def listener_pass(cfg: Config, trainer: Trainer, pairs: list[Pair], texts: list[str]) -> torch.Tensor | None:
@@ -335,8 +354,8 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
         for i, (mb, rows) in enumerate(micro):
             if iteration == 0 and i > 0:
                 trainer.boundary()  # after the first optimiser step the step runs to its end
-            logits = trainer.logits_fn(trainer.policy, mb, rollouts.tokens[rows], mask[rows])  # (n, T+1, V)
-            logp = grpo.token_logprobs(logits[:, :-1], rollouts.tokens[rows], cfg.temperature)  # (n, T)
+            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
+                                            cfg.temperature, trainer.hidden_fn)  # (n, T)
             loss, m = grpo.grpo_loss(logp, rollouts.logprobs[rows], None if ref_logp is None else ref_logp[rows],
                                      advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
                                      cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
@@ -387,7 +406,7 @@ def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dic
     for i, (mb, t, m) in enumerate(batches):
         if i > 0:
             trainer.boundary()
-        logp = grpo.token_logprobs(trainer.logits_fn(trainer.policy, mb, t, m)[:, :-1], t)  # (n, T)
+        logp = grpo.completion_logprobs(trainer.policy, mb, t, m, hidden=trainer.hidden_fn)  # (n, T)
         loss = -(logp * m).sum() / num_tokens
         (loss * trainer.world).backward()
         loss_total = loss_total + loss.detach()
@@ -503,6 +522,8 @@ def parse_args(argv: list[str]) -> Config:
 
 def main() -> None:
     cfg = parse_args(sys.argv[1:])
+    if cfg.rehearse:  # plan the run on this CPU instead (infra/rehearsal.py)
+        sys.exit(rehearsal.rehearse(cfg))
     rank, world, device = setup_distributed()
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
     log(f"world size {world}, device {device.type}")

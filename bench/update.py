@@ -1,5 +1,5 @@
 """Benchmark: a GRPO step's passes over the rollouts with each prompt read once per group
-(fast/shared_prompt.py, `--shared_prompt=true`) against the reference, `grpo.completion_logits`, which repeats
+(fast/shared_prompt.py, `--shared_prompt=true`) against the reference, `grpo.completion_hidden`, which repeats
 each prompt and its images G times.
 
 The passes of one step and micro-batch (train.py's default: one pair and its G rollouts):
@@ -66,13 +66,13 @@ class Config:
     worker: str = ""  # internal: "shared:G" or "repeated:G" measures memory in this process
 
 
-def logprobs(logits_fn):
-    """Per-token log-probs (N, T) through one of the two logits functions, as train.py computes them."""
-    return lambda model, batch, tokens, mask, temperature=1.0: grpo.token_logprobs(
-        logits_fn(model, batch, tokens, mask)[:, :-1], tokens, temperature)
+def logprobs(hidden_fn):
+    """Per-token log-probs (N, T) through one of the two hidden-state functions, as train.py computes them."""
+    return lambda model, batch, tokens, mask, temperature=1.0: grpo.completion_logprobs(
+        model, batch, tokens, mask, temperature, hidden=hidden_fn)
 
 
-METHODS = {"shared": logprobs(shared_prompt.completion_logits), "repeated": logprobs(grpo.completion_logits)}
+METHODS = {"shared": logprobs(shared_prompt.completion_hidden), "repeated": logprobs(grpo.completion_hidden)}
 
 
 def setup(cfg: Config):

@@ -64,7 +64,7 @@ def grpo_step(path: Path) -> None:
     boxes = {
         "pairs": ((20, 260, 200, 370), ["B pairs", "prompt, image a,", "image b, label"], INK),
         "sample": ((280, 240, 490, 390), ["sample.py", "prefill each pair once,", "G rollouts, KV cache", "(the policy)"], BLUE),
-        "reference": ((600, 110, 840, 220), ["reference pass", "grpo.completion_logits", "frozen pi_ref"], GREY),
+        "reference": ((600, 110, 840, 220), ["reference pass", "grpo.completion_logprobs", "frozen pi_ref"], GREY),
         "listener": ((600, 260, 840, 370), ["listener.py", "reads the reasoning,", "answer cut: p_corr"], GREEN),
         "reward": ((600, 440, 840, 550), ["reward.py, eq. (5)", "r_fmt + 0.5 r_acc", "+ 0.5 max(0, p_corr - 0.5)"], ORANGE),
         "advantage": ((920, 440, 1140, 550), ["grpo.py, eq. (1)", "(r - group mean)", "/ group std"], PURPLE),

@@ -33,7 +33,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
 
     The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
     text (`listener.listener_ids`). A pass of a model over the same prompt followed by the completion's own
-    token ids (the reference pass, `grpo.completion_logits`) gives the listener's answer logits exactly when
+    token ids (the reference pass, `grpo.completion_hidden`) gives the listener's answer logits exactly when
       (a) its model is the listener's model (the listener is the reference model),
       (b) its prompt is the listener's prompt (the same processor and prompt format), and
       (c) the ids of c are the first ids of the completion: completions[n, :len(c)] == c, all of them real
@@ -41,7 +41,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     (a) and (b) are the caller's to ensure; this checks (c) row by row. Where it holds, the pass's logits after
     completion token len(c) - 1 are the listener's answer-slot logits (the same tokens at the same positions,
     under the causal mask nothing after them counts), and the slot is len(c): an index into the T + 1
-    positions of `grpo.completion_logits`. A well-formed completion usually qualifies; a truncated or
+    positions of `grpo.completion_hidden`. A well-formed completion usually qualifies; a truncated or
     malformed one never does (c ends with `</think>\\n<answer>`, which it does not hold there), nor one whose
     sampled ids are not the tokenizer's own encoding of its text. texts, completions, mask: N = B*G rows.
     """
@@ -58,16 +58,16 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
 
 
 @torch.no_grad()
-def reference_and_listener(reference, listener: Listener, logits_fn, micro, tokens: torch.Tensor, mask: torch.Tensor,
+def reference_and_listener(reference, listener: Listener, hidden_fn, micro, tokens: torch.Tensor, mask: torch.Tensor,
                            pairs: Sequence[Pair], texts: Sequence[str], temperature: float, fmt: PromptFormat = PROMPT):
     """The reference pass and p_corr together: (ref_logp (N, T), p_correct (N,), the fraction of rows whose
     p_corr the reference pass gave).
 
-    `logits_fn`: grpo.completion_logits or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
+    `hidden_fn`: grpo.completion_hidden or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
     the N rows; `fmt`: the format the reasoner was asked in. Rows whose answer slot the reference pass reads
-    (`answer_slots`) take the listener's probabilities from it; the others get the listener's own pass. That
-    pass gathers the FSDP2 weights, a collective: a rank with no row of its own left scores one row again, so
-    that every rank joins it.
+    (`answer_slots`) take the listener's probabilities from the LM head at that slot; the others get the
+    listener's own pass. That pass gathers the FSDP2 weights, a collective: a rank with no row of its own left
+    scores one row again, so that every rank joins it.
     """
     if listener.model is not reference or listener.fmt != fmt:  # conditions (a) and (b) of answer_slots
         raise ValueError("the listener is read from the reference pass only when it is the reference model, asked "
@@ -75,14 +75,13 @@ def reference_and_listener(reference, listener: Listener, logits_fn, micro, toke
     slots = answer_slots(listener.processor.tokenizer, pairs, texts, tokens, mask, fmt)  # (N,)
     ref_logp, probs = [], []
     for mb, rows in micro:
-        logits = logits_fn(reference, mb, tokens[rows], mask[rows])  # (n, T+1, V)
-        ref_logp.append(grpo.token_logprobs(logits[:, :-1], tokens[rows], temperature))  # (n, T)
-        slot = slots[rows]  # (n,)
-        at_slot = logits[torch.arange(len(slot), device=slot.device), slot.clamp(min=0)]  # (n, V)
-        read = at_slot[:, listener.answer_ids].float().softmax(-1)  # (n, 2) eq. (4)
-        probs.append(read.masked_fill((slot < 0)[:, None], float("nan")))
-    probs = torch.cat(probs)  # (N, 2): NaN on the rows the reference pass could not read
-    unread = torch.isnan(probs).any(-1)  # (N,)
+        hidden = hidden_fn(reference, mb, tokens[rows], mask[rows])  # (n, T+1, C)
+        ref_logp.append(grpo.token_logprobs(reference.lm_head, hidden[:, :-1], tokens[rows], temperature))  # (n, T)
+        slot = slots[rows].clamp(min=0)  # (n,)
+        at_slot = reference.lm_head(hidden[torch.arange(len(slot), device=slot.device), slot])  # (n, V)
+        probs.append(at_slot[:, listener.answer_ids].float().softmax(-1))  # (n, 2) eq. (4)
+    probs = torch.cat(probs)  # (N, 2), right where the reference pass could read the slot
+    unread = slots < 0  # (N,)
     share_read = 1.0 - unread.float().mean()
     if dist.is_initialized():  # every rank asks whether any rank has rows to score
         anyone = unread.any().float()

@@ -1,6 +1,6 @@
 """Each prompt read once for its G completions in eq. (2)'s forward pass, with gradients (the shared-prompt update).
 
-`grpo.completion_logits`, the reference, runs every row's prompt (images included) before its completion: G
+`grpo.completion_hidden`, the reference, runs every row's prompt (images included) before its completion: G
 times the prompt's work, with gradients. At the paper's shape (two 256-token images, a ~620-token prompt,
 completions up to 512 tokens, G=10) about half of the update's token work is a prompt read again. Here, as
 sample.py does for sampling (prefill, expand, decode), and with autograd:
@@ -9,14 +9,15 @@ sample.py does for sampling (prefill, expand, decode), and with autograd:
      and values;
   2. `PromptCache.expand(G)`: each prompt's keys and values read by its G rows (a differentiable copy:
      autograd sums the G rows' gradients back into the prompt's);
-  3. `completion_logits`: the N = B*G completions run over that cache.
+  3. `completion_hidden`: the N = B*G completions run over that cache.
 
-In exact arithmetic the logits and every gradient equal the reference's (Prefix Grouper, Liu et al. 2025, arXiv
-2506.05433, shows the same); tests/test_grpo.py checks both to 1e-5 against `grpo.completion_logits`, with and
-without activation checkpointing. Seam: train.py's log-probability function (the policy update and the KL
-reference pass); option: `--shared_prompt=true`. bench/update.py measures the two.
+In exact arithmetic the hidden states, the log-probabilities and every gradient equal the reference's (Prefix
+Grouper, Liu et al. 2025, arXiv 2506.05433, shows the same); tests/test_grpo.py checks them to 1e-5 against
+`grpo.completion_hidden`, with and without activation checkpointing. Seam: the `hidden` argument of
+`grpo.completion_logprobs` (the policy update and the KL reference pass); option: `--shared_prompt=true`.
+bench/update.py measures the two.
 
-Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, V vocabulary.
+Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, C hidden size.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from grpo import final_hidden
 from sample import layer_masks, prefill
 
 
@@ -66,8 +68,8 @@ class PromptCache(DynamicCache):
         return PromptCache([(layer.keys, layer.values) for layer in self.layers], group_size)
 
 
-def completion_logits(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token logits before and after each completion token: (N, T+1, V), index t predicts token t.
+def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states before and after each completion token: (N, T+1, C), index t predicts token t.
 
     batch: the processor's output for B prompts (left-padded); completions, completion_mask: (N, T) with
     N = B*G, prompt-major. Index 0 is the last prompt position, index t > 0 follows completion token t-1.
@@ -76,9 +78,10 @@ def completion_logits(model, batch: dict, completions: torch.Tensor, completion_
     """
     B, (N, T) = batch["input_ids"].shape[0], completions.shape
     if N % B:
-        raise ValueError(f"completion_logits: {N} completions do not split into {B} prompts")
+        raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
     G = N // B
-    prefix = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, logits at the last position
+    with final_hidden(model) as prompt_states:
+        prefix = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, the last position
     repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
     prompt_mask = repeat(prefix.attention_mask)  # (N, P)
     mask = completion_mask.to(prompt_mask.dtype)  # (N, T)
@@ -86,6 +89,7 @@ def completion_logits(model, batch: dict, completions: torch.Tensor, completion_
     position_ids = (text_position + repeat(prefix.rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
     shared = prefix.cache.expand(G)
     full_mask = torch.cat([prompt_mask, mask], dim=-1)  # (N, P+T)
-    logits = model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),
-                   position_ids=position_ids, past_key_values=shared, use_cache=True).logits  # (N, T, V)
-    return torch.cat([repeat(prefix.logits)[:, None], logits], dim=1)  # (N, T+1, V)
+    with final_hidden(model) as states:
+        model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),
+              position_ids=position_ids, past_key_values=shared, use_cache=True, logits_to_keep=1)
+    return torch.cat([repeat(prompt_states[0][:, -1:]), states[0]], dim=1)  # (N, T+1, C)

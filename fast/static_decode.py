@@ -36,10 +36,14 @@ class StaticDecoder:
     `torch.compile`, CUDA graphs on GPU), it attends to all P' + M columns, the masks switching off the empty
     ones, so that every step has the same shapes and the step is compiled once per (B, G, P', M).
 
-    The step runs on plain modules: the policy's own text model and lm_head, or, when the policy is sharded by
-    FSDP2 (whose hooks would run on every module at every step) or `dtype` differs, an unsharded copy refreshed
-    from the gathered weights at every `sample` call, i.e. once per rollout phase, after the optimiser step.
-    The same object serves every call: the compiled step, the copy and the cache buffers are kept.
+    The step runs on the model's own modules (a policy sharded by FSDP2 inside `infra.parallel.gathered`, which
+    holds its bf16 weights gathered: the step calls the blocks' submodules, never an FSDP2 unit, so no hook runs),
+    unless `dtype` differs from theirs or the step is replayed as a CUDA graph. A CUDA graph reads its weights
+    at the addresses it was recorded with, and a sharded policy's gathered weights are freed and reallocated
+    between rollouts: then the step runs on a plain copy, refreshed from the gathered weights at every `sample`
+    call (every rollout and every held-out batch), after which the policy's own gathered decoder layers are
+    released for the rest of the decode. The same object serves every call: the compiled step, the copy and the
+    cache buffers are kept.
     """
 
     def __init__(self, compile: bool = False, dtype: torch.dtype | None = None, block: int = 256):
@@ -50,7 +54,7 @@ class StaticDecoder:
         self.keys: list[Tensor] = []  # per layer (B, Hkv, G, M, D) the completions'
         self.values: list[Tensor] = []  # per layer (B, Hkv, G, M, D)
         self.step_fn = decode_step
-        if compile:  # CUDA graphs on GPU: one replay per step instead of ~1,300 kernel launches
+        if compile:  # CUDA graphs on GPU: one replay per step instead of a kernel launch per operation
             self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if torch.cuda.is_available() else None)
 
@@ -69,7 +73,9 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: config.text_config.layer_types = {text.config.layer_types}: "
                              "decode_step implements full attention only")
         dtype = self.dtype or head.weight.dtype
-        if not any(isinstance(m, FSDPModule) for m in model.modules()) and head.weight.dtype == dtype:
+        sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+        cuda_graphs = self.compile and head.weight.is_cuda
+        if head.weight.dtype == dtype and not (cuda_graphs and sharded):
             self.text, self.lm_head = text, head
             return
         if self.text is None or self.text is text:
@@ -79,6 +85,9 @@ class StaticDecoder:
                        for name, t in list(source.named_parameters()) + list(source.named_buffers())}
             for name, t in list(plain.named_parameters()) + list(plain.named_buffers()):
                 t.copy_(tensors[name])
+        for layer in text.layers:  # the copy holds them now: the gathered layers are freed until the next gather
+            if isinstance(layer, FSDPModule):
+                layer.reshard()
 
     def begin(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
         """Copy the B prompts' cache (columns 0..P-1 of the prompt part); return the first logits (N, V)."""
@@ -88,6 +97,7 @@ class StaticDecoder:
         weight = self.lm_head.weight
         if not self.keys or self.mask.shape != (B, G, M) or self.prompt_mask.shape != (B, P_cols) \
                 or self.mask.device != weight.device:
+            self.prompt_keys = self.prompt_values = self.keys = self.values = []  # freed before the new ones exist
             empty = lambda *shape: torch.zeros(*shape, dtype=weight.dtype, device=weight.device)
             self.prompt_keys = [empty(B, H, P_cols, D) for _ in self.text.layers]  # (B, Hkv, P', D)
             self.prompt_values = [empty(B, H, P_cols, D) for _ in self.text.layers]
@@ -136,15 +146,14 @@ class StaticDecoder:
 DECODES = ("reference", "static", "compiled")  # the choices of train.py's and evaluate.py's --decode
 
 
-def make_decoder(decode: str, device: torch.device | str) -> StaticDecoder | None:
+def make_decoder(decode: str, precision: str = "fp32") -> StaticDecoder | None:
     """What `--decode` asks for: None for the reference decode (`sample.CopiedCache`), else a `StaticDecoder`, run eagerly
-    ("static") or compiled ("compiled"). On GPU its weights are a bf16 copy (the policy trains in fp32)."""
+    ("static") or compiled ("compiled"), in bf16 under bf16 precision (infra/parallel.py)."""
     if decode not in DECODES:
         raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if decode == "reference":
         return None
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else None
-    return StaticDecoder(compile=decode == "compiled", dtype=dtype)
+    return StaticDecoder(compile=decode == "compiled", dtype=torch.bfloat16 if precision == "bf16" else None)
 
 
 def decode_step(text, lm_head, prompt_keys: list[Tensor], prompt_values: list[Tensor], prompt_mask: Tensor,

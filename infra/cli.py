@@ -143,17 +143,20 @@ def parse(cls, argv: Sequence[str] | None, description: str = ""):
     return cfg
 
 
-def check_checkpoint(name: str, path: str, vision: bool = True) -> None:
+def check_checkpoint(name: str, path: str, vision: bool = True, weights: bool = True) -> None:
     """A local checkpoint directory that loads, or an OptionError naming the file and what is wrong with it (no
     network; models/families.py's `checkpoint_problem`: config.json, tokenizer, safetensors headers). `vision`:
-    a reasoner or listener of a family this code runs; else (the judge) any causal LM."""
+    a reasoner or listener of a family this code runs; else (the judge) any causal LM. `weights=False`: all but
+    the weights (a rehearsal reads config.json, the tokenizer and the image processor's config)."""
     from models.families import checkpoint_problem
     directory = Path(path)
     if not (directory / "config.json").is_file():
         fail(name, path, "a local checkpoint directory with config.json (download Hub models first, e.g. "
              "`huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --local-dir DIR`)")
-    if problem := checkpoint_problem(directory, vision):
-        fail(name, path, f"a checkpoint directory that loads; in it, {problem}")
+    if problem := checkpoint_problem(directory, vision, weights):
+        fail(name, path, f"a checkpoint directory that loads; in it, {problem}" if weights else
+             f"a checkpoint directory, weights optional (`huggingface-cli download REPO --exclude '*.safetensors' "
+             f"--local-dir DIR` fetches the rest); in it, {problem}")
 
 
 def check_context(name: str, path: str, max_prompt_tokens: int, max_new_tokens: int) -> None:

@@ -3,14 +3,19 @@
 `setup_distributed` joins torchrun's process group (or makes a group of one for a plain `python train.py`);
 everything else asks for `rank`/`world_size`, and only rank 0 prints (`log`). `load_model` reads a checkpoint
 on rank 0 only; `shard` applies FSDP2's `fully_shard` block by block, bottom-up, root last (as torchtitan's
-parallelize.py does), with bf16 compute and fp32 gradient reduction on GPU, and broadcasts rank 0's weights
-into every rank's shards. `gathered` holds a sharded model's full weights for a whole rollout.
+parallelize.py does), with bf16 compute and fp32 gradient reduction under `--precision=bf16`, and broadcasts
+rank 0's weights into every rank's shards. `gathered` holds a sharded model's full weights for a whole rollout.
+
+Precision: "bf16" is the GPU's path (FSDP2 mixed precision: fp32 weights and optimiser state, bf16 forward and
+backward, fp32 gradient reduction; frozen models held in bf16), "fp32" computes in fp32 throughout. "auto", the
+default, is bf16 on a GPU and fp32 on the CPU; bf16 on the CPU runs exactly the GPU's path (tests/ do).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -64,19 +69,37 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
 # Models
 
 
-def load_model(path: str, device: torch.device, trainable: bool):
-    """A checkpoint directory (or "toy") -> its model in host memory (rank 0) or on the meta device (the other
-    ranks); `shard` puts it on `device`.
+PRECISIONS = ("auto", "bf16", "fp32")  # the choices of --precision
 
-    Trainable weights load in fp32 (the optimiser's master copy; FSDP2 computes in bf16 on GPU); frozen ones
-    load in bf16 when `device` is a GPU (fp32 on CPU). Only rank 0 reads the checkpoint (models/families.py:
-    safetensors, no remote code): the other ranks build the model on the meta device, and `shard` broadcasts
-    rank 0's weights into their shards (one copy of the checkpoint in host memory per node, not one per process).
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision as it applies on `device`: "auto" is bf16 on a GPU, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype forwards run in: bf16 or fp32 (`precision` resolved)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_model(path: str, trainable: bool, precision: str, weights: bool = True):
+    """A checkpoint directory (or "toy") -> its model in host memory (rank 0) or on the meta device (the other
+    ranks); `shard` puts it on the device.
+
+    Trainable weights load in fp32 (the optimiser's master copy; FSDP2 computes in bf16 under bf16 precision);
+    frozen ones load in the precision's dtype. Only rank 0 reads the checkpoint (models/families.py: safetensors,
+    no remote code): the other ranks build the model on the meta device, and `shard` broadcasts rank 0's weights
+    into their shards (one copy of the checkpoint in host memory per node, not one per process). `weights=False`
+    builds it on the meta device on every rank, from config.json alone (infra/rehearsal.py).
     """
+    dtype = torch.float32 if trainable else compute_dtype(precision)
+    meta = dist.get_rank() != 0 or not weights
     if path == "toy":
-        return world.make_model(seed=0).train(trainable)
-    dtype = torch.float32 if trainable or device.type == "cpu" else torch.bfloat16
-    return families.load(path, dtype, meta=dist.get_rank() != 0).train(trainable)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return world.make_model(seed=0).to(dtype).train(trainable).requires_grad_(trainable)
+    return families.load(path, dtype, meta=meta, weights=weights).train(trainable).requires_grad_(trainable)
 
 
 def checkpoint_blocks(model) -> None:
@@ -88,33 +111,55 @@ def checkpoint_blocks(model) -> None:
     apply_activation_checkpointing(model, check_fn=lambda m: id(m) in wrapped)
 
 
-def shard(model, device: torch.device, checkpointing: bool = False):
-    """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, then the root.
+def shard(model, device: torch.device, checkpointing: bool = False, precision: str = "fp32"):
+    """FSDP2, torchtitan style: each vision block, the vision tower, each decoder layer, the LM head, then the root.
 
-    Ranks that built the model on the meta device (`load_model`) receive rank 0's weights, shard by shard.
+    A trainable model keeps its root (the embedding) and its LM head gathered from its forward to the end of its
+    backward, which needs them again at once; a frozen one (the reference, the listener) has no backward, and
+    gathers them for each forward only. The LM head is a unit of its own in a frozen model, so that the chunks of
+    `grpo.token_logprobs` can call it after the forward; a trainable model's stays in the root, gathered then
+    (with tied embeddings the two are one weight, and one unit). Ranks that built the model on the meta device
+    (`load_model`) receive rank 0's weights, shard by shard; when rank 0 has none either (a rehearsal), the
+    weights stay uninitialised.
     """
-    meta = bool(all_sum(torch.tensor(float(any(p.is_meta for p in model.parameters())), device=device)) > 0)
-    full = model.state_dict() if meta and dist.get_rank() == 0 else {}  # rank 0's full weights, to broadcast
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    trainable = any(p.requires_grad for p in model.parameters())
+    meta = any(p.is_meta for p in model.parameters())  # this rank has no weights
+    on_meta, weights = all_sum(torch.tensor([int(meta), int(dist.get_rank() == 0 and not meta)], device=device))
+    broadcast = bool(on_meta > 0 and weights > 0)  # some ranks have none, and rank 0 has them to send
+    full = model.state_dict() if broadcast and dist.get_rank() == 0 else {}  # rank 0's full weights
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
     kw = {"mp_policy": mp} if mp is not None else {}
     if checkpointing:
         checkpoint_blocks(model)
     vision, decoder = families.blocks(model)
     for block in vision:
-        fully_shard(block, **kw)
-    fully_shard(model.model.visual, **kw)
+        _fully_shard(block, True, **kw)
+    _fully_shard(model.model.visual, True, **kw)
     for layer in decoder:
-        fully_shard(layer, **kw)
-    fully_shard(model, reshard_after_forward=False, **kw)  # the root's weights are used again at once (`gathered`)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
-    elif device.type == "cuda":
-        model.to(device)
+        _fully_shard(layer, True, **kw)
+    if not trainable:
+        tied = model.lm_head.weight is model.get_input_embeddings().weight
+        _fully_shard([model.get_input_embeddings(), model.lm_head] if tied else model.lm_head, True, **kw)
+    _fully_shard(model, not trainable, **kw)
     if meta:
+        model.to_empty(device=device)
+    elif device.type != "cpu":
+        model.to(device)
+    if broadcast:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for buffer in model.buffers():  # not in the state dict (rotary inv_freq): rank 0's are the computed ones
             dist.broadcast(buffer, src=0)
     return model
+
+
+RESHARD_AFTER_FORWARD: "weakref.WeakKeyDictionary[FSDPModule, bool]" = weakref.WeakKeyDictionary()
+
+
+def _fully_shard(modules, reshard_after_forward: bool, **kw) -> None:
+    """`fully_shard`, remembering the unit's reshard_after_forward for `gathered` to put back."""
+    fully_shard(modules, reshard_after_forward=reshard_after_forward, **kw)
+    for module in modules if isinstance(modules, list) else [modules]:
+        RESHARD_AFTER_FORWARD[module] = reshard_after_forward
 
 
 def frozen(model):
@@ -133,8 +178,9 @@ def gathered(model):
     Without it, an FSDP2 model all-gathers each block's weights at every forward, i.e. at every decode step.
     Here each block is unsharded once on entry (a collective: every rank enters together) and resharded on
     exit; meanwhile `reshard_after_forward` is off, so forwards keep the full weights and ranks need not run
-    the same number of decode steps. On exit the setting `shard` gave is put back: on for the blocks, off for
-    the root. Nested use is a no-op (the outer context owns the gather).
+    the same number of decode steps. On exit the setting `shard` gave is put back (FSDP2's default for a module
+    `shard` did not shard: the root's weights kept, the others' freed). Nested use is a no-op (the outer context
+    owns the gather).
     """
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
     if not fsdp_modules or not any(isinstance(p, DTensor) for p in model.parameters()):
@@ -148,4 +194,4 @@ def gathered(model):
     finally:
         for m in fsdp_modules:
             m.reshard()
-            m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
+            m.set_reshard_after_forward(RESHARD_AFTER_FORWARD.get(m, m is not fsdp_modules[0]), recurse=False)

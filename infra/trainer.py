@@ -32,7 +32,7 @@ from fast.static_decode import make_decoder
 from formats.images import DataError
 from formats.records import Group, Pair
 from infra import checkpoint, tracking
-from infra.parallel import all_sum, frozen, gathered, load_model, log, shard, to_device
+from infra.parallel import all_sum, frozen, gathered, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
 from prompt import (FORMAT_FILE, PROMPT, Processor, PromptFormat, checkpoint_format, format_differences, format_json,
                     prompt_rows, read_format)
@@ -127,27 +127,55 @@ class Trainer:
         self.stream = ExampleStream(examples, cfg.pairs_per_rank, rank=rank, world_size=world, seed=cfg.seed,
                                     both_orders=cfg.both_orders, decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg, limit, self.fmt)
-        self.policy = load_model(cfg.model, device, trainable=True)
-        if cfg.freeze_vision:
-            self.policy.model.visual.requires_grad_(False)
-        self.policy = shard(self.policy, device, cfg.activation_checkpointing)
-        self.reference = self.listener = None
-        if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
-            self.reference = frozen(shard(load_model(cfg.model, device, trainable=False), device))
-        if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
-            model = self.reference if not cfg.listener else frozen(shard(load_model(cfg.listener, device, False), device))
-            self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor, self.fmt)
-        # The speed-ups the config switches on (fast/), each in place of one reference function:
-        self.decoder = make_decoder(cfg.decode, device)  # sample.py's decode; None: sample.CopiedCache
-        self.logits_fn = shared_prompt.completion_logits if cfg.shared_prompt else grpo.completion_logits
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.precision = resolve_precision(cfg.precision, device)
+        self.build_models(cfg, device)
+        self.optimizer = self.make_optimizer()
         # this rank's share of the held-out examples; `filler` is scored, not counted, when the share runs out
         self.heldout, self.heldout_total, self.filler = heldout[rank::world], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
         self.stop = None  # a Stop, checked at the phase boundaries of a step (train.train sets it)
         if resume:
             self._load(resume, saved)
+
+    def build_models(self, cfg, device: torch.device, weights: bool = True) -> None:
+        """The policy, the reference model and the listener, loaded and sharded; the speed-ups the config switches
+        on. `weights=False` builds them from config.json alone, without weights (infra/rehearsal.py)."""
+        load = lambda path, trainable: load_model(path, trainable, self.precision, weights)
+        self.policy = load(cfg.model, True)
+        if cfg.freeze_vision:
+            self.policy.model.visual.requires_grad_(False)
+        self.policy = shard(self.policy, device, cfg.activation_checkpointing, self.precision)
+        self.reference = self.listener = None
+        if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
+            self.reference = frozen(shard(load(cfg.model, False), device, precision=self.precision))
+        if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
+            model = self.reference if not cfg.listener else frozen(shard(load(cfg.listener, False), device,
+                                                                         precision=self.precision))
+            self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor, self.fmt)
+        # The speed-ups the config switches on (fast/), each in place of one reference function:
+        self.decoder = make_decoder(cfg.decode, self.precision)  # sample.py's decode; None: sample.CopiedCache
+        self.hidden_fn = shared_prompt.completion_hidden if cfg.shared_prompt else grpo.completion_hidden
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable weights, fused: one kernel per step, no full-size temporaries (the foreach
+        implementation makes a copy of the weights' size)."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.99),
+                                 fused=True)
+
+    @classmethod
+    def for_rehearsal(cls, cfg, world: int, device: torch.device, weights: bool = False) -> "Trainer":
+        """The run's models and optimiser, without data or out_dir, at the GPU's precision; built from config.json
+        without weights (infra/rehearsal.py builds them on fake tensors) unless `weights`."""
+        self = cls.__new__(cls)
+        self.cfg, self.rank, self.world, self.device = cfg, dist.get_rank(), world, device
+        self.processor = self._processor(cfg.model)
+        self.fmt = checkpoint_format(cfg.model, cfg.prompt_format)
+        self.precision = resolve_precision(cfg.precision, torch.device("cuda"))
+        self.build_models(cfg, device, weights=weights)
+        self.optimizer = self.make_optimizer()
+        self.step, self.optimizer_steps, self.skipped, self.saved_step, self.stop = 0, 0, 0, 0, None
+        return self
 
     def _processor(self, path: str):
         if path == "toy":

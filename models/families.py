@@ -95,13 +95,13 @@ def context_length(path: str | Path) -> int | None:
 # Checking a directory before anything loads
 
 
-def checkpoint_problem(path: str | Path, vision: bool = True) -> str | None:
+def checkpoint_problem(path: str | Path, vision: bool = True, weights: bool = True) -> str | None:
     """What is wrong with a checkpoint directory, as "FILE: what" (or None): config.json parses and (with
     `vision`, for a reasoner or listener) names a family this code runs, with its nested sizes (vision_config;
     Qwen3-VL's text_config) and a preprocessor_config.json that parses; the tokenizer's files and chat template
-    are there; every weight file the directory's index names exists and has a whole safetensors header, whose
-    embedding, numbers of layers and vision blocks and vision width are those config.json gives (a config.json of
-    another model over these weights).
+    are there; with `weights`, every weight file the directory's index names exists and has a whole safetensors
+    header, whose embedding, numbers of layers and vision blocks and vision width are those config.json gives (a
+    config.json of another model over these weights).
     """
     try:
         config = read_config(path)
@@ -127,7 +127,7 @@ def checkpoint_problem(path: str | Path, vision: bool = True) -> str | None:
             read_config(path, "preprocessor_config.json")
         except CheckpointError as e:
             return str(e).removeprefix(f"{Path(path)}/")
-    return tokenizer_problem(path) or weights_problem(path, config)
+    return tokenizer_problem(path) or (weights_problem(path, config) if weights else None)
 
 
 def tokenizer_problem(path: str | Path) -> str | None:
@@ -254,13 +254,15 @@ def blocks(model) -> tuple[list, list]:
     return list(model.model.visual.blocks), list(model.model.language_model.layers)
 
 
-def load(path: str | Path, dtype: torch.dtype, meta: bool = False):
-    """The model of a local checkpoint directory, its weights read from safetensors, in `dtype`, on the CPU.
+def load(path: str | Path, dtype: torch.dtype, meta: bool = False, weights: bool = True, device=None):
+    """The model of a local checkpoint directory, its weights read from safetensors, in `dtype`, on `device` (the
+    CPU when None): each tensor goes from the file to the device, without a whole copy in host memory first.
 
     `meta=True` builds the structure only, on the meta device, reading config.json alone: a process that will
-    receive its weights from another (FSDP2's broadcast from rank 0) never reads the checkpoint's files.
+    receive its weights from another (FSDP2's broadcast from rank 0) never reads the checkpoint's files, and a
+    rehearsal (`weights=False`, infra/rehearsal.py) needs no weights in the directory at all.
     """
-    if problem := checkpoint_problem(path):
+    if problem := checkpoint_problem(path, weights=weights):
         raise CheckpointError(f"{path}: {problem}")
     cls = model_class(family_of(path))
     try:
@@ -270,7 +272,7 @@ def load(path: str | Path, dtype: torch.dtype, meta: bool = False):
                 return cls._from_config(AutoConfig.from_pretrained(path, local_files_only=True), dtype=dtype,
                                         attn_implementation="sdpa")
         return cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
-                                   local_files_only=True)
+                                   local_files_only=True, device_map=None if device is None else torch.device(device))
     except Exception as e:  # what the check above cannot see (e.g. a deeper layer of another size)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "ignore_mismatched_sizes" in first:  # transformers logs the mismatches, then raises this

@@ -8,6 +8,8 @@ import statistics
 import pytest
 import torch
 
+import grpo
+
 from grpo import group_advantages, grpo_loss, loss_counts, loss_mask
 
 LOSS_TYPES = ("sequence", "token", "dr_grpo")
@@ -311,13 +313,13 @@ def grpo_toy_batch(family="qwen2_5_vl"):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, family):
-    """One prompt pass per group (fast/shared_prompt.py) == the reference, grpo.completion_logits, which repeats
+    """One prompt pass per group (fast/shared_prompt.py) == the reference, grpo.completion_hidden, which repeats
     each prompt and its image patches G times and runs one plain forward over prompt + completion per row:
     log-probs and every parameter's gradient, 1e-5. With activation checkpointing each layer is recomputed in the
     backward pass: the prompt cache must neither grow nor change then.
     """
     from fast import shared_prompt
-    from grpo import completion_logits, token_logprobs
+    from grpo import completion_hidden, completion_logprobs
     from infra import parallel
     from toy import world as toy
 
@@ -327,9 +329,9 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, fami
         parallel.checkpoint_blocks(model)
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
     results = []
-    for fn in (shared_prompt.completion_logits, completion_logits):
+    for fn in (shared_prompt.completion_hidden, completion_hidden):
         model.zero_grad(set_to_none=True)
-        logp = token_logprobs(fn(model, batch, completions, mask)[:, :-1], completions, temperature=0.7)  # (N, T)
+        logp = completion_logprobs(model, batch, completions, mask, temperature=0.7, hidden=fn)  # (N, T)
         (logp * weights * mask).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         results.append((logp.detach(), grads))
@@ -340,3 +342,48 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, fami
     assert visual and all(shared_grads[n].abs().sum() > 0 for n in visual[:3]), "the vision tower got no gradient"
     for name in shared_grads:
         torch.testing.assert_close(shared_grads[name], repeated_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_completion_logprobs_equal_a_full_forward_and_its_log_softmax(family):
+    """grpo.completion_logprobs (the final hidden states, then the LM head and log-softmax a chunk of tokens at a
+    time, each chunk recomputed in the backward pass) == one plain forward over prompt + completion whose whole
+    logits (N, T+1, V) go through log_softmax, as written here: the log-probs and every parameter's gradient, 1e-5,
+    with chunks that split rows (5 tokens) and one chunk for all; without autograd too."""
+    from grpo import completion_logprobs, repeat_prompts
+    from toy import world as toy
+
+    processor, batch, completions, mask = grpo_toy_batch(family)
+    model = toy.make_model(processor.tokenizer, seed=0, family=family).train()
+    (N, T), G = completions.shape, completions.shape[0] // batch["input_ids"].shape[0]
+    weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
+
+    def plain():  # the whole logits at once, then their log-softmax
+        rows = repeat_prompts(batch, G)
+        ids = torch.cat([rows["input_ids"], completions], 1)  # (N, P+T)
+        attention = torch.cat([rows["attention_mask"], mask.long()], 1)
+        types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=torch.int32)], 1)
+        positions, _ = model.model.get_rope_index(ids, types, rows["image_grid_thw"], attention_mask=attention)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, mm_token_type_ids=types,
+                       pixel_values=rows["pixel_values"], image_grid_thw=rows["image_grid_thw"]).logits  # (N, P+T, V)
+        logp = (logits[:, -(T + 1):-1].float() / 0.7).log_softmax(-1)  # (N, T, V)
+        return logp.gather(-1, completions[..., None])[..., 0]  # (N, T)
+
+    def chunked(chunk):  # completion_logprobs with another chunk
+        hidden = grpo.completion_hidden(model, batch, completions, mask)  # (N, T+1, C)
+        return grpo.token_logprobs(model.lm_head, hidden[:, :-1], completions, 0.7, chunk=chunk)
+
+    results = []
+    for fn in (plain, lambda: completion_logprobs(model, batch, completions, mask, temperature=0.7),
+               lambda: chunked(5), lambda: chunked(N * T)):
+        model.zero_grad(set_to_none=True)
+        logp = fn()  # (N, T)
+        (logp * weights * mask).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (expected, expected_grads), *others = results
+    for logp, grads in others:
+        torch.testing.assert_close(logp[mask], expected[mask], atol=1e-5, rtol=0)
+        for name in expected_grads:
+            torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(5)[mask], expected[mask], atol=1e-5, rtol=0)

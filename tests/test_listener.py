@@ -177,7 +177,7 @@ def test_listener_is_frozen(world):
 
 
 def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
-    """fast/listener_from_reference.py: the reference pass over prompt + completion (grpo.completion_logits),
+    """fast/listener_from_reference.py: the reference pass over prompt + completion (grpo.completion_hidden),
     read at `answer_slots`, equals the listener's own pass on every row it claims; `reference_and_listener`
     gives the reference pass's log-probs and the listener's p_corr on every row, claimed or not.
 
@@ -211,18 +211,18 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     assert claimed.tolist() == [True, True, False, False] * 2
     batch = processor.pairs(pairs)
     with torch.no_grad():
-        logits = grpo.completion_logits(model, batch, tokens, mask)  # (N, T+1, V)
+        logits = model.lm_head(grpo.completion_hidden(model, batch, tokens, mask))  # (N, T+1, V)
     at_slot = logits[torch.arange(2 * G), slots.clamp(min=0)][:, answer_token_ids(tok)].softmax(-1)  # (N, 2)
     listener = Listener(model, processor)
     separate = listener.scores(pairs, [[reasoning_of(t) for t in texts[b * G:(b + 1) * G]] for b in range(2)])
     torch.testing.assert_close(at_slot[claimed], separate.view(-1, 2)[claimed], atol=1e-5, rtol=0)
-    for logits_fn in (grpo.completion_logits, __import__("fast.shared_prompt").shared_prompt.completion_logits):
-        ref_logp, p_correct, read = reference_and_listener(model, listener, logits_fn, [(batch, slice(0, 2 * G))],
+    for hidden_fn in (grpo.completion_hidden, __import__("fast.shared_prompt").shared_prompt.completion_hidden):
+        ref_logp, p_correct, read = reference_and_listener(model, listener, hidden_fn, [(batch, slice(0, 2 * G))],
                                                            tokens, mask, pairs, texts, temperature=0.7)
         assert read.item() == 0.5  # the claimed rows
-        expected_logp = grpo.token_logprobs(logits[:, :-1], tokens, 0.7)  # (N, T)
+        expected_logp = (logits[:, :-1] / 0.7).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]  # (N, T)
         torch.testing.assert_close(ref_logp[mask], expected_logp[mask], atol=1e-5, rtol=0)
         torch.testing.assert_close(p_correct, listener.p_correct(pairs, texts), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
-        reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_logits,
+        reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_hidden,
                                [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)

@@ -438,19 +438,27 @@ def test_gathered_unshards_once_under_fsdp2(tok, family, batch):
         assert torch.equal(tokens, expected)
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded on exit
         assert plain_decode() == before  # reshard_after_forward restored
-        # the static decode runs on a plain copy of the gathered weights, refreshed at every call
+        # the static decode runs on the gathered weights themselves (no copy), the sharded ones' values each call
         decoder = StaticDecoder()
         gathers.clear()
         static = gathered_sample(model, decoder=decoder)
         assert torch.equal(static.tokens, expected) and len(gathers) == len(sharded)
-        assert decoder.text is not model.model.language_model
-        assert not any(isinstance(p, DTensor) for p in decoder.text.parameters())
+        assert decoder.text is model.model.language_model
         with torch.no_grad():  # an "optimiser step" on the sharded weights
             for p in model.model.language_model.parameters():
                 p.to_local().mul_(1.5)
         updated = gathered_sample(model)
         assert not torch.equal(updated.tokens, expected)
         assert torch.equal(gathered_sample(model, decoder=decoder).tokens, updated.tokens)
+        # in another dtype (as a CUDA graph's fixed addresses need) it decodes on a plain copy, refreshed at every
+        # call, and the gathered decoder layers are freed once the copy holds their weights
+        copied = StaticDecoder(dtype=torch.float64)
+        with gathered(model), torch.no_grad():
+            copied.start(model, sample.prefill(model, sub), 2, 8)
+            layers = model.model.language_model.layers
+            assert all(isinstance(p, DTensor) for p in layers.parameters())  # resharded: only the copy remains
+            assert not any(isinstance(p, DTensor) for p in copied.text.parameters())
+            assert copied.text is not model.model.language_model and copied.lm_head.weight.dtype == torch.float64
     finally:
         FSDPParamGroup.unshard = unshard
         dist.destroy_process_group()

@@ -158,7 +158,7 @@ def test_export_loads_with_from_pretrained(cold_start):
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
-# Makes every policy/reference forward (fast/shared_prompt.py's completion_logits, the path the run takes) slow
+# Makes every policy/reference forward (fast/shared_prompt.py's completion_hidden, the path the run takes) slow
 # once step 1 is in metrics.jsonl (the SIGTERM test): step 2 then outlasts torchrun's grace. Rank 0 writes step 1's
 # row before the collective that ends the step, so no rank begins step 2 before the file shows it.
 SLOW = """
@@ -166,7 +166,7 @@ import os, sys, time
 sys.path.insert(0, {root!r})
 import train
 from fast import shared_prompt
-original = shared_prompt.completion_logits
+original = shared_prompt.completion_hidden
 def slow(*args, **kwargs):
     after = os.environ["SLOW_AFTER"]
     if os.path.exists(after) and os.path.getsize(after) > 0:
@@ -174,7 +174,7 @@ def slow(*args, **kwargs):
             f.write(os.environ["RANK"])
         time.sleep(float(os.environ["SLOW_SECONDS"]))
     return original(*args, **kwargs)
-shared_prompt.completion_logits = slow
+shared_prompt.completion_hidden = slow
 train.main()
 """
 
