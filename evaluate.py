@@ -537,7 +537,7 @@ def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: tor
     if path == "toy":
         from toy import world
         return world.make_model(processor.tokenizer, seed=seed).to(device, dtype), processor
-    return families.load(path, dtype or default_dtype).to(device).eval(), processor
+    return families.load(path, dtype or default_dtype, device=device).eval(), processor  # straight to the device
 
 
 def load_judge(path: str):
