@@ -64,7 +64,7 @@ from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
-from infra.parallel import setup_distributed
+from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
 from models import families
 from prompt import (PROMPT, Processor, PromptFormat, checkpoint_format, pixel_bounds_problem, prompt_tokens,
@@ -110,6 +110,8 @@ class Config:
     reuse_sampler_logits: bool = option(False, "read p(b) from the sampler's logits at the answer slot where they are "
                                                "the second pass's (fast/answer_logits.py), not from a second pass")
     batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
+    precision: str = option("auto", "bf16 or fp32 weights and compute; auto: bf16 on a GPU, fp32 on the CPU "
+                                    "(infra/parallel.py)", choices=PRECISIONS)
     judge_batch_size: int = option(8, "judge prompts per batch", min=1)
     min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
     max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
@@ -412,7 +414,7 @@ def contradiction_metrics(judge_path: str, results, subset: list[int], cfg: Conf
     items = [(r, f"{a} (the {'first' if a == fmt.answers[0] else 'second'} image)") for r, a in items if a is not None]
     if not items:
         return {"rate": None, "judged": 0}
-    judge_model, judge_tokenizer = load_judge(judge_path)
+    judge_model, judge_tokenizer = load_judge(judge_path, cfg.precision)
     rate = judge.contradiction_rate(judge_model, judge_tokenizer, [r for r, _ in items], [a for _, a in items],
                                     cfg.judge_batch_size)
     return {"rate": rate, "judged": len(items)}
@@ -448,7 +450,7 @@ def run(cfg: Config) -> dict | None:
         except ValueError as e:  # an empty dataset, an --anchor beyond a group
             raise cli.OptionError(str(e)) from None
         fmt = checkpoint_format(cfg.model, cfg.prompt_format)  # the format --model was trained in, unless given
-        model, processor = load_reasoner(cfg.model, cfg)
+        model, processor = load_reasoner(cfg.model, cfg, replicas=True)
         results = compare_all(model, processor, dataset.compared, cfg.seed, k=cfg.k, both_orders=cfg.both_orders,
                               fmt=fmt, **sampling_args(cfg, model.device))
         subset = metrics.confident_or_labelled(dataset, cfg.min_votes, cfg.confident_top)
@@ -467,8 +469,8 @@ def run(cfg: Config) -> dict | None:
         if plain is not None:
             report["no_thinking"] = plain
         if cfg.listener:
-            report["disagreement"] = disagreement_metrics(Listener(*load_reasoner(cfg.listener, cfg, seed=1), fmt),
-                                                          dataset, results, cfg.batch_size)
+            listener = Listener(*load_reasoner(cfg.listener, cfg, seed=1, replicas=True), fmt)
+            report["disagreement"] = disagreement_metrics(listener, dataset, results, cfg.batch_size)
         if cfg.judge:
             report["contradiction"] = contradiction_metrics(cfg.judge, results, subset, cfg, fmt)
     report["config"] = dataclasses.asdict(cfg)
@@ -480,7 +482,7 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
     """The absolute-score evaluation: rate every image (split over the processes; a group's images in order, a
     pair's two), score each by its Mean@j expected rating, rank each group by it, write the outputs."""
     fmt = checkpoint_format(cfg.model, cfg.prompt_format)
-    model, processor = load_reasoner(cfg.model, cfg)
+    model, processor = load_reasoner(cfg.model, cfg, replicas=True)
     items = [Rated(r.prompt, im, 0) for r in records for im in r.images]
     sampling = {k: v for k, v in sampling_args(cfg, model.device).items() if k not in ("batch_size", "reuse_sampler_logits")}
     scores = split_over_processes(lambda mine, keys, progress: rate_images(
@@ -501,12 +503,11 @@ def run_absolute(cfg: Config, spec: str, records: list) -> dict | None:
 # What the options name: checkpoints, records, sampling
 
 
-def device_and_dtype() -> tuple[torch.device, torch.dtype]:
-    """Each process holds the whole model, in bf16 on its GPU (infra.parallel.setup_distributed chose it), fp32
-    on the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+def device_and_dtype(precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Each process holds the whole model on its GPU (infra.parallel.setup_distributed chose it) or the CPU, in the
+    dtype of --precision (auto: bf16 on a GPU, fp32 on the CPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return device, compute_dtype(resolve_precision(precision, device))
 
 
 @functools.lru_cache(maxsize=1)
@@ -528,21 +529,26 @@ def _checkpoint_processor(path: str, min_pixels, max_pixels) -> Processor:
     return Processor.from_pretrained(path, min_pixels, max_pixels)
 
 
-def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: torch.dtype | None = None):
+def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: torch.dtype | None = None,
+                  replicas: bool = False):
     """A checkpoint (reasoner or listener) and its processor; 'toy' builds a random toy model (fp32 unless `dtype`).
-    `device`, `dtype`: None takes `device_and_dtype()`'s (bf16 on this process's GPU, fp32 on the CPU)."""
-    default_device, default_dtype = device_and_dtype()
+    `device`, `dtype`: None takes `device_and_dtype(cfg.precision)`'s (auto: bf16 on a GPU, fp32 on the CPU).
+    `replicas`: every process of the group calls this; rank 0 reads the checkpoint, the others receive it
+    (infra.parallel.load_replica)."""
+    default_device, default_dtype = device_and_dtype(cfg.precision)
     device = torch.device(device) if device is not None else default_device
     processor = load_processor(path, cfg)
     if path == "toy":
         from toy import world
-        return world.make_model(processor.tokenizer, seed=seed).to(device, dtype), processor
-    return families.load(path, dtype or default_dtype, device=device).eval(), processor  # straight to the device
+        return world.make_model(processor.tokenizer, seed=seed).to(device, dtype or default_dtype), processor
+    if replicas:
+        return load_replica(path, dtype or default_dtype, device), processor
+    return families.load(path, dtype or default_dtype).to(device).eval(), processor
 
 
-def load_judge(path: str):
+def load_judge(path: str, precision: str = "auto"):
     """(model, tokenizer) of the table 4 judge: any causal LM with a chat template; 'toy' a tiny random one."""
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(precision)
     if path == "toy":
         tokenizer = toy_processor().tokenizer
         return judge.make_toy_judge(tokenizer).to(device), tokenizer
@@ -590,7 +596,7 @@ def rank_images(cfg: Config) -> list[float]:
         fail("prompt", cfg.prompt if len(cfg.prompt) <= 60 else cfg.prompt[:60] + "...",
              f"a prompt of at most {cfg.max_prompt_tokens} tokens (--max_prompt_tokens), got {tokens} tokens")
     fmt = checkpoint_format(cfg.model, cfg.prompt_format)
-    model, processor = load_reasoner(cfg.model, cfg)
+    model, processor = load_reasoner(cfg.model, cfg, replicas=True)
     scores = score_group(model, processor, cfg.prompt, cfg.images, k=cfg.k, anchor=max(cfg.anchor, 0),
                          both_orders=cfg.both_orders, seed=cfg.seed, fmt=fmt, **sampling_args(cfg, model.device))
     for path, s in zip(cfg.images, scores):

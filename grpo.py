@@ -41,9 +41,9 @@ Where this departs from the paper's eq. (1)-(2), and why:
    (0.2, 0.2) are the paper; a larger clip_high ("clip-higher", DAPO) lets unlikely tokens gain
    probability faster, which keeps the policy from collapsing to low entropy.
 6. Several passes per batch. The paper does not say how many optimisation steps use one batch of
-   rollouts. With num_iterations > 1, old_logp is computed once, from the policy that sampled the
-   rollouts, and kept for every pass; on the first pass rho = 1 and the gradient is the plain policy
-   gradient, later passes are where clipping acts.
+   rollouts. old_logp is the first pass's own reading of the rollouts, detached (train.py's departure 2), and
+   kept for every later pass: on the first pass rho = 1 exactly and the gradient is the plain policy gradient;
+   later passes (num_iterations > 1) are where clipping acts.
 7. Truncated completions. A completion cut at max_new_tokens has no final answer, so its reward punishes
    its length rather than its reasoning. `loss_mask(..., mask_truncated=True)` leaves such completions out
    of the loss (DAPO's overlong filtering); they still count in the group statistics of eq. (1).

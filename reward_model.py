@@ -68,7 +68,7 @@ from formats.layouts import MAX_PROMPT_TOKENS, PromptLimit
 from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
-from infra.parallel import log, setup_distributed
+from infra.parallel import PRECISIONS, log, setup_distributed
 from prompt import PROMPT, PromptFormat, checkpoint_format, pixel_bounds_problem, read_format
 
 
@@ -435,6 +435,8 @@ class Config:
                                 "batch_size lines it scores", min=1)
     min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
     max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    precision: str = option("auto", "bf16 or fp32 weights and compute; auto: bf16 on a GPU, fp32 on the CPU",
+                            choices=PRECISIONS)
     reasonings: bool = option(False, "also write each comparison's k reasonings (\"reasonings\", the anchor's null)")
     skip_bad: bool = option(False, "a line whose images cannot be read gets \"error\" and null scores instead of "
                                    "stopping the run")
@@ -614,7 +616,8 @@ def score_file(cfg: Config) -> None:
     limit = processor.prompt_limit(cfg.max_prompt_tokens)  # with --skip_bad, a long prompt's line gets its "error"
     records = read_records(cfg.input, cfg.anchor, None if cfg.skip_bad else limit)
     done = resume(cfg, records)
-    rm = RewardModel.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+    rm = RewardModel.from_pretrained(cfg.model, dtype=evaluate.device_and_dtype(cfg.precision)[1],
+                                     min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                      prompt_format=cfg.prompt_format, **{k: getattr(cfg, k) for k in SCORING})
     todo, per_write = list(range(done, len(records))), cfg.batch_size * world
     images = [len(record["images"]) for _, record in records]

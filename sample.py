@@ -205,9 +205,10 @@ def choose(logits: Tensor, bias: Tensor, temperature: float, top_k: int, top_p: 
     """Pick one token per row; return (token (N,), its log-prob (N,)).
 
     The log-prob is log_softmax(logits / temperature) at the chosen token, before the blocked tokens, top-k
-    and top-p are removed: it is what a training forward of the policy computes for that token, so the
-    importance ratio of GRPO is exactly 1 before the first update. (Sampling after truncation makes the
-    rollouts slightly off-policy, as in every sampler that truncates; with top_k=0, top_p=1 they are not.)
+    and top-p are removed: what a training forward of the policy computes for that token, in exact arithmetic
+    (in fp32 to 1e-6; in bf16 other kernels round otherwise: train.py reports the gap, `old_logp_gap_*`).
+    (Sampling after truncation makes the rollouts slightly off-policy, as in every sampler that truncates;
+    with top_k=0, top_p=1 they are not.)
     Temperature 0 is greedy, and its log-prob is that of the unscaled logits (temperature 1).
     """
     logits = logits.float()  # (N, V)

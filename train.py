@@ -38,11 +38,13 @@ Where this departs from the paper, and why (grpo.py lists the loss's own, listen
 1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2,
    temperature 1.0, AdamW with betas (0.9, 0.99) and no weight decay, a linear warm-up over 10 optimiser steps,
    gradient clipping at norm 1.0; rollout length, batch size and number of steps are options.
-2. old_logp are the log-probabilities the sampler drew the tokens with (sample.py returns them, computed
-   from logits / temperature), not a second forward pass: in fp32 they equal the training forward's
-   (tests/test_sample.py). In bf16 rounding makes the first pass's ratio near 1, not exactly 1: a token that
-   rounding alone carries past the clip range, on its advantage's side, loses its gradient on that pass (the
-   clipped term wins the min of eq. (2); `clip_low`/`clip_high` in metrics.jsonl count such tokens).
+2. pi_old of eq. (2) is the update pass's own first reading of the rollouts (detached), not the log-probabilities
+   the sampler drew the tokens with: the ratio is exactly 1 on the first pass, and later passes
+   (--num_iterations) compare the trainer's numbers with themselves (TRL and verl do the same). The sampler's come
+   from other kernels (the decode's attention and RoPE, a cache of bf16 keys, no activation checkpointing): in
+   fp32 they equal the trainer's to 1e-6, in bf16 they do not, and a token carried past the clip range by rounding
+   alone would lose its gradient. `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl say how far apart
+   the two are, every step.
 3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once,
    unless --listener names another (the paper uses the instruct model for both roles: pi_ref in section 4.3).
 4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed
@@ -345,9 +347,12 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
     """`num_iterations` optimiser steps on the clipped objective, each accumulated over the micro-batches.
 
     The token and completion counts are summed over the whole global batch first (all micro-batches, all
-    ranks), so each micro-batch's loss is its exact share of the global loss.
+    ranks), so each micro-batch's loss is its exact share of the global loss. pi_old of eq. (2) is this pass's own
+    first reading of the rollouts (departure 2): the ratio is exactly 1 on the first pass, and later passes compare
+    the trainer's numbers with themselves. How far the sampler's log-probs are from it is measured every step.
     """
     num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
+    old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
     metrics: dict = {}
     share = 1 / (len(micro) * cfg.num_iterations)
     for iteration in range(cfg.num_iterations):
@@ -356,7 +361,9 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
                 trainer.boundary()  # after the first optimiser step the step runs to its end
             logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
                                             cfg.temperature, trainer.hidden_fn)  # (n, T)
-            loss, m = grpo.grpo_loss(logp, rollouts.logprobs[rows], None if ref_logp is None else ref_logp[rows],
+            if iteration == 0:
+                old_logp[rows] = logp.detach()
+            loss, m = grpo.grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
                                      advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
                                      cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
                                      max_new_tokens=cfg.max_new_tokens)
@@ -365,6 +372,8 @@ def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, adva
                 metrics[k] = metrics.get(k, 0) + v.detach() * share
             metrics["loss"] = metrics.get("loss", 0) + loss.detach() / cfg.num_iterations
         metrics.update(trainer.optimizer_step())
+    gap = (rollouts.logprobs - old_logp).abs() * mask  # (N, T) the sampler's numbers against the trainer's
+    metrics.update(old_logp_gap_mean=gap.sum() / num_tokens.clamp(min=1), old_logp_gap_max=gap.max())
     return metrics
 
 

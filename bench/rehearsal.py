@@ -7,6 +7,7 @@ which a rehearsal does not read. Each rehearsal runs in a process of its own (a 
 
     .venv/bin/python bench/rehearsal.py                 # all of it, about 25 minutes on 2 cores
     .venv/bin/python bench/rehearsal.py --only=fixes    # the 7B command with each fix undone
+    .venv/bin/python bench/rehearsal.py --only=shared   # the update with and without --shared_prompt
 
 The fixes, and how each is undone here (the code before them, in the same run):
   chunked_logprobs   the LM head and log-softmax a chunk at a time, recomputed in the backward (grpo.token_logprobs)
@@ -95,6 +96,11 @@ def runs() -> dict[str, list[tuple[str, str, list[str], tuple[str, ...]]]]:
         + [(f"{fix} undone", "Qwen2.5-VL-7B-Instruct", cmd("Qwen2.5-VL-7B-Instruct") + ["--rehearse=8x80"], (fix,))
            for fix in FIXES]
         + [("all undone", "Qwen2.5-VL-7B-Instruct", cmd("Qwen2.5-VL-7B-Instruct") + ["--rehearse=8x80"], FIXES)],
+        "shared": [(f"--shared_prompt={shared}, {label}", "Qwen2.5-VL-7B-Instruct",
+                    [o for o in cmd("Qwen2.5-VL-7B-Instruct") if not o.startswith("--shared_prompt")] +
+                    [f"--shared_prompt={shared}", "--rehearse=8x80"], undone)
+                   for shared in ("true", "false") for label, undone in (("all fixes", ()),
+                                                                         ("chunked_logprobs undone", ("chunked_logprobs",)))],
         "where": [("7B, 8x80", "Qwen2.5-VL-7B-Instruct", cmd("Qwen2.5-VL-7B-Instruct") + ["--rehearse=8x80"], ()),
                   ("8B, 8x80", "Qwen3-VL-8B-Instruct", cmd("Qwen3-VL-8B-Instruct") + ["--rehearse=8x80"], ()),
                   ("7B, 8x40", "Qwen2.5-VL-7B-Instruct", cmd("Qwen2.5-VL-7B-Instruct") + ["--rehearse=8x40"], ()),
@@ -184,7 +190,7 @@ def worker(model_dir: str, options: list[str], fixes: tuple[str, ...], out: str)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("fixes", "where"), default=None, help="one section")
+    parser.add_argument("--only", choices=("fixes", "shared", "where"), default=None, help="one section")
     parser.add_argument("--dir", default="", help="where the checkpoint directories go (default: a temporary one)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL_DIR", "FIXES", "OUT"), help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()

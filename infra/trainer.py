@@ -355,6 +355,9 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
     return {names[k]: total / n for k, total in zip(keys, totals)}
 
 
+SUMMED = ("loss", "tokens", "replaced_examples", "old_logp_gap_mean")  # each rank's share of a global quantity
+
+
 def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
     """Per-rank step metrics -> global ones: sums for the loss and token counts, maxima for maxima, means else."""
     names = sorted(metrics)
@@ -364,7 +367,7 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     row = {}
     for k, total, m in zip(names, summed.tolist(), largest.tolist()):
-        row[k] = total if k in ("loss", "tokens", "replaced_examples") else m if k in ("length_max", "skipped") else total / world
+        row[k] = total if k in SUMMED else m if k in ("length_max", "skipped", "old_logp_gap_max") else total / world
     return row
 
 

@@ -254,9 +254,8 @@ def blocks(model) -> tuple[list, list]:
     return list(model.model.visual.blocks), list(model.model.language_model.layers)
 
 
-def load(path: str | Path, dtype: torch.dtype, meta: bool = False, weights: bool = True, device=None):
-    """The model of a local checkpoint directory, its weights read from safetensors, in `dtype`, on `device` (the
-    CPU when None): each tensor goes from the file to the device, without a whole copy in host memory first.
+def load(path: str | Path, dtype: torch.dtype, meta: bool = False, weights: bool = True):
+    """The model of a local checkpoint directory, its weights read from safetensors, in `dtype`, on the CPU.
 
     `meta=True` builds the structure only, on the meta device, reading config.json alone: a process that will
     receive its weights from another (FSDP2's broadcast from rank 0) never reads the checkpoint's files, and a
@@ -272,7 +271,7 @@ def load(path: str | Path, dtype: torch.dtype, meta: bool = False, weights: bool
                 return cls._from_config(AutoConfig.from_pretrained(path, local_files_only=True), dtype=dtype,
                                         attn_implementation="sdpa")
         return cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
-                                   local_files_only=True, device_map=None if device is None else torch.device(device))
+                                   local_files_only=True)
     except Exception as e:  # what the check above cannot see (e.g. a deeper layer of another size)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "ignore_mismatched_sizes" in first:  # transformers logs the mismatches, then raises this

@@ -31,11 +31,13 @@ OPTIONS = ["--mode=grpo", "--group_size=3", "--pairs_per_rank=2", "--max_new_tok
 REAL = """
 import json, sys
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/tests")
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from test_rehearsal import digest
 import train
 from infra import rehearsal
-from infra.parallel import setup_distributed
+from infra.parallel import load_replica, setup_distributed
 from infra.trainer import Trainer
 rank, world, device = setup_distributed()
 for name, args in {runs!r}.items():
@@ -51,8 +53,19 @@ for name, args in {runs!r}.items():
     plan["largest_reduce_bytes"] = 4 * max(sizes.values())  # its gradients, reduced in fp32
     with open(f"{{sys.argv[1]}}/{{name}}.{{rank}}.json", "w") as f:
         json.dump(plan, f)
+# evaluate.py's replicas: rank 0 reads the checkpoint, rank 1 receives it; each rank's digest of each tensor's bytes
+replica = load_replica({layout!r}, torch.bfloat16, device)
+sums = {{n: digest(t) for n, t in list(replica.state_dict().items()) + list(replica.named_buffers())}}
+with open(f"{{sys.argv[1]}}/replica.{{rank}}.json", "w") as f:
+    json.dump(sums, f)
 dist.destroy_process_group()
 """
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A tensor's bytes, hashed: equal digests, equal values (bit for bit)."""
+    import hashlib
+    return hashlib.sha1(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def fake_plan(args: list[str], out: Path) -> dict:
@@ -82,7 +95,8 @@ def plans(real_checkpoint, tmp_path_factory):
     runs = {"toy": OPTIONS + ["--model=toy"],
             "layout": OPTIONS + [f"--model={real_checkpoint}", "--train_data=toy", "--eval_data=toy"]}
     script = tmp / "real.py"
-    script.write_text(REAL.format(root=str(ROOT), runs={k: v + [f"--out_dir={tmp / k}"] for k, v in runs.items()}))
+    script.write_text(REAL.format(root=str(ROOT), runs={k: v + [f"--out_dir={tmp / k}"] for k, v in runs.items()},
+                                  layout=str(real_checkpoint)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
@@ -92,8 +106,10 @@ def plans(real_checkpoint, tmp_path_factory):
         if run.returncode == 0 or "SIGABRT" not in run.stdout + run.stderr or attempt:
             break
     assert run.returncode == 0, run.stderr[-3000:]
-    return {name: (fake_plan(args, tmp / f"fake_{name}"), json.loads((tmp / f"{name}.0.json").read_text()))
-            for name, args in runs.items()}
+    plans = {name: (fake_plan(args, tmp / f"fake_{name}"), json.loads((tmp / f"{name}.0.json").read_text()))
+             for name, args in runs.items()}
+    plans["replicas"] = [json.loads((tmp / f"replica.{rank}.json").read_text()) for rank in (0, 1)]
+    return plans
 
 
 @pytest.mark.parametrize("name", ["toy", "layout"])
@@ -119,6 +135,16 @@ def test_rehearsal_agrees_with_the_real_step(plans, name):
     assert fake["state_gib"] == pytest.approx(real["state_gib"], rel=1e-9)
     total = sum(torch.Size(shape).numel() for shape in real["shards"].values())
     assert fake["state_gib"] * 2**30 == 16 * total  # fp32 weights, gradients and AdamW's two moments
+
+
+def test_each_evaluation_process_gets_the_checkpoint_read_by_rank_0(plans, real_checkpoint):
+    """infra.parallel.load_replica under torchrun x2 (evaluate.py's loading): rank 1, which reads nothing, holds
+    exactly the weights and buffers rank 0 read, and both equal the checkpoint loaded here in one process."""
+    from models import families
+    direct = families.load(real_checkpoint, torch.bfloat16)
+    expected = {n: digest(t) for n, t in list(direct.state_dict().items()) + list(direct.named_buffers())}
+    rank0, rank1 = plans["replicas"]
+    assert rank0 == rank1 == expected
 
 
 def test_a_run_that_does_not_fit_exits_3_naming_the_phase(tmp_path, capsys):
