@@ -80,8 +80,10 @@ class FakeMode(FakeTensorMode):
     Token ids, attention masks, positions, image grids and the index math on them are small and decide what the
     code does next (`.tolist()`, `nonzero`, the mRoPE indices), so an operation whose inputs are all real and whose
     result is not floating point runs for real. Anything that touches a fake tensor is fake. A boolean read off a
-    fake tensor (`if torch.isfinite(norm)`) is True: the costlier side of every such branch in a step. A random
-    generator is dropped (fake tensors draw nothing). Meta tensors stay meta (a copy of a model is built there).
+    fake tensor (`if torch.isfinite(norm)`) is True: the costlier side of every such branch in a step. Indexing a
+    fake tensor with a real boolean mask (Qwen3-VL's DeepStack, at the image tokens) takes the mask's real
+    positions. A random generator is dropped (fake tensors draw nothing). Meta tensors stay meta (a copy of a model
+    is built there).
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -92,6 +94,11 @@ class FakeMode(FakeTensorMode):
                 return True
             if kwargs.get("generator") is not None:
                 kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
+            if func in MASKED and any(i is not None and not isinstance(i, FakeTensor) and i.dtype == torch.bool
+                                      for i in args[1]):  # x[mask] with a real mask: its real positions
+                args = (args[0], [p for i in args[1] for p in (_real(torch.ops.aten.nonzero.default, (i,), {}).unbind(1)
+                                                               if i is not None and i.dtype == torch.bool else [i])],
+                        *args[2:])
             return super().__torch_dispatch__(func, types, args, kwargs)
         if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
             return NotImplemented  # a tensor subclass (DTensor) runs its own dispatch first
@@ -107,6 +114,9 @@ class FakeMode(FakeTensorMode):
                                         for o in pytree.tree_leaves(out)):
             return out
         return _real(func, args, kwargs)
+
+
+MASKED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
 
 
 def _real(func, args, kwargs):
@@ -347,6 +357,7 @@ def run_step(cfg, world: int, device: torch.device, trainer=None) -> dict:
     for model in {id(m): m for m in (trainer.policy, trainer.reference, trainer.listener and trainer.listener.model)
                   if m is not None}.values():
         model.model.visual.config._attn_implementation = "flash_attention_2"  # `window_attention`, below
+        model.model.get_rope_index = on_real_tensors(model.model.get_rope_index)
     ALL_ATTENTION_FUNCTIONS["flash_attention_2"] = window_attention(ledger)
     longest = unittest.mock.patch.object(sample, "choose", longest_choice(sample.choose, trainer.processor.tokenizer))
     with longest, ledger:
@@ -359,6 +370,15 @@ def run_step(cfg, world: int, device: torch.device, trainer=None) -> dict:
     decode = {phase: decoder.totals() for phase, decoder in decoders.items()}
     return {"phases": phase_report(ledger, decode), "state_gib": state_bytes(trainer) / GIB,
             "parameters": sum(p.numel() for p in trainer.policy.parameters()), "precision": trainer.precision}
+
+
+def on_real_tensors(fn):
+    """`fn` run outside the fake mode: the mRoPE index math (token ids and image grids in, positions out), real
+    whatever the dtypes it computes with on the way (Qwen3-VL's are floating point)."""
+    def real(*args, **kwargs):
+        with unset_fake_temporarily():
+            return fn(*args, **kwargs)
+    return real
 
 
 def window_attention(ledger: Ledger):
