@@ -18,6 +18,9 @@ The fixes, and how each is undone here (the code before them, in the same run):
                      <- on a bf16 copy of the text weights, beside the gathered ones, kept for the whole run
   fused_adamw        AdamW fused: no temporaries
                      <- foreach AdamW (PyTorch's default on a GPU): a temporary the size of the weights
+  prompt_pass_after  the shared-prompt update backpropagates through the prompt pass after the completions
+                     (fast/shared_prompt.py), so each layer's gradient is reduced as soon as it is whole
+                     <- one backward: every layer's gradient from the completions waits for the prompt pass's
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ README = ["--mode=grpo", "--train_data=hpdv2:/data/HPDv2/train.json", "--eval_da
           "--group_size=10", "--pairs_per_rank=2", "--max_new_tokens=512", "--lr=1e-6", "--beta=0.04",
           "--activation_checkpointing=true", "--decode=static", "--shared_prompt=true", "--listener_from_reference=true"]
 PIXELS = {"Qwen2.5-VL": "--max_pixels=200704", "Qwen3-VL": "--max_pixels=262144"}  # 256 tokens an image
-FIXES = ("chunked_logprobs", "frozen_reshard", "decode_no_copy", "fused_adamw")
+FIXES = ("chunked_logprobs", "frozen_reshard", "decode_no_copy", "fused_adamw", "prompt_pass_after")
 
 
 def runs() -> dict[str, list[tuple[str, str, list[str], tuple[str, ...]]]]:
@@ -172,6 +175,9 @@ def undo(fixes: tuple[str, ...]) -> None:
                 for n, t in list(plain.named_parameters()) + list(plain.named_buffers()):
                     t.copy_(tensors[n])
         static_decode.StaticDecoder.load = load_copy
+    if "prompt_pass_after" in fixes:
+        from fast import shared_prompt
+        shared_prompt.prompt_pass_after = lambda cache, last: (cache, last)
     if "fused_adamw" in fixes:
         def foreach(self):
             params = [p for p in self.policy.parameters() if p.requires_grad]

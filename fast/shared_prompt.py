@@ -82,6 +82,9 @@ def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_
     G = N // B
     with final_hidden(model) as prompt_states:
         prefix = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, the last position
+    last = prompt_states[0][:, -1:]  # (B, 1, C) the hidden state after each prompt
+    if torch.is_grad_enabled() and last.requires_grad:
+        prefix.cache, last = prompt_pass_after(prefix.cache, last)
     repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
     prompt_mask = repeat(prefix.attention_mask)  # (N, P)
     mask = completion_mask.to(prompt_mask.dtype)  # (N, T)
@@ -92,4 +95,38 @@ def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_
     with final_hidden(model) as states:
         model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),
               position_ids=position_ids, past_key_values=shared, use_cache=True, logits_to_keep=1)
-    return torch.cat([repeat(prompt_states[0][:, -1:]), states[0]], dim=1)  # (N, T+1, C)
+    hidden = torch.cat([repeat(last), states[0]], dim=1)  # (N, T+1, C)
+    if getattr(last, "prompt_pass", None) is not None:
+        hidden.register_hook(last.prompt_pass)  # its backward runs once the completions' has
+    return hidden
+
+
+def prompt_pass_after(cache: PromptCache, last: torch.Tensor) -> tuple[PromptCache, torch.Tensor]:
+    """The completions read the prompt pass's keys, values and last hidden state as leaves of their own; the
+    prompt pass's backward runs once theirs has ended, from the gradients those leaves received.
+
+    Why: every weight is used twice, by the prompt pass and by the completion pass, and autograd sums a weight's
+    two gradients before it accumulates any: in one backward, each layer's gradient from the completions would
+    wait, unreduced, for the prompt pass's backward to reach that layer, every layer's at once at the turn (a bf16
+    copy of the model: 14 GiB at 7B, the update's largest term; infra/rehearsal.py measured it). In two, each
+    layer's gradient is reduce-scattered as soon as it is whole, once per pass (FSDP2 adds them up).
+
+    Returns the reading side (a cache of leaves, the last hidden state as a leaf); the hook the caller puts on
+    the completions' hidden states starts the prompt pass's backward at the end of theirs (autograd's
+    queue_callback: before FSDP2's own end-of-backward callback, which reduces the root's gradients)."""
+    outputs = [t for layer in cache.layers for t in (layer.keys, layer.values)] + [last]
+    leaves = [t.detach().requires_grad_() for t in outputs]
+    queued = []
+
+    def backward_prompt_pass() -> None:
+        pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves) if leaf.grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+
+    def queue(grad: torch.Tensor) -> None:
+        if not queued:
+            queued.append(True)
+            torch.autograd.Variable._execution_engine.queue_callback(backward_prompt_pass)
+
+    reading = PromptCache(list(zip(leaves[0:-1:2], leaves[1:-1:2])))
+    leaves[-1].prompt_pass = queue
+    return reading, leaves[-1]
