@@ -271,8 +271,9 @@ def advance(decoder, n: int, live) -> None:
     it), the positions and the masks moved on."""
     from fast.static_decode import StaticDecoder
     if isinstance(decoder, StaticDecoder):
-        B, G, _ = decoder.mask.shape
-        decoder.mask[:, :, decoder.column:decoder.column + n] = live.view(B, G, 1)
+        mask = decoder.cache.mask  # (B', G, M): compiled, B' >= B prompts, the padding ones never attended to
+        G = mask.shape[1]
+        mask[:live.shape[0] // G, :, decoder.column:decoder.column + n] = live.view(-1, G, 1)
         decoder.next_position = decoder.next_position + n
         decoder.column += n
         decoder.column_index += n
