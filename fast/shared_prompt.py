@@ -120,6 +120,8 @@ def prompt_pass_after(cache: PromptCache, last: torch.Tensor) -> tuple[PromptCac
 
     def backward_prompt_pass() -> None:
         pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves) if leaf.grad is not None]
+        outputs.clear()  # the last leaf holds this function (a cycle): without these, the prompt's keys, values
+        leaves.clear()  # and their gradients would live on until the garbage collector ran
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
 
     def queue(grad: torch.Tensor) -> None:
