@@ -1,7 +1,7 @@
 """Data: a dataset on disk -> the examples training and evaluation use.
 
 1. `load("KIND:PATH")`: a dataset in one of its published layouts (formats/layouts.py) -> `Pair`s or `Group`s
-   (prompt.py), with a fixed random subset and excluded records left out.
+   (formats/records.py), with a fixed random subset and excluded records left out.
 2. What is done with loaded records: `groups_to_pairs`, `random_orders`, `spread_sample` (the held-out set),
    `to_rated` (the absolute-score variant), `anchor_pairs` and `dataset_pairs` (the comparisons evaluation runs:
    each group's n - 1 pairs against its anchor, section 5), `drop_unreadable`.
@@ -417,7 +417,7 @@ def _tokenizer_limit(tokenizer: str, max_tokens: int) -> PromptLimit | None:
     """--tokenizer DIR (a checkpoint directory, the run's --model) or 'toy' -> the limit train.py applies."""
     if not tokenizer:
         return None
-    from prompt import prompt_tokens
+    from models.processor import prompt_tokens
     if tokenizer == "toy":
         from toy import world
         tok = world.make_tokenizer()

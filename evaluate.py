@@ -67,8 +67,9 @@ from infra.cli import fail, option
 from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
 from models import families
-from prompt import (PROMPT, Processor, PromptFormat, checkpoint_format, pixel_bounds_problem, prompt_tokens,
-                    score_messages)
+from models.processor import Processor, pixel_bounds_problem, prompt_tokens
+from models.prompt_format import checkpoint_format
+from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics
 from report.tables import OUTPUTS, markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion

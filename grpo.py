@@ -59,7 +59,7 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prompt import images_per_row
+from models.processor import prompt_rows
 
 LOSS_TYPES = ("sequence", "token", "dr_grpo")
 
@@ -252,7 +252,7 @@ def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_
     (N, T), B = completions.shape, batch["input_ids"].shape[0]
     if N % B:
         raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
-    rows = repeat_prompts(batch, N // B)
+    rows = prompt_rows(batch, [b for b in range(B) for _ in range(N // B)])  # each prompt G times, images too
     input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
     attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
     mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
@@ -275,25 +275,3 @@ def final_hidden(model):
         yield states
     finally:
         hook.remove()
-
-
-def repeat_prompts(batch: dict, group_size: int) -> dict:
-    """Repeat each of the B prompts of a processor batch G times, images included: B rows -> N = B*G rows.
-
-    Rows stay prompt-major (row b*G + g is rollout g of prompt b). The patches of each prompt's images are
-    repeated with it, so the vision tower sees each prompt's images once per rollout.
-    """
-    out = {k: batch[k].repeat_interleave(group_size, dim=0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "pixel_values" in batch:
-        grid = batch["image_grid_thw"]  # (images, 3)
-        patches = grid.prod(-1)  # (images,) patches per image
-        counts = images_per_row(batch["mm_token_type_ids"])  # (B,)
-        image_rows = torch.repeat_interleave(torch.arange(len(counts), device=grid.device), counts)  # (images,)
-        image_index = torch.cat([torch.nonzero(image_rows == b)[:, 0].repeat(group_size)
-                                 for b in range(len(counts))])  # the images of the N rows, in row order
-        starts = torch.cumsum(patches, 0) - patches  # (images,) first patch of each image
-        patch_index = torch.cat([torch.arange(starts[i], starts[i] + patches[i], device=grid.device)
-                                 for i in image_index.tolist()])
-        out["pixel_values"] = batch["pixel_values"][patch_index]
-        out["image_grid_thw"] = grid[image_index]
-    return out

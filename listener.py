@@ -38,7 +38,8 @@ import torch
 
 import sample
 from formats.records import Pair
-from prompt import PROMPT, PromptFormat, left_pad, listener_prefix, reasoner_messages
+from models.processor import left_pad
+from prompt import PROMPT, PromptFormat, listener_prefix, reasoner_messages
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: what the listener reads

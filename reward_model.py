@@ -69,7 +69,9 @@ from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, log, setup_distributed
-from prompt import PROMPT, PromptFormat, checkpoint_format, pixel_bounds_problem, read_format
+from models.processor import pixel_bounds_problem
+from models.prompt_format import checkpoint_format, read_format
+from prompt import PROMPT, PromptFormat
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class RewardModel:
         """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
         (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
         `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `prompt_format` (a JSON file or a
-        PromptFormat) replaces the checkpoint's own prompt_format.json (prompt.checkpoint_format: `PROMPT` when it
+        PromptFormat) replaces the checkpoint's own prompt_format.json (models/prompt_format.py: `PROMPT` when it
         has none), with a warning when they differ; `options` are `__init__`'s. Every argument is checked before
         anything loads, as the command line checks it (`check_options`)."""
         if not isinstance(path, (str, os.PathLike)):

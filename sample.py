@@ -63,7 +63,7 @@ def model_device(model) -> torch.device:
 def prefill(model, batch: dict, cache: DynamicCache | None = None) -> Prefix:
     """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
 
-    `batch` is what `prompt.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, P), and
+    `batch` is what `models.processor.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids` (B, P), and
     `pixel_values`, `image_grid_thw` when the prompts hold images. `cache`: where the keys and values go (a fresh
     `DynamicCache` when None; fast/shared_prompt.py passes its own).
     """
@@ -273,7 +273,7 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
            top_p: float = 1.0, top_k: int = 0, stop_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, decoder=None,
            check_every: int = 8) -> Rollouts:
-    """Sample `num_samples` (G) completions of each prompt in `batch` (a `prompt.Processor` batch of B prompts).
+    """Sample `num_samples` (G) completions of each prompt in `batch` (a processor batch of B prompts).
 
     A completion ends with the first of `stop_token_ids` (training and evaluation pass `end_of_turn_ids`;
     `generation_eos_ids` when None; `[]` never stops early); after it its row holds `pad_token_id` (pass the

@@ -94,7 +94,8 @@ from infra.parallel import PRECISIONS, all_sum, gathered, log, peak_memory_gb, s
 from infra import rehearsal
 from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
-from prompt import PROMPT, PromptFormat, pixel_bounds_problem
+from models.processor import pixel_bounds_problem
+from prompt import PROMPT, PromptFormat
 from toy import demo, world
 
 

@@ -216,12 +216,13 @@ def check_output(name: str, path: str, folder: bool, writes: Sequence[str] = ())
 
 def check_prompt_format(name: str, path, checkpoints: dict[str, str], tokenizer=None) -> None:
     """Each checkpoint's own prompt_format.json and the --prompt_format file read as a `prompt.PromptFormat`
-    (strictly: `prompt.read_format`; a Python API may give the PromptFormat itself), and the given format's
+    (strictly: `models.prompt_format.read_format`; a Python API may give the PromptFormat itself), and the given format's
     answers and ratings are one token each of every checkpoint's tokenizer (and of `tokenizer`, a loaded model's),
     as one next-token distribution reads them (`listener.answer_token_ids`).
     `checkpoints`: option name -> checkpoint directory ('toy': the toy tokenizer; '': no checkpoint)."""
     from listener import answer_token_ids
-    from prompt import FORMAT_FILE, FormatError, PromptFormat, read_format
+    from models.prompt_format import FORMAT_FILE, FormatError, read_format
+    from prompt import PromptFormat
     for option_name, checkpoint in checkpoints.items():
         own = Path(checkpoint) / FORMAT_FILE
         if checkpoint not in ("", "toy") and own.is_file():

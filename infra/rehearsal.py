@@ -283,7 +283,7 @@ def worst_examples(cfg, processor, count: int) -> list:
     from PIL import Image
 
     from formats.records import Pair, Rated
-    from prompt import prompt_tokens
+    from models.processor import prompt_tokens
     words = cfg.max_prompt_tokens
     prompt = " ".join(["a"] * words)
     while prompt_tokens(processor.tokenizer, prompt) > cfg.max_prompt_tokens:

@@ -34,8 +34,9 @@ from formats.records import Group, Pair
 from infra import checkpoint, tracking
 from infra.parallel import all_sum, frozen, gathered, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
-from prompt import (FORMAT_FILE, PROMPT, Processor, PromptFormat, checkpoint_format, format_differences, format_json,
-                    prompt_rows, read_format)
+from models.processor import Processor, prompt_rows
+from models.prompt_format import FORMAT_FILE, checkpoint_format, format_differences, format_json, read_format
+from prompt import PROMPT, PromptFormat
 from report.heldout import greedy_verdicts
 from toy import world
 
@@ -196,7 +197,7 @@ class Trainer:
         """[(the inputs of micro_pairs prompts, the slice of their rows in the (B*G) rollout batch)], cut out of
         the step's encoded `batch` of B prompts."""
         B, m = batch["input_ids"].shape[0], self.cfg.micro_pairs
-        return [(prompt_rows(batch, i, min(i + m, B)), slice(i * group_size, min(i + m, B) * group_size))
+        return [(prompt_rows(batch, range(i, min(i + m, B))), slice(i * group_size, min(i + m, B) * group_size))
                 for i in range(0, B, m)]
 
     def lr(self) -> float:

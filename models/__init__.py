@@ -1,2 +1,3 @@
-"""The model families this code runs (families.py): what differs between them, and loading a checkpoint of any
-of them. Nothing here imports a file of the method."""
+"""What a checkpoint directory holds, read: the model families this code runs and their weights (families.py), the
+tokenizer and image processor as one processor (processor.py), and the prompt format the checkpoint was trained in
+(prompt_format.py). Nothing here imports a file of the method but prompt.py, what a model is asked."""

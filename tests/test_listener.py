@@ -3,7 +3,7 @@ rollout, built here; a listener of the other family than the reasoner; the liste
 (fast/listener_from_reference.py).
 
 The reference path never touches sample.py or listener.py's batching: for each rollout it encodes images +
-prompt + `listener_prefix(reasoning)` as one sequence with `prompt.Processor`, runs one full forward with the
+prompt + `listener_prefix(reasoning)` as one sequence with `models.processor.Processor`, runs one full forward with the
 mRoPE positions of `get_rope_index`, and takes a softmax over the answer tokens at the last position.
 
 Run: .venv/bin/python -m pytest -q tests/test_listener.py
