@@ -141,10 +141,10 @@ def slot_logits(model, prompts: dict, continuations: Sequence[Sequence[int]], an
         raise ValueError(f"{len(continuations)} continuations do not split into {B} prompts")
     padded = left_pad(continuations, pad_token_id)  # input_ids, attention_mask: (N, T)
     device = sample.model_device(model)
-    prefix = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
-    sample.extend(model, prefix, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+    state = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
+    sample.extend(model, state, padded["input_ids"].to(device), padded["attention_mask"].to(device),
                   logits_to_keep=1)  # (N, 1, V)
-    return prefix.logits[:, list(answer_ids)].float()  # (N, K): after each row's last real token
+    return state.logits[:, list(answer_ids)].float()  # (N, K): after each row's last real token
 
 
 def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
