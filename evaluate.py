@@ -65,9 +65,9 @@ from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, setup_distributed
-from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
+from listener import Listener, answer_probs, answer_token_ids, reasonings_by_pair, slot_logits
 from models import families
-from models.processor import Processor, pixel_bounds_problem, prompt_tokens
+from models.processor import Processor, continuation_ids, pixel_bounds_problem, prompt_tokens
 from models.prompt_format import checkpoint_format
 from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics
@@ -230,7 +230,7 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
         rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
-        reasonings = [[reasoning_of(t, fmt) for t in row] for row in texts]
+        reasonings = reasonings_by_pair(flat, len(pairs), fmt)
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
         if reuse_sampler_logits:
             p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
@@ -335,7 +335,7 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, keys: Sequen
             generators = seeded_generators(model.device, keys[start:start + batch_size])
             texts = sample(model, processor.rated(chunk, fmt), num_samples=k, generator=generators,
                            **sampling).texts(tokenizer)
-            reasonings = [[reasoning_of(t, fmt) for t in texts[b * k:(b + 1) * k]] for b in range(len(chunk))]
+            reasonings = reasonings_by_pair(texts, len(chunk), fmt)
             logits = rating_logits(model, processor, chunk, reasonings, fmt)  # (B, G, R)
             out += expected_score(logits, fmt.ratings).cpu().tolist()  # (B, G) eq. (3)
             bar.update(len(chunk))

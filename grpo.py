@@ -7,9 +7,10 @@ Section 3.3 of the paper (Group Relative Policy Optimisation):
 
 `group_advantages` is eq. (1), `grpo_loss` is the negative of eq. (2) (we minimise), `loss_mask` drops
 truncated completions from the loss, `loss_counts` gives the token and completion counts that make the
-loss exact across micro-batches and ranks. `completion_logprobs` gives the log-probabilities eq. (2) needs,
-under the policy or the reference model (train.py calls it for both): one forward over each prompt and its
-completion, the LM head read a chunk of tokens at a time (the section at the end). Rows are ordered prompt-major everywhere: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
+loss exact across micro-batches and ranks. `completion_logprobs` gives the log-probabilities eq. (2) needs:
+the policy's (train.py's update) and the reference model's (`reference_logprobs`), one forward over each prompt
+and its completion, the LM head read a chunk of tokens at a time (the section at the end). Rows are ordered
+prompt-major everywhere: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
 
 Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_grpo.py
@@ -85,62 +86,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     return adv.reshape(-1)  # (N,)
 
 
-def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
-    """Zero the rows of truncated completions when mask_truncated (DAPO overlong filtering); (N, T) -> (N, T)."""
-    if truncated.shape != completion_mask.shape[:1]:
-        raise ValueError(f"truncated: expected shape ({completion_mask.shape[0]},), got {tuple(truncated.shape)}")
-    if not mask_truncated:
-        return completion_mask
-    keep = ~truncated.bool()  # (N,)
-    return completion_mask * keep[:, None].to(completion_mask.dtype)  # (N, T)
-
-
-def loss_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(number of loss tokens, number of completions with at least one loss token) of a (N, T) mask.
-
-    Sum these over micro-batches and all-reduce them over ranks to get `num_tokens` and `num_sequences`.
-    """
-    per_row = mask.bool().sum(dim=1)  # (N,)
-    return per_row.sum(), (per_row > 0).sum()
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020): exp(d) - d - 1, d = ref - logp."""
-    d = ref_logp - logp  # (N, T)
-    return torch.exp(d) - d - 1  # (N, T), >= 0
-
-
-def _divisor(given, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The caller's global count if given, else the local one; at least 1 so an empty batch gives 0, not NaN."""
-    count = local if given is None else given
-    return torch.as_tensor(count, dtype=like.dtype, device=like.device).clamp(min=1)
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, num_tokens=None,
-              num_sequences=None, max_new_tokens=None) -> torch.Tensor:
-    """Reduce a (N, T) per-token loss to a scalar as `loss_type` says (departure 4 at the top)."""
-    w = mask.to(per_token.dtype)  # (N, T)
-    local_tokens, local_sequences = loss_counts(mask)
-    if loss_type == "sequence":  # mean over each completion's tokens, then over completions (GRPO)
-        per_seq = (per_token * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (N,)
-        return per_seq.sum() / _divisor(num_sequences, local_sequences, per_token)
-    if loss_type == "token":  # mean over all tokens of the batch (DAPO)
-        return (per_token * w).sum() / _divisor(num_tokens, local_tokens, per_token)
-    if loss_type == "dr_grpo":  # sum over tokens / (N * max_new_tokens) (Dr. GRPO)
-        if max_new_tokens is None:
-            raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
-        return (per_token * w).sum() / (_divisor(num_sequences, local_sequences, per_token) * max_new_tokens)
-    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def _check_shapes(logp, old_logp, ref_logp, advantages, mask):
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
-        if x is not None and x.shape != logp.shape:
-            raise ValueError(f"{name}: expected shape {tuple(logp.shape)} like logp, got {tuple(x.shape)}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages: expected shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
-
-
 # eq. (2): clipped surrogate minus the KL penalty, negated
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, beta=0.04,
               loss_type="sequence", num_tokens=None, max_new_tokens=None, num_sequences=None):
@@ -173,6 +118,43 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
     return loss, _metrics(ratio, adv, kl, keep, clip_low, clip_high)
 
 
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) (Schulman 2020): exp(d) - d - 1, d = ref - logp."""
+    d = ref_logp - logp  # (N, T)
+    return torch.exp(d) - d - 1  # (N, T), >= 0
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, num_tokens=None,
+              num_sequences=None, max_new_tokens=None) -> torch.Tensor:
+    """Reduce a (N, T) per-token loss to a scalar as `loss_type` says (departure 4 at the top)."""
+    w = mask.to(per_token.dtype)  # (N, T)
+    local_tokens, local_sequences = loss_counts(mask)
+    if loss_type == "sequence":  # mean over each completion's tokens, then over completions (GRPO)
+        per_seq = (per_token * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (N,)
+        return per_seq.sum() / _divisor(num_sequences, local_sequences, per_token)
+    if loss_type == "token":  # mean over all tokens of the batch (DAPO)
+        return (per_token * w).sum() / _divisor(num_tokens, local_tokens, per_token)
+    if loss_type == "dr_grpo":  # sum over tokens / (N * max_new_tokens) (Dr. GRPO)
+        if max_new_tokens is None:
+            raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
+        return (per_token * w).sum() / (_divisor(num_sequences, local_sequences, per_token) * max_new_tokens)
+    raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def _divisor(given, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The caller's global count if given, else the local one; at least 1 so an empty batch gives 0, not NaN."""
+    count = local if given is None else given
+    return torch.as_tensor(count, dtype=like.dtype, device=like.device).clamp(min=1)
+
+
+def _check_shapes(logp, old_logp, ref_logp, advantages, mask):
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if x is not None and x.shape != logp.shape:
+            raise ValueError(f"{name}: expected shape {tuple(logp.shape)} like logp, got {tuple(x.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages: expected shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
+
+
 @torch.no_grad()
 def _metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
     """Means over this batch's loss tokens, as 0-dim tensors (no host sync here)."""
@@ -188,6 +170,25 @@ def _metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
         "ratio": (ratio * w).sum() / n,
         "length": lengths.sum() / (lengths > 0).sum().clamp(min=1),  # over completions left in the loss
     }
+
+
+def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor, mask_truncated: bool) -> torch.Tensor:
+    """Zero the rows of truncated completions when mask_truncated (DAPO overlong filtering); (N, T) -> (N, T)."""
+    if truncated.shape != completion_mask.shape[:1]:
+        raise ValueError(f"truncated: expected shape ({completion_mask.shape[0]},), got {tuple(truncated.shape)}")
+    if not mask_truncated:
+        return completion_mask
+    keep = ~truncated.bool()  # (N,)
+    return completion_mask * keep[:, None].to(completion_mask.dtype)  # (N, T)
+
+
+def loss_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of loss tokens, number of completions with at least one loss token) of a (N, T) mask.
+
+    Sum these over micro-batches and all-reduce them over ranks to get `num_tokens` and `num_sequences`.
+    """
+    per_row = mask.bool().sum(dim=1)  # (N,)
+    return per_row.sum(), (per_row > 0).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +216,15 @@ def completion_logprobs(model, batch: dict, completions: torch.Tensor, completio
     """
     states = (hidden or completion_hidden)(model, batch, completions, completion_mask)  # (N, T+1, C)
     return token_logprobs(model.lm_head, states[:, :-1], completions, temperature)  # (N, T)
+
+
+@torch.no_grad()
+def reference_logprobs(model, micro, completions: torch.Tensor, completion_mask: torch.Tensor, temperature: float = 1.0,
+                       hidden=None) -> torch.Tensor:
+    """The reference model's log-probs of N completions (N, T), for eq. (2)'s KL term: `completion_logprobs` a
+    micro-batch at a time, no gradient. `micro`: [(processor batch of some prompts, the slice of their rows)]."""
+    return torch.cat([completion_logprobs(model, mb, completions[rows], completion_mask[rows], temperature, hidden)
+                      for mb, rows in micro])  # (N, T)
 
 
 def token_logprobs(head, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

@@ -17,15 +17,21 @@ Shown the reasoner's answer, it could simply copy it, and r_list would reward co
 convincing explanations. So it reads the text up to the answer slot and the answer itself never enters:
 `reasoning_of` cuts a completion at its first answer tag.
 
-Where this departs from the paper: p_corr = pi_ref(y* | C) in section 4.3 is the probability of the answer
-token in the whole vocabulary; here it is renormalised over the two answer tokens (eq. (4)'s softmax). Then
-p_corr + p_wrong = 1, and r_list pays for the listener preferring the right image, not for how much of its
-probability it puts on answer tokens rather than on other text (which the format reward already checks).
-
 The images and the prompt are the same for the G rollouts of a pair, so each pair is prefilled once and its
 cache copied to its G reasonings (sample.py's `prefill`, `expand`, `extend`), as the sampler does.
 fast/listener_from_reference.py reads the answer slot out of the KL reference pass instead, when the listener
 is the reference model.
+
+Where this departs from the paper, and why:
+1. p_corr = pi_ref(y* | C) in section 4.3 is the probability of the answer token in the whole vocabulary; here
+   it is renormalised over the two answer tokens (eq. (4)'s softmax). Then p_corr + p_wrong = 1, and r_list pays
+   for the listener preferring the right image, not for how much of its probability it puts on answer tokens
+   rather than on other text (which the format reward already checks).
+2. The listener reads the reasoning as text, not the sampled ids: `reasoning_of` cuts it out of the completion's
+   text and `listener_prefix` writes it back between the format's own tags, `</think>\\n<answer>` included,
+   tokenised as the tokenizer writes that text. What a completion put between its `</think>` and `<answer>`,
+   and ids that spell the same text in other tokens, are normalised away (the paper does not say); the reward
+   then depends on what the reasoning says, not on how it was spelled.
 
 Shapes: B pairs, G reasonings per pair, N = B*G, K answer tokens, V vocabulary.
 Test: .venv/bin/python -m pytest -q tests/test_listener.py        Bench: .venv/bin/python bench/listener.py
@@ -38,8 +44,92 @@ import torch
 
 import sample
 from formats.records import Pair
-from models.processor import left_pad
+from models.processor import continuation_ids, left_pad
 from prompt import PROMPT, PromptFormat, listener_prefix, reasoner_messages
+
+
+class Listener:
+    """A frozen VLM scoring reasoning (section 4.3). Pass the reference model, never the policy being trained.
+
+    `model` is frozen here (requires_grad_(False), eval()): it is a judge, not a learner.
+    """
+
+    def __init__(self, model, processor, fmt: PromptFormat = PROMPT):
+        self.model = model.requires_grad_(False).eval()
+        self.processor = processor
+        self.fmt = fmt
+        self.answer_ids = answer_token_ids(processor.tokenizer, fmt)  # fails now, not mid-training
+
+    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
+        """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b).
+
+        Each text's reasoning is read with its answer removed (`reasoning_of`); the pair's label picks the image.
+        """
+        B = len(pairs)
+        if B == 0 or len(texts) % B:
+            raise ValueError(f"{len(texts)} texts do not split into {B} pairs with the same number of rollouts")
+        if any(p.label not in (0, 1) for p in pairs):
+            raise ValueError(f"pair labels must be 0 or 1, got {[p.label for p in pairs]}")
+        probs = self.scores(pairs, reasonings_by_pair(texts, B, self.fmt))  # (B, G, 2)
+        return preferred(probs.reshape(len(texts), -1), pairs)  # (N,)
+
+    def scores(self, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(B, G, 2): the listener's probability of image 0 and image 1 of pair b given reasoning g."""
+        return answer_probs(self.model, self.processor, pairs, reasonings, self.fmt)
+
+
+def preferred(probs: torch.Tensor, pairs: Sequence[Pair]) -> torch.Tensor:
+    """(N, 2) the probability of each image, N = B*G rows prompt-major -> (N,) the preferred image's: p_corr."""
+    labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(len(probs) // len(pairs))
+    return probs.gather(-1, labels[:, None])[:, 0]  # (N,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the answer slot
+
+
+def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
+                 fmt: PromptFormat = PROMPT) -> torch.Tensor:
+    """A model's probability of each image, given each reasoning: (B, G, 2), float32, no gradient; eq. (4).
+
+    `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to read on
+    pair b, the same G for every pair. Under FSDP2 every rank must call it (each forward gathers the weights).
+    """
+    B = len(pairs)
+    if len(reasonings) != B:
+        raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")
+    G = len(reasonings[0]) if B else 0
+    if any(len(rs) != G for rs in reasonings):
+        raise ValueError(f"every pair needs the same number of reasonings, got {[len(rs) for rs in reasonings]}")
+    if B == 0 or G == 0:
+        return torch.zeros(B, G, len(fmt.answers))
+    tokenizer = processor.tokenizer
+    rows = listener_ids(tokenizer, pairs, reasonings, fmt)  # N continuations
+    logits = slot_logits(model, processor.pairs(pairs, fmt), rows, answer_token_ids(tokenizer, fmt),
+                         tokenizer.pad_token_id)  # (N, 2)
+    return logits.softmax(-1).view(B, G, -1)  # (B, G, 2) eq. (4): sigma(f(b) - f(a)) for image b
+
+
+@torch.no_grad()
+def slot_logits(model, prompts: dict, continuations: Sequence[Sequence[int]], answer_ids: Sequence[int],
+                pad_token_id: int) -> torch.Tensor:
+    """(N, K) float32 logits of the K `answer_ids` right after each of N continuations of the B prompts.
+
+    `prompts`: a processor batch of B prompts; `continuations`: N = B*G token id lists, prompt-major (row
+    b*G + g continues prompt b). Each prompt and its images run once (`sample.prefill`), its cache is copied
+    to its G rows (`sample.expand`), and the continuations, left-padded so that every row ends at its answer
+    slot, run over it with the LM head at the last position only (`sample.extend`).
+    """
+    B = prompts["input_ids"].shape[0]
+    if len(continuations) % B:
+        raise ValueError(f"{len(continuations)} continuations do not split into {B} prompts")
+    padded = left_pad(continuations, pad_token_id)  # input_ids, attention_mask: (N, T)
+    device = sample.model_device(model)
+    state = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
+    sample.extend(model, state, padded["input_ids"].to(device), padded["attention_mask"].to(device),
+                  logits_to_keep=1)  # (N, 1, V)
+    return state.logits[:, list(answer_ids)].float()  # (N, K): after each row's last real token
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Text: what the listener reads
@@ -74,6 +164,24 @@ def reasoning_of(text: str, fmt: PromptFormat = PROMPT) -> str:
     return head.replace(fmt.think_open, "").replace(fmt.think_close, "")  # step 4
 
 
+def reasonings_by_pair(texts: Sequence[str], B: int, fmt: PromptFormat = PROMPT) -> list[list[str]]:
+    """N = B*G completion texts, prompt-major -> the reasoning of each, as B lists of G (`reasoning_of`)."""
+    G = len(texts) // B
+    return [[reasoning_of(t, fmt) for t in texts[b * G:(b + 1) * G]] for b in range(B)]
+
+
+def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
+                 fmt: PromptFormat = PROMPT) -> list[list[int]]:
+    """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
+    `reasonings[b]`, written as the tokenizer writes it after the prompt; flat, prompt-major."""
+    rows = []
+    for pair, rs in zip(pairs, reasonings):
+        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
+                                                    add_generation_prompt=True)
+        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
+    return rows
+
+
 def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[str] | None = None) -> list[int]:
     """The token id of each answer (`fmt.answers` unless given), as the tokenizer writes it right after the
     answer slot.
@@ -94,109 +202,3 @@ def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[st
     if len(set(ids)) != len(ids):
         raise ValueError(f"answers {tuple(answers)} share a token: ids {ids}")
     return ids
-
-
-def continuation_ids(tokenizer, prompt_text: str, suffixes: Sequence[str]) -> list[list[int]]:
-    """Token ids of each suffix as the tokenizer writes it after `prompt_text` (not tokenized on its own).
-
-    Tokenizing prompt + suffix together and dropping the prompt's ids gives exactly the ids of a single
-    full-text encoding, whatever the tokenizer merges at the seam; we check the prompt's ids are a prefix.
-    """
-    head = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    rows = tokenizer([prompt_text + s for s in suffixes], add_special_tokens=False)["input_ids"]
-    for g, row in enumerate(rows):
-        if row[:len(head)] != head:
-            raise ValueError(f"suffix {g} ({suffixes[g][:40]!r}...) changes how the prompt before it is tokenized")
-    return [row[len(head):] for row in rows]
-
-
-def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
-                 fmt: PromptFormat = PROMPT) -> list[list[int]]:
-    """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
-    `reasonings[b]`, written as the tokenizer writes it after the prompt; flat, prompt-major."""
-    rows = []
-    for pair, rs in zip(pairs, reasonings):
-        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
-                                                    add_generation_prompt=True)
-        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading the answer slot
-
-
-@torch.no_grad()
-def slot_logits(model, prompts: dict, continuations: Sequence[Sequence[int]], answer_ids: Sequence[int],
-                pad_token_id: int) -> torch.Tensor:
-    """(N, K) float32 logits of the K `answer_ids` right after each of N continuations of the B prompts.
-
-    `prompts`: a processor batch of B prompts; `continuations`: N = B*G token id lists, prompt-major (row
-    b*G + g continues prompt b). Each prompt and its images run once (`sample.prefill`), its cache is copied
-    to its G rows (`sample.expand`), and the continuations, left-padded so that every row ends at its answer
-    slot, run over it with the LM head at the last position only (`sample.extend`).
-    """
-    B = prompts["input_ids"].shape[0]
-    if len(continuations) % B:
-        raise ValueError(f"{len(continuations)} continuations do not split into {B} prompts")
-    padded = left_pad(continuations, pad_token_id)  # input_ids, attention_mask: (N, T)
-    device = sample.model_device(model)
-    state = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
-    sample.extend(model, state, padded["input_ids"].to(device), padded["attention_mask"].to(device),
-                  logits_to_keep=1)  # (N, 1, V)
-    return state.logits[:, list(answer_ids)].float()  # (N, K): after each row's last real token
-
-
-def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
-                 fmt: PromptFormat = PROMPT) -> torch.Tensor:
-    """A model's probability of each image, given each reasoning: (B, G, 2), float32, no gradient; eq. (4).
-
-    `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to read on
-    pair b, the same G for every pair. Under FSDP2 every rank must call it (each forward gathers the weights).
-    """
-    B = len(pairs)
-    if len(reasonings) != B:
-        raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")
-    G = len(reasonings[0]) if B else 0
-    if any(len(rs) != G for rs in reasonings):
-        raise ValueError(f"every pair needs the same number of reasonings, got {[len(rs) for rs in reasonings]}")
-    if B == 0 or G == 0:
-        return torch.zeros(B, G, len(fmt.answers))
-    tokenizer = processor.tokenizer
-    rows = listener_ids(tokenizer, pairs, reasonings, fmt)  # N continuations
-    logits = slot_logits(model, processor.pairs(pairs, fmt), rows, answer_token_ids(tokenizer, fmt),
-                         tokenizer.pad_token_id)  # (N, 2)
-    return logits.softmax(-1).view(B, G, -1)  # (B, G, 2) eq. (4): sigma(f(b) - f(a)) for image b
-
-
-class Listener:
-    """A frozen VLM scoring reasoning (section 4.3). Pass the reference model, never the policy being trained.
-
-    `model` is frozen here (requires_grad_(False), eval()): it is a judge, not a learner.
-    """
-
-    def __init__(self, model, processor, fmt: PromptFormat = PROMPT):
-        self.model = model.requires_grad_(False).eval()
-        self.processor = processor
-        self.fmt = fmt
-        self.answer_ids = answer_token_ids(processor.tokenizer, fmt)  # fails now, not mid-training
-
-    def scores(self, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]]) -> torch.Tensor:
-        """(B, G, 2): the listener's probability of image 0 and image 1 of pair b given reasoning g."""
-        return answer_probs(self.model, self.processor, pairs, reasonings, self.fmt)
-
-    def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
-        """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b).
-
-        Each text's reasoning is read with its answer removed (`reasoning_of`); the pair's label picks the image.
-        """
-        B = len(pairs)
-        if B == 0 or len(texts) % B:
-            raise ValueError(f"{len(texts)} texts do not split into {B} pairs with the same number of rollouts")
-        if any(p.label not in (0, 1) for p in pairs):
-            raise ValueError(f"pair labels must be 0 or 1, got {[p.label for p in pairs]}")
-        G = len(texts) // B
-        reasonings = [[reasoning_of(t, self.fmt) for t in texts[b * G:(b + 1) * G]] for b in range(B)]
-        probs = self.scores(pairs, reasonings).reshape(B * G, -1)  # (N, 2)
-        labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(G)  # (N,)
-        return probs.gather(-1, labels[:, None])[:, 0]  # (N,) the probability of the preferred image

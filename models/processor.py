@@ -1,6 +1,7 @@
 """Chat messages + images -> the tensors a Qwen2.5-VL or Qwen3-VL model reads, with a checkpoint's own tokenizer
 and image processor (`Processor`), and the batch arithmetic around them: left padding, the rows of a batch with
-their images (`prompt_rows`), the number of tokens a text is read as (`prompt_tokens`), a checkpoint's pixel bounds.
+their images (`prompt_rows`), the tokens a text is read as inside a prompt (`prompt_tokens`) and after one
+(`continuation_ids`), a checkpoint's pixel bounds.
 
 prompt.py says what is asked; this file turns it into input_ids, attention_mask, mm_token_type_ids (B, P),
 pixel_values (patches, C*t*p*p) and image_grid_thw (images, 3). Shapes: B prompts, P prompt tokens.
@@ -170,6 +171,20 @@ def pixel_bounds_problem(path: str, min_pixels: int | None, max_pixels: int | No
 def prompt_tokens(tokenizer, text: str) -> int:
     """The number of tokens `text` is read as inside a prompt: as `Processor._encode` tokenizes it."""
     return len(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+def continuation_ids(tokenizer, prompt_text: str, suffixes: Sequence[str]) -> list[list[int]]:
+    """Token ids of each suffix as the tokenizer writes it after `prompt_text` (not tokenized on its own).
+
+    Tokenizing prompt + suffix together and dropping the prompt's ids gives exactly the ids of a single
+    full-text encoding, whatever the tokenizer merges at the seam; we check the prompt's ids are a prefix.
+    """
+    head = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    rows = tokenizer([prompt_text + s for s in suffixes], add_special_tokens=False)["input_ids"]
+    for g, row in enumerate(rows):
+        if row[:len(head)] != head:
+            raise ValueError(f"suffix {g} ({suffixes[g][:40]!r}...) changes how the prompt before it is tokenized")
+    return [row[len(head):] for row in rows]
 
 
 def images_per_row(mm_token_type_ids: torch.Tensor) -> torch.Tensor:
