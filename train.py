@@ -26,12 +26,12 @@ options above switch on speed-ups (fast/), each tested equal to the reference pa
 in prompt.PROMPT's words unless --prompt_format (or --model's own prompt_format.json) gives others, and writes
 the format it asked in into every checkpoint and export (prompt_format.json), where evaluate.py reads it.
 
-This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
-G rollouts per pair (sample.py), reads them with the reference model (`reference_pass`, pi_ref of eq. (2)) and
-the listener (listener.py, p_corr), rewards them (`rollout_rewards`, eq. (5)), normalises the rewards within
-each group (eq. (1), grpo.py) and minimises the clipped objective with KL (eq. (2), `policy_update`) for
-`num_iterations` passes); one SFT step; the loop (`train`). What they run on: infra/ (processes and FSDP2, the
-run's state, checkpoints, the command line).
+This file reads in the order of the method: one GRPO step first (sections 3.3, 4.3: `grpo_step` samples G
+rollouts per pair (sample.py), reads them with the frozen models (`score_rollouts`: the reference model's
+log-probs, pi_ref of eq. (2), and the listener's p_corr, listener.py), rewards them (`rollout_rewards`, eq. (5)),
+normalises the rewards within each group (eq. (1), grpo.py) and minimises the clipped objective with KL (eq. (2),
+`policy_update`) for `num_iterations` passes); one SFT step; the loop (`train`); the options (`Config`). What they
+run on: infra/ (processes and FSDP2, the run's state and the speed-ups it plugs in, checkpoints, the command line).
 
 Where this departs from the paper, and why (grpo.py lists the loss's own, listener.py and reward.py theirs):
 
@@ -83,7 +83,6 @@ import torch.distributed as dist
 import grpo
 import reward
 import sample
-from fast import listener_from_reference
 from fast.static_decode import DECODES
 from formats.images import DataError
 from formats.layouts import MAX_PROMPT_TOKENS
@@ -96,7 +95,241 @@ from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
 from models.processor import pixel_bounds_problem
 from prompt import PROMPT, PromptFormat
+from report.metrics import rollout_metrics
 from toy import demo, world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One GRPO step: sample -> reference pass and listener -> rewards -> advantages -> update; metrics as tensors
+
+
+def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
+    """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
+
+    In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
+    """
+    t0 = time.time()
+    tokenizer = trainer.processor.tokenizer
+    batch = trainer.encode(pairs)  # B prompts with their images
+    with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
+        rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                                 pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 generator=trainer.generators(pairs, step), decoder=trainer.decoder)
+    texts = rollouts.texts(tokenizer)  # N = B*G completions
+    examples = [p for p in pairs for _ in range(cfg.group_size)]  # the pair (or rated image) each rollout answers
+    t1 = time.time()
+    trainer.boundary()  # a stop request (SIGTERM) abandons the step here, or at the next boundary
+    micro = trainer.micro_batches(batch, cfg.group_size)  # [(the inputs of micro_pairs prompts, their rows)]
+    # pi_ref's log-probs (N, T) and the listener's p_corr (N,): `score_rollouts` below, as the trainer set it up
+    ref_logp, p_correct, score_metrics = trainer.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    rewards = rollout_rewards(cfg, trainer, examples, texts, p_correct)  # eq. (5)
+    advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
+    mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
+    t2 = time.time()
+    trainer.boundary()
+    metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
+    metrics.update(rollout_metrics(examples, texts, rollouts, rewards, p_correct, cfg.group_size, trainer.fmt),
+                   **score_metrics)
+    metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
+                   time_update=torch.tensor(time.time() - t2))
+    return metrics
+
+
+def score_rollouts(cfg: Config, trainer: Trainer, micro, rollouts, pairs: list, texts: list[str]) -> tuple:
+    """What the frozen models read in the rollouts: (ref_logp, p_correct, what to log of how: {} here).
+
+    ref_logp (N, T): the reference model's log-probs, pi_ref of eq. (2)'s KL term, at the sampling temperature
+    (grpo.py's departure 8); None when beta = 0. p_correct (N,): the listener's p_corr of eq. (5), each reasoning
+    read without its answer (listener.py); None without a listener, and when it is not rewarded (w_list = 0: it
+    is scored on the held-out pairs only). `trainer.score_rollouts` is this function, or, with
+    --listener_from_reference, fast/listener_from_reference.py's, which reads both in one pass.
+    """
+    ref_logp = p_correct = None
+    if cfg.beta > 0:
+        ref_logp = grpo.reference_logprobs(trainer.reference, micro, rollouts.tokens, rollouts.mask, cfg.temperature,
+                                           trainer.hidden_fn)  # (N, T)
+    if trainer.listener is not None and cfg.w_list > 0:
+        p_correct = trainer.listener.p_correct(pairs, texts).to(trainer.device)  # (N,)
+    return ref_logp, p_correct, {}
+
+
+def rollout_rewards(cfg: Config, trainer: Trainer, examples: list, texts: list[str], p_correct) -> dict:
+    """Rewards of the N completions, `examples[n]` the pair (or rated image) completion n answers: eq. (5), or
+    section 5's in the score mode; each component (N,)."""
+    if cfg.mode == "score":
+        rewards = reward.score_rewards(texts, [r.rating for r in examples], fmt=trainer.fmt)  # format, exact, distance
+    else:
+        rewards = reward.preference_rewards(texts, [p.label for p in examples], p_correct, w_fmt=cfg.w_fmt,
+                                            w_acc=cfg.w_acc, w_list=cfg.w_list if p_correct is not None else 0.0,
+                                            fmt=trainer.fmt)
+    return {k: v.to(trainer.device).float() for k, v in rewards.items()}
+
+
+def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
+    """`num_iterations` optimiser steps on the clipped objective, each accumulated over the micro-batches.
+
+    The token and completion counts are summed over the whole global batch first (all micro-batches, all
+    ranks), so each micro-batch's loss is its exact share of the global loss. pi_old of eq. (2) is this pass's own
+    first reading of the rollouts (departure 2): the ratio is exactly 1 on the first pass, and later passes compare
+    the trainer's numbers with themselves. How far the sampler's log-probs are from it is measured every step.
+    """
+    num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
+    old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
+    metrics: dict = {}
+    share = 1 / (len(micro) * cfg.num_iterations)
+    for iteration in range(cfg.num_iterations):
+        for i, (mb, rows) in enumerate(micro):
+            if iteration == 0 and i > 0:
+                trainer.boundary()  # after the first optimiser step the step runs to its end
+            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
+                                            cfg.temperature, trainer.hidden_fn)  # (n, T)
+            if iteration == 0:
+                old_logp[rows] = logp.detach()
+            loss, m = grpo.grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                                     advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
+                                     cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
+                                     max_new_tokens=cfg.max_new_tokens)
+            (loss * trainer.world_size).backward()  # FSDP2 averages gradients over ranks; the loss is already global
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0) + v.detach() * share
+            metrics["loss"] = metrics.get("loss", 0) + loss.detach() / cfg.num_iterations
+        metrics.update(trainer.optimizer_step())
+    gap = (rollouts.logprobs - old_logp).abs() * mask  # (N, T) the sampler's numbers against the trainer's
+    metrics.update(old_logp_gap_mean=gap.sum() / num_tokens.clamp(min=1), old_logp_gap_max=gap.max())
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One SFT step: the paper's baseline, and the toy world's cold start
+
+
+def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dict:
+    """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
+    if cfg.sft_answers == "both":
+        pairs = [p for p in pairs for _ in (0, 1)]
+    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device, trainer.fmt)  # (B, T)
+    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
+    if cfg.sft_captions:
+        batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
+    if cfg.sft_answer_captions:
+        batches += caption_batches(trainer, pairs * cfg.sft_answer_captions, step + 10**6, answer_slot=True)
+    num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
+    loss_total = 0
+    for i, (mb, t, m) in enumerate(batches):
+        if i > 0:
+            trainer.boundary()
+        logp = grpo.completion_logprobs(trainer.policy, mb, t, m, hidden=trainer.hidden_fn)  # (n, T)
+        loss = -(logp * m).sum() / num_tokens
+        (loss * trainer.world_size).backward()
+        loss_total = loss_total + loss.detach()
+    return {"loss": loss_total, **trainer.optimizer_step()}
+
+
+def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device,
+                fmt: PromptFormat = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>` in `fmt`, right-padded.
+
+    The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
+    the target answer (toy/world.py's `cold_start_reasoning`).
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    texts = []
+    for i, pair in enumerate(pairs):
+        if cfg.sft_answers == "both":  # `sft_step` lists each pair twice: answer image 0, then image 1
+            label = i % 2
+        else:
+            label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
+        if cfg.sft_reasoning == "toy":
+            reasoning = world.cold_start_reasoning(pair.prompt, label)
+        else:
+            reasoning = cfg.sft_reasoning
+        texts.append(fmt.completion(reasoning, fmt.answers[label]))
+    return completion_tokens(tokenizer, texts, device)
+
+
+def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts -> right-padded tokens ending in EOS, and their mask: (N, T) each."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    width = max(map(len, rows))
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    return tokens.to(device), mask.to(device)
+
+
+def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
+                    answer_slot: bool = False) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
+    "The first image is green.", or, `answer_slot`, the same question in the answer format answered "1" at the
+    answer slot (toy/world.py's `caption_example`). It teaches where colours are, not which image people prefer.
+    Returns micro-batches of (model inputs, target tokens, their mask)."""
+    rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
+    out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
+    for i in range(0, len(pairs), m):
+        chunk = pairs[i:i + m]
+        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot, trainer.fmt) for pair in chunk))
+        batch = trainer.processor(list(messages), [pair.images for pair in chunk])
+        tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
+        out.append((to_device(batch, trainer.device), tokens, mask))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config) -> dict:
+    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after, and the final export."""
+    rank, world_size, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, rank, world_size, device)
+    step_fn = sft_step if cfg.mode == "sft" else grpo_step  # the score mode is GRPO with other rewards
+    trainer.stop = stop = Stop()
+    before = heldout_accuracy(trainer)
+    log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
+    progress = Progress(cfg, trainer.step, rank)  # metrics.jsonl and a progress bar, on rank 0
+    while trainer.step < cfg.steps:
+        t = time.time()
+        position = trainer.stream.state_dict()
+        pairs = next(trainer.stream)
+        try:
+            metrics = step_fn(cfg, trainer, pairs, trainer.step)
+        except StepAbandoned:  # the weights are those of the last finished step; so is the stream, again
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.stream.load_state_dict(position)
+            stop_run(trainer, f"stop requested during step {trainer.step + 1}: abandoned")
+        metrics["replaced_examples"] = torch.tensor(float(trainer.stream.replaced))  # unreadable, so far (skip_bad)
+        trainer.step += 1
+        row = reduce_metrics(metrics, world_size, device)  # two collectives and one host sync per step
+        row.update(step=trainer.step, step_time=time.time() - t)
+        if "tokens" in row:
+            row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
+        if cfg.eval_every and trainer.heldout_total and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
+            row.update({f"heldout_{k}": v for k, v in heldout_accuracy(trainer).items()})
+        progress.write(row)
+        if stop.agreed(device):
+            stop_run(trainer, f"stop requested after step {trainer.step}")
+        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
+            trainer.save()
+        if cfg.export_every and trainer.step % cfg.export_every == 0 and trainer.step < cfg.steps:
+            trainer.export()
+    final = checkpoint.export_dir(trainer.out, trainer.step)
+    if not (final / "config.json").exists():
+        trainer.export()
+    after = heldout_accuracy(trainer)
+    progress.close()
+    peaks = [None] * world_size
+    dist.all_gather_object(peaks, round(peak_memory_gb(device), 2))
+    replaced = int(all_sum(torch.tensor(float(trainer.stream.replaced), device=device)))
+    log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
+        f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
+    return {"before": before, "after": after, "final": str(final), "replaced_examples": replaced}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The options
 
 
 @dataclass
@@ -272,259 +505,6 @@ UNREAD = {"sft": ("group_size", "max_new_tokens", "temperature", "top_p", "top_k
           "grpo": SFT_ONLY, "score": SFT_ONLY + ("listener", "w_fmt", "w_acc", "w_list")}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One GRPO step: sample -> reference and listener pass -> rewards -> advantages -> update; metrics as tensors
-
-
-def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
-    """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
-
-    In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
-    """
-    t0 = time.time()
-    tokenizer = trainer.processor.tokenizer
-    batch = trainer.encode(pairs)  # B prompts with their images
-    with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
-        rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
-                                 pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 generator=trainer.generators(pairs, step), decoder=trainer.decoder)
-    texts = rollouts.texts(tokenizer)  # N = B*G completions
-    t1 = time.time()
-    trainer.boundary()  # a stop request abandons the step here, or at the next boundary
-    micro = trainer.micro_batches(batch, cfg.group_size)
-    fast = {}
-    if cfg.listener_from_reference:  # fast/: one pass gives pi_ref's log-probs and, where it can, p_corr
-        ref_logp, p_correct, fast["listener_from_reference"] = listener_from_reference.reference_and_listener(
-            trainer.reference, trainer.listener, trainer.hidden_fn, micro, rollouts.tokens, rollouts.mask, pairs,
-            texts, cfg.temperature, trainer.fmt)  # (N, T), (N,), the fraction of rows it read
-    else:
-        ref_logp = reference_pass(cfg, trainer, micro, rollouts)  # (N, T) or None
-        p_correct = listener_pass(cfg, trainer, pairs, texts)  # (N,) or None
-    rewards = rollout_rewards(cfg, trainer, pairs, texts, p_correct)  # eq. (5)
-    advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
-    mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
-    t2 = time.time()
-    trainer.boundary()
-    metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
-    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, trainer.fmt), **fast)
-    metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
-                   time_update=torch.tensor(time.time() - t2))
-    return metrics
-
-
-@torch.no_grad()
-def reference_pass(cfg: Config, trainer: Trainer, micro, rollouts) -> torch.Tensor | None:
-    """The reference model's log-probs of the rollouts (N, T), for eq. (2)'s KL term; None when beta = 0. They
-    are taken at the sampling temperature, as the policy's are (grpo.py's departure 8)."""
-    if cfg.beta == 0:
-        return None
-    return torch.cat([grpo.completion_logprobs(trainer.reference, mb, rollouts.tokens[rows], rollouts.mask[rows],
-                                               cfg.temperature, trainer.hidden_fn) for mb, rows in micro])  # (N, T)
-
-
-def listener_pass(cfg: Config, trainer: Trainer, pairs: list[Pair], texts: list[str]) -> torch.Tensor | None:
-    """p_corr of eq. (5) for each rollout (N,): the listener reads its reasoning without the answer
-    (listener.py). None without a listener, and when it is not rewarded (w_list = 0: it is scored on the
-    held-out pairs only)."""
-    if trainer.listener is None or cfg.w_list == 0:
-        return None
-    return trainer.listener.p_correct(pairs, texts).to(trainer.device)  # (N,)
-
-
-def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str], p_correct) -> dict:
-    """Rewards of the B*G completions: eq. (5), or section 5's in the score mode; each component (N,)."""
-    if cfg.mode == "score":
-        targets = [r.rating for r in pairs for _ in range(cfg.group_size)]
-        rewards = reward.score_rewards(texts, targets, fmt=trainer.fmt)  # format, exact, distance, total
-    else:
-        labels = [p.label for p in pairs for _ in range(cfg.group_size)]
-        rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
-                                            w_list=cfg.w_list if p_correct is not None else 0.0, fmt=trainer.fmt)
-    return {k: v.to(trainer.device).float() for k, v in rewards.items()}
-
-
-def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
-    """`num_iterations` optimiser steps on the clipped objective, each accumulated over the micro-batches.
-
-    The token and completion counts are summed over the whole global batch first (all micro-batches, all
-    ranks), so each micro-batch's loss is its exact share of the global loss. pi_old of eq. (2) is this pass's own
-    first reading of the rollouts (departure 2): the ratio is exactly 1 on the first pass, and later passes compare
-    the trainer's numbers with themselves. How far the sampler's log-probs are from it is measured every step.
-    """
-    num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
-    old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
-    metrics: dict = {}
-    share = 1 / (len(micro) * cfg.num_iterations)
-    for iteration in range(cfg.num_iterations):
-        for i, (mb, rows) in enumerate(micro):
-            if iteration == 0 and i > 0:
-                trainer.boundary()  # after the first optimiser step the step runs to its end
-            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
-                                            cfg.temperature, trainer.hidden_fn)  # (n, T)
-            if iteration == 0:
-                old_logp[rows] = logp.detach()
-            loss, m = grpo.grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                                     advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
-                                     cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
-                                     max_new_tokens=cfg.max_new_tokens)
-            (loss * trainer.world).backward()  # FSDP2 averages gradients over ranks; the loss is already global
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0) + v.detach() * share
-            metrics["loss"] = metrics.get("loss", 0) + loss.detach() / cfg.num_iterations
-        metrics.update(trainer.optimizer_step())
-    gap = (rollouts.logprobs - old_logp).abs() * mask  # (N, T) the sampler's numbers against the trainer's
-    metrics.update(old_logp_gap_mean=gap.sum() / num_tokens.clamp(min=1), old_logp_gap_max=gap.max())
-    return metrics
-
-
-def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, fmt: PromptFormat = PROMPT) -> dict:
-    """What the rollouts looked like: rewards per component, accuracy, lengths, the listener's view."""
-    lengths = rollouts.mask.sum(-1).float()  # (N,)
-    total = rewards["total"]
-    out = {f"reward_{k}": v.mean() for k, v in rewards.items() if k != "total"}  # each component
-    out.update({"reward": total.mean(), "reward_std": total.std(unbiased=False),
-                "flat_groups": (total.view(-1, cfg.group_size).std(-1, unbiased=False) == 0).float().mean(),
-                "length": lengths.mean(), "length_max": lengths.max(), "truncated": (~rollouts.stopped).float().mean(),
-                "tokens": lengths.sum()})
-    if p_correct is not None:
-        labels = torch.tensor([p.label for p in pairs], device=p_correct.device).repeat_interleave(cfg.group_size)
-        picked = torch.tensor([fmt.answers.index(a) if a is not None else -1
-                               for a in (reward.parse_completion(t, fmt)[1] for t in texts)], device=p_correct.device)
-        listener_pick = torch.where(p_correct > 0.5, labels, 1 - labels)  # (N,) the image the listener favours
-        out["listener_p_correct"] = p_correct.mean()
-        out["listener_agreement"] = (picked == listener_pick).float().mean()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One SFT step: the paper's baseline, and the toy world's cold start
-
-
-def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dict:
-    """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
-    if cfg.sft_answers == "both":
-        pairs = [p for p in pairs for _ in (0, 1)]
-    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device, trainer.fmt)  # (B, T)
-    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
-    if cfg.sft_captions:
-        batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
-    if cfg.sft_answer_captions:
-        batches += caption_batches(trainer, pairs * cfg.sft_answer_captions, step + 10**6, answer_slot=True)
-    num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
-    loss_total = 0
-    for i, (mb, t, m) in enumerate(batches):
-        if i > 0:
-            trainer.boundary()
-        logp = grpo.completion_logprobs(trainer.policy, mb, t, m, hidden=trainer.hidden_fn)  # (n, T)
-        loss = -(logp * m).sum() / num_tokens
-        (loss * trainer.world).backward()
-        loss_total = loss_total + loss.detach()
-    return {"loss": loss_total, **trainer.optimizer_step()}
-
-
-def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device,
-                fmt: PromptFormat = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>` in `fmt`, right-padded.
-
-    The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
-    the target answer (toy/world.py's `cold_start_reasoning`).
-    """
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    texts = []
-    for i, pair in enumerate(pairs):
-        if cfg.sft_answers == "both":  # `sft_step` lists each pair twice: answer image 0, then image 1
-            label = i % 2
-        else:
-            label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
-        if cfg.sft_reasoning == "toy":
-            reasoning = world.cold_start_reasoning(pair.prompt, label)
-        else:
-            reasoning = cfg.sft_reasoning
-        texts.append(fmt.completion(reasoning, fmt.answers[label]))
-    return completion_tokens(tokenizer, texts, device)
-
-
-def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion texts -> right-padded tokens ending in EOS, and their mask: (N, T) each."""
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    width = max(map(len, rows))
-    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
-    return tokens.to(device), mask.to(device)
-
-
-def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
-                    answer_slot: bool = False) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-    """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
-    "The first image is green.", or, `answer_slot`, the same question in the answer format answered "1" at the
-    answer slot (toy/world.py's `caption_example`). It teaches where colours are, not which image people prefer.
-    Returns micro-batches of (model inputs, target tokens, their mask)."""
-    rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
-    out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
-    for i in range(0, len(pairs), m):
-        chunk = pairs[i:i + m]
-        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot, trainer.fmt) for pair in chunk))
-        batch = trainer.processor(list(messages), [pair.images for pair in chunk])
-        tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
-        out.append((to_device(batch, trainer.device), tokens, mask))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def train(cfg: Config) -> dict:
-    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after, and the final export."""
-    rank, world, device = setup_distributed()
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, rank, world, device)
-    step_fn = sft_step if cfg.mode == "sft" else grpo_step  # the score mode is GRPO with other rewards
-    trainer.stop = stop = Stop()
-    before = heldout_accuracy(trainer)
-    log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
-    progress = Progress(cfg, trainer.step, rank)  # metrics.jsonl and a progress bar, on rank 0
-    while trainer.step < cfg.steps:
-        t = time.time()
-        position = trainer.stream.state_dict()
-        pairs = next(trainer.stream)
-        try:
-            metrics = step_fn(cfg, trainer, pairs, trainer.step)
-        except StepAbandoned:  # the weights are those of the last finished step; so is the stream, again
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.stream.load_state_dict(position)
-            stop_run(trainer, f"stop requested during step {trainer.step + 1}: abandoned")
-        metrics["replaced_examples"] = torch.tensor(float(trainer.stream.replaced))  # unreadable, so far (skip_bad)
-        trainer.step += 1
-        row = reduce_metrics(metrics, world, device)  # two collectives and one host sync per step
-        row.update(step=trainer.step, step_time=time.time() - t)
-        if "tokens" in row:
-            row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
-        if cfg.eval_every and trainer.heldout_total and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
-            row.update({f"heldout_{k}": v for k, v in heldout_accuracy(trainer).items()})
-        progress.write(row)
-        if stop.agreed(device):
-            stop_run(trainer, f"stop requested after step {trainer.step}")
-        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
-            trainer.save()
-        if cfg.export_every and trainer.step % cfg.export_every == 0 and trainer.step < cfg.steps:
-            trainer.export()
-    final = checkpoint.export_dir(trainer.out, trainer.step)
-    if not (final / "config.json").exists():
-        trainer.export()
-    after = heldout_accuracy(trainer)
-    progress.close()
-    peaks = [None] * world
-    dist.all_gather_object(peaks, round(peak_memory_gb(device), 2))
-    replaced = int(all_sum(torch.tensor(float(trainer.stream.replaced), device=device)))
-    log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
-        f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
-    return {"before": before, "after": after, "final": str(final), "replaced_examples": replaced}
-
-
 def parse_args(argv: list[str]) -> Config:
     """The command line -> a checked Config (infra/cli.py: `--name=value` or `--name value`, `--help`)."""
     return cli.parse(Config, argv, __doc__)
@@ -534,9 +514,9 @@ def main() -> None:
     cfg = parse_args(sys.argv[1:])
     if cfg.rehearse:  # plan the run on this CPU instead (infra/rehearsal.py)
         sys.exit(rehearsal.rehearse(cfg))
-    rank, world, device = setup_distributed()
+    rank, world_size, device = setup_distributed()
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log(f"world size {world}, device {device.type}")
+    log(f"world size {world_size}, device {device.type}")
     try:
         if cfg.mode == "demo":
             demo.run(cfg, train)
@@ -549,4 +529,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

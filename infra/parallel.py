@@ -175,11 +175,6 @@ def _fully_shard(modules, reshard_after_forward: bool, **kw) -> None:
         RESHARD_AFTER_FORWARD[module] = reshard_after_forward
 
 
-def frozen(model):
-    model.eval().requires_grad_(False)
-    return model
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
