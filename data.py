@@ -11,6 +11,11 @@
 4. `python data.py check SPEC [--images ROOT] [--workers N] [--tokenizer MODEL_DIR]`: decode every image of a
    dataset before a long run, measure each prompt with the run's tokenizer; list the records that cannot be
    used in a file that `--exclude` reads.
+
+Where this departs from the paper:
+1. An anchor comparison shows the anchor first, (anchor, image i) (`anchor_pairs`); the paper does not say in
+   which order. Every comparison of a group then carries the same position bias; evaluate.py's --both-orders
+   shows each pair both ways and removes it (train.py shows training pairs in random orders: its departure 7).
 """
 from __future__ import annotations
 
@@ -177,7 +182,8 @@ def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:
 
 
 def anchor_pairs(prompt: str, images: Sequence, anchor: int, ranking: Sequence[int] | None = None) -> list[Pair]:
-    """The n - 1 pairs (anchor, image_i), i != anchor; label 1 when people ranked image i above the anchor."""
+    """The n - 1 pairs (anchor, image_i), i != anchor, the anchor always first (departure 1 at the top); label 1
+    when people ranked image i above the anchor."""
     if not 0 <= anchor < len(images):
         raise ValueError(f"anchor {anchor} is not an index into {len(images)} images")
     return [Pair(prompt, (images[anchor], images[i]), int(ranking is not None and ranking[i] < ranking[anchor]))

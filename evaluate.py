@@ -26,13 +26,26 @@ Under torchrun each process holds the whole model and takes every N-th compariso
 seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
 and the judge (table 4) on its own and writes the outputs.
 
-Choices the paper leaves open, made here (report/metrics.py and report/judge.py list those of the metrics):
-1. Mean@k averages probabilities (not logits). Majority vote counts the parsed answers of well-formed
-   rollouts; a tie, or no readable answer, scores 0.5, which every metric counts as wrong.
-2. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`).
-3. `--both-orders` (beyond the paper) also shows every pair as (b, a) and averages p(b) with 1 - p(a), which
+Where this departs from the paper, or chooses what it leaves open (report/metrics.py and report/judge.py list
+those of the metrics):
+1. Eq. (4) writes the answers 0 and 1, p(1 | C) = sigma(f(1) - f(0)). Here they are the prompt format's two
+   answer words, "1" and "2" by default ("1" naming the first image, as the question asks: prompt.py), and
+   p(b) = sigma(f("2") - f("1")): the same formula on those two tokens.
+2. Mean@k averages probabilities (not logits). Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
+   Mean@1 is the first rollout's, not the mean single-rollout accuracy over the k, which would vary less with
+   the seed. Majority vote counts the parsed answers of well-formed rollouts; a tie, or no readable answer,
+   scores 0.5, which every metric counts as wrong.
+3. Every rollout gets a p(b), truncated and malformed ones too: the answer slot is appended to whatever
+   reasoning `listener.reasoning_of` reads out of its text (as text, between the format's own tags: listener.py's
+   departure 2), and that p(b) enters Mean@k like any other (only the vote leaves it out). A reasoner that runs
+   out of tokens is scored on what it wrote, not dropped.
+4. Rollouts are sampled at temperature 1.0 (`--temperature`; the paper gives none), with no top-p or top-k:
+   the distribution the reasoner was trained to sample from.
+5. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`),
+   and always shown first (data.py's departure 1): every comparison of a group carries the same position bias.
+   `--both-orders` (beyond the paper) also shows every pair as (b, a) and averages p(b) with 1 - p(a), which
    removes position bias; both numbers are reported.
-4. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
+6. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
    (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
 
 Shapes: B pairs, G = k rollouts per pair, N = B*G rows, R ratings, V vocabulary.
@@ -66,8 +79,7 @@ from infra import cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, reasonings_by_pair, slot_logits
-from models import families
-from models.processor import Processor, continuation_ids, pixel_bounds_problem, prompt_tokens
+from models.processor import Processor, continuation_ids, prompt_tokens
 from models.prompt_format import checkpoint_format
 from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics
@@ -128,16 +140,9 @@ class Config:
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
-        for name in ("model", "listener", "judge"):
-            if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name), vision=name != "judge")
-                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_models({"model": self.model, "listener": self.listener, "judge": self.judge}, self.min_pixels,
+                         self.max_pixels, self.max_prompt_tokens, self.max_new_tokens)
         cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
-        for name in ("model", "listener"):
-            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
-                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
-            if problem:
-                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.prompt:
             ignored = [f"--{k}" for k in DATASET_ONLY if getattr(self, k) != getattr(Config, k)]
             if ignored:
@@ -164,8 +169,6 @@ class Config:
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
         cli.check_output("out", self.out, folder=True, writes=OUTPUTS)
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
 
 # The options of a dataset evaluation, which reward-model use (--prompt) does not read.
@@ -542,9 +545,7 @@ def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: tor
     if path == "toy":
         from toy import world
         return world.make_model(processor.tokenizer, seed=seed).to(device, dtype or default_dtype), processor
-    if replicas:
-        return load_replica(path, dtype or default_dtype, device), processor
-    return families.load(path, dtype or default_dtype).to(device).eval(), processor
+    return load_replica(path, dtype or default_dtype, device, shared=replicas), processor
 
 
 def load_judge(path: str, precision: str = "auto"):

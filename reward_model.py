@@ -69,7 +69,6 @@ from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, log, setup_distributed
-from models.processor import pixel_bounds_problem
 from models.prompt_format import checkpoint_format, read_format
 from prompt import PROMPT, PromptFormat
 
@@ -479,13 +478,8 @@ def check_options(path: str | None = None, tokenizer=None, **options) -> None:
         if name in fields and (problem := cli.value_problem(value, fields[name].metadata, fields[name].default)):
             fail(name, value, problem)
     given = {f.name: f.default for f in fields.values()} | options
-    if given["min_pixels"] and given["max_pixels"] and given["min_pixels"] > given["max_pixels"]:
-        fail("min_pixels", given["min_pixels"], f"at most --max_pixels={given['max_pixels']}")
-    if path not in (None, "toy"):
-        cli.check_checkpoint("model", path)
-        cli.check_context("model", path, given["max_prompt_tokens"], given["max_new_tokens"])
-        if problem := pixel_bounds_problem(path, given["min_pixels"] or None, given["max_pixels"] or None):
-            fail("max_pixels", given["max_pixels"], f"--min_pixels too: {problem}")
+    cli.check_models({"model": path or ""}, given["min_pixels"], given["max_pixels"], given["max_prompt_tokens"],
+                     given["max_new_tokens"])
     cli.check_prompt_format("prompt_format", given["prompt_format"], {"model": path} if path else {}, tokenizer)
 
 

@@ -93,7 +93,6 @@ from infra.parallel import PRECISIONS, all_sum, gathered, log, peak_memory_gb, s
 from infra import rehearsal
 from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
-from models.processor import pixel_bounds_problem
 from prompt import PROMPT, PromptFormat
 from report.metrics import rollout_metrics
 from toy import demo, world
@@ -455,10 +454,8 @@ class Config:
                 rehearsal.parse_spec(self.rehearse)
             except ValueError as e:
                 raise OptionError(str(e)) from None
-        for name in ("model", "listener"):
-            if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name), weights=not self.rehearse)
-                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_models({"model": self.model, "listener": self.listener}, self.min_pixels, self.max_pixels,
+                         self.max_prompt_tokens, self.max_new_tokens, weights=not self.rehearse)
         cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
         if not toy_model and not self.train_data and not self.rehearse:  # the toy task only when asked for by name
             fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
@@ -478,13 +475,6 @@ class Config:
                 fail("temperature", self.temperature, "a number > 0 in GRPO: greedy rollouts of a group are all equal")
         if self.both_orders and self.pairs_per_rank % 2:
             fail("pairs_per_rank", self.pairs_per_rank, "an even number with --both_orders=true")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
-        for name in ("model", "listener"):
-            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
-                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
-            if problem:
-                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
         if self.listener_from_reference and (self.listener or self.beta == 0 or self.mode != "grpo" or self.w_list == 0):
