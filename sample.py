@@ -10,24 +10,19 @@ the prompt G times. Here, as in nanochat's engine and gpt-fast's generate, `samp
    mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps;
 4. `choose`: the next token of each row from its logits, and the log-probability it was drawn with.
 
-The file reads in that order: `sample`, `choose`, the cache (`DecodeState`, `prefill`, `expand`, `extend`), and
-last the attention masks the model's layers read. Steps 2-3 are the one seam for speed: `sample(..., decoder=...)`
-takes any object with `start` and `step` as `CopiedCache` has them; fast/static_decode.py keeps each prompt's
-keys and values once in a static cache and can compile its step. tests/test_sample.py checks that both give the
-same rollouts, and that greedy rollouts equal `model.generate`'s.
+Steps 2-3 are the one seam for speed: `sample(..., decoder=...)` takes any object with `start` and `step` as
+`CopiedCache` has them; fast/static_decode.py keeps each prompt's keys and values once in a static cache and can
+compile its step. tests/test_sample.py checks that both give the same rollouts, greedy ones `model.generate`'s.
 
-Positions. Qwen-VL's rotary positions (mRoPE) have three axes, time, height and width: an image token's position
-is its place in the image's grid, a text token's is one number on all three axes. That number is the token's
-text position (the real, non-pad tokens before it) plus its prompt's rope delta: how much less the images
-advanced the position than their number of tokens, one number per prompt, from the model's `get_rope_index`.
-We pass positions explicitly: left padding makes them differ from row to row, and the model's own cached
-`rope_deltas` belongs to whichever call ran last.
+Positions: Qwen-VL's rotary positions (mRoPE) have three axes (time, height, width), and a text token's is one
+number on all three: its text position (the real, non-pad tokens before it) plus its prompt's rope delta, by how
+much less than their count of tokens the prompt's images advanced the position (from `get_rope_index`). We pass positions explicitly: left padding
+makes them differ from row to row, and the model's own cached `rope_deltas` belongs to whichever call ran last.
 
 `prefill`, `expand` and `extend` are also how the listener reads reasoning (listener.py); they follow the
-caller's grad mode. `sample` runs under `torch.no_grad()` in the caller's train/eval mode. Under FSDP2 each rank
-holds a shard of every weight, and a block's forward first gathers its full weights from all ranks; call
-`sample` inside `infra.parallel.gathered(model)`, which gathers them once for the whole rollout instead of at
-every decode step.
+caller's grad mode; `sample` runs under `torch.no_grad()`, in the caller's train/eval mode. Under FSDP2 a rank
+holds a shard of each weight and gathers the whole weight from all ranks for each forward: call `sample` inside
+`infra.parallel.gathered(model)`, which gathers them once for the whole rollout, not at every decode step.
 
 Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T new tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_sample.py     Benchmark: .venv/bin/python bench/sample.py
