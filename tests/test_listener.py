@@ -226,3 +226,35 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
         reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_hidden,
                                [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)
+
+
+def test_the_fast_score_rollouts_stands_in_for_trains(world):
+    """trainer.score_rollouts's two choices, train.score_rollouts (the reference pass, then the listener's own) and
+    fast/listener_from_reference.py's (one pass for both), take the same arguments and give the same reference
+    log-probs and p_corr, on well-formed rollouts and a truncated one."""
+    from types import SimpleNamespace
+
+    import grpo
+    import sample
+    import train
+    from fast import listener_from_reference
+    model, processor, pairs = world
+    tok = processor.tokenizer
+    texts = completions(REASONINGS, [A0, A1, A0]) + [f"{TH}{REASONINGS[0]}"]  # the last one truncated
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * (i < 3) for i, t in enumerate(texts)]
+    G, T = len(rows), max(map(len, rows))
+    tokens = torch.full((2 * G, T), tok.pad_token_id)
+    mask = torch.zeros(2 * G, T, dtype=torch.bool)
+    for n, r in enumerate(rows * 2):
+        tokens[n, :len(r)], mask[n, :len(r)] = torch.tensor(r), True
+    rollouts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, torch.tensor([True] * 3 + [False]).repeat(2))
+    texts = rollouts.texts(tok)
+    cfg = SimpleNamespace(beta=0.04, w_list=0.5, temperature=0.7)
+    trainer = SimpleNamespace(reference=model, listener=Listener(model, processor), hidden_fn=grpo.completion_hidden,
+                              fmt=PROMPT, device=torch.device("cpu"))
+    micro = [(processor.pairs(pairs[:1]), slice(0, G)), (processor.pairs(pairs[1:]), slice(G, 2 * G))]
+    plain = train.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    fast = listener_from_reference.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    torch.testing.assert_close(fast[0][mask], plain[0][mask], atol=1e-5, rtol=0)  # (N, T) pi_ref's log-probs
+    torch.testing.assert_close(fast[1], plain[1], atol=1e-5, rtol=0)  # (N,) p_corr
+    assert plain[2] == {} and fast[2]["listener_from_reference"].item() == 0.75  # the truncated rows: own pass
