@@ -8,10 +8,13 @@ at every step). Option: `--decode=static` (eager) or `--decode=compiled`, in tra
 prompt, and each step feeds one token per row. tests/test_sample.py checks that both decodes give the same
 rollouts; bench/sample.py measures them side by side.
 
-Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, P' prompt columns (P rounded up),
-M completion columns, Hq query heads, Hkv key/value heads, R = Hq / Hkv, D head dim, C hidden size, V vocabulary.
+Shapes: B prompts (B' >= B: the compiled step's bucket), G rollouts per prompt, N = B*G rows, P prompt tokens, P'
+prompt columns (P rounded up), M completion columns, Hq query heads, Hkv key/value heads, R = Hq / Hkv, D head dim,
+C hidden size, V vocabulary.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,21 @@ class StaticDecoder:
     Run eagerly (the default), a step attends to the prompt's P columns and the completion columns written so
     far, views of the cache: nothing is copied and no empty column is read. Compiled (`compile=True`:
     `torch.compile`, CUDA graphs on GPU), it attends to all P' + M columns, the masks switching off the empty
-    ones, so that every step has the same shapes and the step is compiled once per (B, G, P', M).
+    ones, so that every step has the same shapes.
+
+    Buckets (compiled). A training run decodes 2 pairs x G=10 and its held-out scoring up to 64 pairs x 1, in
+    turn; each new shape of the step is a compilation (and a CUDA graph recorded), and past dynamo's recompile
+    limit (8 shapes) the step silently runs eagerly. So the compiled step's shapes come from a few buckets:
+    the prompt columns P' and completion columns M are multiples of `block` (256: one bucket for every prompt
+    up to 256 tokens), and the prompts B are rounded up to a power of two (`rows_bucket`: 2, 4, ..., 64); G is
+    the caller's (a run has two: --group_size and the held-out batches' 1). The prompts added are padding: they
+    attend to one column of the cache (a finite softmax), feed token 0 and their logits are dropped; they cost
+    compute, never the real rows' results (attention and every matrix product are row by row). Each bucket keeps its
+    own cache buffers (`caches`, keyed by the bucket), so switching back to a bucket reuses the compiled step
+    and the very buffers its CUDA graph was recorded with; their memory stays allocated for the decoder's life
+    (at the paper's shape, the held-out bucket of 64 x 1 x (768 + 512) columns is ~4.7 GB in bf16 beside the
+    training bucket's ~0.7 GB). Run eagerly, shapes change at every step anyway: the decoder keeps one set of
+    buffers, sized exactly (B rows), freed before a set for another shape is allocated.
 
     The step runs on the model's own modules (a policy sharded by FSDP2 inside `infra.parallel.gathered`, which
     holds its bf16 weights gathered: the step calls the blocks' submodules, never an FSDP2 unit, so no hook runs),
@@ -49,10 +66,8 @@ class StaticDecoder:
     def __init__(self, compile: bool = False, dtype: torch.dtype | None = None, block: int = 256):
         self.compile, self.dtype, self.block = compile, dtype, block
         self.text = self.lm_head = None  # the modules the step runs
-        self.prompt_keys: list[Tensor] = []  # per layer (B, Hkv, P', D)
-        self.prompt_values: list[Tensor] = []  # per layer (B, Hkv, P', D)
-        self.keys: list[Tensor] = []  # per layer (B, Hkv, G, M, D) the completions'
-        self.values: list[Tensor] = []  # per layer (B, Hkv, G, M, D)
+        self.caches: dict[tuple, Cache] = {}  # bucket (B', G, P', M, dtype, device) -> its buffers; one when eager
+        self.cache: Cache | None = None  # the current call's
         self.step_fn = decode_step
         if compile:  # CUDA graphs on GPU: one replay per step instead of a kernel launch per operation
             self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False,
@@ -92,27 +107,24 @@ class StaticDecoder:
     def begin(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
         """Copy the B prompts' cache (columns 0..P-1 of the prompt part); return the first logits (N, V)."""
         (B, P), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
+        rows = rows_bucket(B) if self.compile else B  # B' prompts, B of them real
         P_cols, M = (-(-n // self.block) * self.block for n in (P, max_new_tokens))  # P', M
-        D = head_dim(self.text.config)
         weight = self.lm_head.weight
-        if not self.keys or self.mask.shape != (B, G, M) or self.prompt_mask.shape != (B, P_cols) \
-                or self.mask.device != weight.device:
-            self.prompt_keys = self.prompt_values = self.keys = self.values = []  # freed before the new ones exist
-            empty = lambda *shape: torch.zeros(*shape, dtype=weight.dtype, device=weight.device)
-            self.prompt_keys = [empty(B, H, P_cols, D) for _ in self.text.layers]  # (B, Hkv, P', D)
-            self.prompt_values = [empty(B, H, P_cols, D) for _ in self.text.layers]
-            self.keys = [empty(B, H, G, M, D) for _ in self.text.layers]  # (B, Hkv, G, M, D)
-            self.values = [empty(B, H, G, M, D) for _ in self.text.layers]
-            self.prompt_mask = torch.zeros(B, P_cols, dtype=torch.bool, device=weight.device)  # (B, P') attended
-            self.mask = torch.zeros(B, G, M, dtype=torch.bool, device=weight.device)  # (B, G, M) attended
-            for t in self.prompt_keys + self.prompt_values + self.keys + self.values:
-                torch._dynamo.mark_static_address(t)  # CUDA graphs may then write them in place (as StaticCache does)
-        for layer, keys, values in zip(prefix.cache.layers, self.prompt_keys, self.prompt_values):
-            keys[:, :, :P].copy_(layer.keys)  # (B, Hkv, P, D) once per prompt, not per rollout
-            values[:, :, :P].copy_(layer.values)
-        self.prompt_mask.zero_()
-        self.prompt_mask[:, :P] = prefix.attention_mask.bool()  # (B, P) left padding off
-        self.mask.zero_()
+        bucket = (rows, G, P_cols, M, weight.dtype, weight.device)
+        if bucket not in self.caches:
+            if not self.compile:  # eager: one set, freed before the new one exists
+                self.caches.clear()
+                self.cache = None
+            self.caches[bucket] = allocate(len(self.text.layers), rows, H, G, P_cols, M, head_dim(self.text.config),
+                                           weight.dtype, weight.device)
+        self.cache = cache = self.caches[bucket]
+        for layer, keys, values in zip(prefix.cache.layers, cache.prompt_keys, cache.prompt_values):
+            keys[:B, :, :P].copy_(layer.keys)  # (B, Hkv, P, D) once per prompt, not per rollout
+            values[:B, :, :P].copy_(layer.values)
+        cache.prompt_mask.zero_()
+        cache.prompt_mask[:B, :P] = prefix.attention_mask.bool()  # (B, P) left padding off
+        cache.prompt_mask[B:, 0] = True  # padding prompts attend to one column: a finite softmax, never read
+        cache.mask.zero_()
         self.P, self.column = P, 0
         self.column_index = torch.tensor([0], device=weight.device)  # (1,) the same, on the device
         self.next_position = prefix.next_position.repeat_interleave(G, dim=0)  # (N,)
@@ -122,25 +134,58 @@ class StaticDecoder:
     def step(self, token: Tensor, live: Tensor) -> Tensor:
         """Feed one token per row (N,) at the next completion column; rows not `live` are written but never
         attended to and do not advance. Returns the next-token logits (N, V)."""
-        B, G, M = self.mask.shape
+        cache, N = self.cache, token.shape[0]
+        rows, G, M = cache.mask.shape  # B' >= B prompts
         if self.column >= M:
             raise ValueError(f"StaticDecoder: the cache holds {M} completion columns; begin() sized it")
-        self.mask[:, :, self.column] = live.view(B, G)  # outside the step: the column index changes every step
-        prompt = (self.prompt_keys, self.prompt_values, self.prompt_mask)  # compiled: all columns, fixed shapes
-        keys, values, mask = self.keys, self.values, self.mask
+        cache.mask[:N // G, :, self.column] = live.view(-1, G)  # outside the step: the column changes every step
+        prompt = (cache.prompt_keys, cache.prompt_values, cache.prompt_mask)  # compiled: all columns, fixed shapes
+        keys, values, mask = cache.keys, cache.values, cache.mask
         if not self.compile:  # eager: the prompt's columns and the columns written so far, views of the cache
             end, P = self.column + 1, self.P
             prompt = ([k[:, :, :P] for k in prompt[0]], [v[:, :, :P] for v in prompt[1]], prompt[2][:, :P])
             keys, values, mask = [k[..., :end, :] for k in keys], [v[..., :end, :] for v in values], mask[..., :end]
-        if self.compile and self.mask.is_cuda:
+        if self.compile and cache.mask.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         position = (self.next_position[:, None] + self.rope_deltas)[:, 0]  # (N,) text position + rope delta
-        logits = self.step_fn(self.text, self.lm_head, *prompt, keys, values, mask, token.contiguous(), position,
-                              self.column_index, self.head_norm)  # (N, V) a column of `tokens` has its stride: copy
+        padding = rows * G - N  # rows of the padding prompts: token 0 at position 0
+        logits = self.step_fn(self.text, self.lm_head, *prompt, keys, values, mask, F.pad(token, (0, padding)),
+                              F.pad(position, (0, padding)), self.column_index, self.head_norm)  # (B'*G, V)
         self.next_position = self.next_position + live  # (N,)
         self.column += 1
         self.column_index += 1  # in place, on the device: a tensor, so the compiled step is not recompiled
-        return logits
+        return logits[:N]  # (N, V) the padding rows' dropped
+
+
+def rows_bucket(B: int) -> int:
+    """The compiled step's prompts for a batch of B: the next power of two (a few shapes for every B up to 64)."""
+    return 1 << (B - 1).bit_length()
+
+
+@dataclass
+class Cache:
+    """One bucket's buffers: the prompts' and the completions' keys and values, and what each row attends to."""
+    prompt_keys: list[Tensor]  # per layer (B', Hkv, P', D)
+    prompt_values: list[Tensor]  # per layer (B', Hkv, P', D)
+    keys: list[Tensor]  # per layer (B', Hkv, G, M, D) the completions'
+    values: list[Tensor]  # per layer (B', Hkv, G, M, D)
+    prompt_mask: Tensor  # (B', P') attended
+    mask: Tensor  # (B', G, M) attended
+
+
+def allocate(layers: int, rows: int, H: int, G: int, P_cols: int, M: int, D: int, dtype, device) -> Cache:
+    """Zeroed buffers for `layers` layers, B' = `rows` prompts, marked as static addresses: CUDA graphs may then
+    write them in place (as transformers' StaticCache does)."""
+    empty = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
+    cache = Cache(prompt_keys=[empty(rows, H, P_cols, D) for _ in range(layers)],  # (B', Hkv, P', D)
+                  prompt_values=[empty(rows, H, P_cols, D) for _ in range(layers)],
+                  keys=[empty(rows, H, G, M, D) for _ in range(layers)],  # (B', Hkv, G, M, D)
+                  values=[empty(rows, H, G, M, D) for _ in range(layers)],
+                  prompt_mask=torch.zeros(rows, P_cols, dtype=torch.bool, device=device),  # (B', P')
+                  mask=torch.zeros(rows, G, M, dtype=torch.bool, device=device))  # (B', G, M)
+    for t in cache.prompt_keys + cache.prompt_values + cache.keys + cache.values:
+        torch._dynamo.mark_static_address(t)
+    return cache
 
 
 DECODES = ("reference", "static", "compiled")  # the choices of train.py's and evaluate.py's --decode

@@ -94,11 +94,8 @@ class FakeMode(FakeTensorMode):
                 return True
             if kwargs.get("generator") is not None:
                 kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
-            if func in MASKED and any(i is not None and not isinstance(i, FakeTensor) and i.dtype == torch.bool
-                                      for i in args[1]):  # x[mask] with a real mask: its real positions
-                args = (args[0], [p for i in args[1] for p in (_real(torch.ops.aten.nonzero.default, (i,), {}).unbind(1)
-                                                               if i is not None and i.dtype == torch.bool else [i])],
-                        *args[2:])
+            if func in MASKED:  # x[mask], x[mask] = y
+                args = (args[0], real_positions(args[1]), *args[2:])
             return super().__torch_dispatch__(func, types, args, kwargs)
         if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
             return NotImplemented  # a tensor subclass (DTensor) runs its own dispatch first
@@ -117,6 +114,18 @@ class FakeMode(FakeTensorMode):
 
 
 MASKED = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+
+def real_positions(indices: list) -> list:
+    """An index list with each real boolean mask replaced by the positions it selects (one index tensor per
+    dimension it covers): what the mask does, with the data-dependent size known."""
+    out = []
+    for index in indices:
+        if index is not None and not isinstance(index, FakeTensor) and index.dtype == torch.bool:
+            out += list(_real(torch.ops.aten.nonzero.default, (index,), {}).unbind(1))
+        else:
+            out.append(index)
+    return out
 
 
 def _real(func, args, kwargs):
@@ -157,6 +166,7 @@ class Ledger(MemTracker):
             self._update_peak_stats(None)  # what is already held counts from the phase's start
 
     def current(self) -> tuple[int, dict]:
+        """(bytes held now, {category: bytes}), meta tensors aside."""
         totals = defaultdict(int)
         for device, snapshot in self._curr_mem_snap.items():
             if torch.device(device).type != "meta":
@@ -171,11 +181,14 @@ class Ledger(MemTracker):
         for param in module.parameters(recurse=False):  # the gathered ones under FSDP2, in its forward
             self._update_and_maybe_create_winfos(param, _MemRefType.PARAM)
             if param.requires_grad and param not in self._param_to_grad_hook_handles:
-                grad = lambda g: self._update_and_maybe_create_winfos(g, _MemRefType.GRAD) and None
-                self._param_to_grad_hook_handles[param] = (
-                    param.register_hook(grad), param.register_post_accumulate_grad_hook(lambda p: grad(p.grad)))
+                self._param_to_grad_hook_handles[param] = (param.register_hook(self._file_gradient),
+                                                           param.register_post_accumulate_grad_hook(
+                                                               lambda p: self._file_gradient(p.grad)))
         for buffer in module.buffers(recurse=False):
             self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+
+    def _file_gradient(self, grad: torch.Tensor) -> None:
+        self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
     def _post_fw_hook(self, module, inputs, outputs) -> None:
         pass
@@ -258,8 +271,9 @@ def advance(decoder, n: int, live) -> None:
     it), the positions and the masks moved on."""
     from fast.static_decode import StaticDecoder
     if isinstance(decoder, StaticDecoder):
-        B, G, _ = decoder.mask.shape
-        decoder.mask[:, :, decoder.column:decoder.column + n] = live.view(B, G, 1)
+        mask = decoder.cache.mask  # (B', G, M): compiled, B' >= B prompts, the padding ones never attended to
+        G = mask.shape[1]
+        mask[:live.shape[0] // G, :, decoder.column:decoder.column + n] = live.view(-1, G, 1)
         decoder.next_position = decoder.next_position + n
         decoder.column += n
         decoder.column_index += n

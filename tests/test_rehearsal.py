@@ -192,7 +192,7 @@ def decoder_state(decoder) -> dict:
         p = decoder.state
         return {"cache": [tuple(layer.keys.shape) for layer in p.cache.layers], "mask": p.attention_mask.tolist(),
                 "next": p.next_position.tolist()}
-    return {"column": decoder.column, "index": decoder.column_index.tolist(), "mask": decoder.mask.tolist(),
+    return {"column": decoder.column, "index": decoder.column_index.tolist(), "mask": decoder.cache.mask.tolist(),
             "next": decoder.next_position.tolist()}
 
 

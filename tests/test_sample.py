@@ -149,6 +149,7 @@ def test_greedy_matches_generate(model, batch, path):
     grouped = sample.sample(model, batch, num_samples=2, max_new_tokens=max_new, temperature=0.0, stop_token_ids=[],
                             decoder=decoder)  # the same decoder again: new buffers for the new shape
     assert torch.equal(grouped.tokens, expected.repeat_interleave(2, dim=0))
+    assert decoder is None or len(decoder.caches) == 1  # eager: the old shape's buffers freed, not kept
 
 
 @pytest.mark.parametrize("path", ["eager", "static"])
@@ -327,23 +328,45 @@ def test_static_decode_step_groups_query_heads(tok, family, batch, heads, kv_hea
     torch.testing.assert_close(got.logprobs, reference.logprobs, atol=1e-5, rtol=0)
 
 
-def test_compiled_decoder_matches_eager(tok, model, batch):
-    """The one compiled case of the suite (torch.compile takes about 20 s on this CPU): greedy and sampled
-    rollouts of the compiled static decode equal the eager reference's, a stop token mid-way included; the
-    second call reuses the compiled step (same rows, same cache length) without recompiling."""
+def test_compiled_decoder_keeps_a_step_and_buffers_per_bucket(tok, model, batch):
+    """The suite's compiled case (torch.compile of the decode step, inductor on this CPU: seconds per shape).
+    Training-shaped calls (3 or 4 prompts x G=2, sampled, a stop token mid-way) and held-out-shaped ones (2 prompts
+    x 1, greedy) in turn, as a run's steps and held-out batches alternate: every rollout equals the eager
+    reference's; the step is compiled once per bucket in the warm-up (3 and 4 prompts share the bucket of 4, the
+    padding prompt's rows dropped) and never again after it (`fail_on_recompile`), and each bucket's cache buffers
+    are the same tensors at every call, not reallocated (a CUDA graph replays on the addresses it recorded)."""
+    from torch._dynamo.utils import counters
     decoder = StaticDecoder(compile=True)
-    gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(3)]
-    free = sample.sample(model, batch, num_samples=2, max_new_tokens=10, stop_token_ids=[], generator=gens())
+    gens = lambda prompts: [torch.Generator().manual_seed(10 + b) for b in prompts]
+    free = sample.sample(model, batch, num_samples=2, max_new_tokens=8, stop_token_ids=[], generator=gens(range(3)))
     stop = [int(free.tokens[1, 4])]  # row 1 stops at step 4, the others run on unless they draw it too
-    for temperature, stance in ((0.0, "default"), (1.0, "fail_on_recompile")):  # compiled once, then reused
-        run = lambda d: sample.sample(model, batch, num_samples=2, max_new_tokens=10, temperature=temperature,
-                                      stop_token_ids=stop, generator=gens(), decoder=d)
-        expected = run(None)
-        with torch.compiler.set_stance(stance):
-            got = run(decoder)
+
+    def same_as_reference(prompts, G, temperature):
+        sub = take_prompts(batch, prompts)
+        run = lambda d: sample.sample(model, sub, num_samples=G, max_new_tokens=8, temperature=temperature,
+                                      stop_token_ids=stop, generator=gens(prompts), decoder=d)
+        expected, got = run(None), run(decoder)
         assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.stopped, expected.stopped)
         torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
-    assert expected.stopped[1] and not expected.stopped.all()
+        return expected
+
+    def buffers():
+        return {bucket: [t.data_ptr() for t in cache.keys + cache.prompt_values + [cache.mask]]
+                for bucket, cache in decoder.caches.items()}
+
+    graphs = counters["stats"]["unique_graphs"]
+    training = same_as_reference([0, 1, 2], G=2, temperature=1.0)  # warm-up: one compilation per bucket
+    same_as_reference([0, 1], G=1, temperature=0.0)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert sorted(bucket[:2] for bucket in decoder.caches) == [(2, 1), (4, 2)]  # (prompts B', G)
+    warm = buffers()
+    with torch.compiler.set_stance("fail_on_recompile"):  # a recompilation would raise
+        for prompts, G, temperature in (([2, 0, 1, 1], 2, 1.0), ([2, 0], 1, 0.0), ([0, 1, 2], 2, 1.0),
+                                        ([1, 2], 1, 0.0)):
+            same_as_reference(prompts, G, temperature)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert buffers() == warm
+    assert training.stopped[1] and not training.stopped.all()
 
 
 def test_extend_matches_full_forward(tok, model, batch):
