@@ -77,7 +77,7 @@ from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
-from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, setup_distributed
+from infra.parallel import PRECISIONS, compute_dtype, leave_group, load_replica, resolve_precision, setup_distributed
 from listener import Listener, answer_probs, answer_token_ids, reasonings_by_pair, slot_logits
 from models.processor import Processor, continuation_ids, prompt_tokens
 from models.prompt_format import checkpoint_format
@@ -612,16 +612,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_distributed()
     print(json.dumps(dataclasses.asdict(cfg), indent=1), file=sys.stderr)
     try:
+        report = None
         if cfg.prompt:
             rank_images(cfg)
-            return
-        report = run(cfg)
+        else:
+            report = run(cfg)
     except (cli.OptionError, DataError) as e:  # found once the data is read (--anchor against the groups' sizes, a
         raise SystemExit(f"evaluate.py: error: {e}")  # bad record or image: the message names its file and record)
     if report is not None:  # rank 0
         print(markdown_tables(report))
         print(f"wrote {cfg.out}/results.json, results.md and "
               f"{'ratings.jsonl' if cfg.scoring == 'absolute' else 'rollouts.jsonl and figures'}")
+    leave_group()
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from formats.layouts import MAX_PROMPT_TOKENS, PromptLimit
 from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
-from infra.parallel import PRECISIONS, log, setup_distributed
+from infra.parallel import PRECISIONS, leave_group, log, setup_distributed
 from models.prompt_format import checkpoint_format, read_format
 from prompt import PROMPT, PromptFormat
 
@@ -645,6 +645,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         score_file(cfg)
     except DataError as e:
         raise SystemExit(f"reward_model.py: error: {e}")
+    leave_group()
 
 
 if __name__ == "__main__":

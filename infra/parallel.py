@@ -46,6 +46,14 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_group() -> None:
+    """Close the process group once every rank is done with it. A process that exits with its group open, or
+    closes it while another rank still talks to it, can end a finished run in SIGABRT ("terminate called without
+    an active exception", seen about once in six resumed runs under torchrun x2 on the CPU)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def log(*args) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)

@@ -487,11 +487,12 @@ class PhaseDecoder:
 
 
 def heldout_batch(cfg, world: int) -> int:
-    """Pairs in a held-out batch on one rank: those `infra.trainer.heldout_accuracy` scores at once (64 at most, of
-    this rank's share of --eval_pairs), when the run scores any."""
+    """Pairs in a held-out batch on one rank: those `infra.trainer.heldout_accuracy` scores at once (at most
+    `heldout_batch_pairs`, of this rank's share of --eval_pairs), when the run scores any."""
+    from infra.trainer import heldout_batch_pairs
     if cfg.mode == "sft" or cfg.eval_pairs == 0 or (not cfg.eval_data and cfg.model != "toy"):
         return 0
-    return min(64, -(-cfg.eval_pairs // world))
+    return min(heldout_batch_pairs(cfg), -(-cfg.eval_pairs // world))
 
 
 def heldout_step(cfg, trainer, examples, batch: int) -> None:

@@ -32,7 +32,7 @@ from fast.static_decode import make_decoder
 from formats.images import DataError
 from formats.records import Group, Pair
 from infra import checkpoint, tracking
-from infra.parallel import all_sum, gathered, load_model, log, resolve_precision, shard, to_device
+from infra.parallel import all_sum, gathered, leave_group, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
 from models.processor import Processor, prompt_rows
 from models.prompt_format import FORMAT_FILE, checkpoint_format, format_differences, format_json, read_format
@@ -326,8 +326,15 @@ def open_run(cfg, rank: int, world_size: int, fmt: PromptFormat = PROMPT) -> tup
 # Metrics: held-out accuracy, each step's metrics reduced over ranks, and their record
 
 
+def heldout_batch_pairs(cfg) -> int:
+    """Held-out pairs a rank scores at once: one greedy rollout each, at most as many rows as a training step's
+    rollout (pairs_per_rank x group_size) and 64, so the held-out scoring never needs more memory than the step:
+    with 64 rows it was the largest phase of seven of the eight runs rehearsed (docs/performance.md)."""
+    return min(64, cfg.pairs_per_rank * cfg.group_size)
+
+
 @torch.no_grad()
-def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
+def heldout_accuracy(trainer: Trainer) -> dict:
     """Greedy rollouts on the held-out examples (report/heldout.py): the fraction answered right (the preferred
     image; in the score mode the exact rating), and the fraction well formed. On the toy task also the judge's
     verdicts (toy/world.py): the fraction of contradictions and of faithful reasonings. With a listener, its
@@ -336,6 +343,7 @@ def heldout_accuracy(trainer: Trainer, batch_pairs: int = 64) -> dict:
     Every rank runs the same number of batches (sampling under FSDP2 is collective); a rank whose shard is
     shorter re-scores a pair it does not count.
     """
+    batch_pairs = heldout_batch_pairs(trainer.cfg)
     if not trainer.heldout_total:
         return {"accuracy": math.nan, "format": math.nan}
     judged = trainer.cfg.mode == "grpo" and trainer.cfg.eval_data in ("", "toy")  # the toy task: its judge reads it
@@ -445,6 +453,6 @@ def stop_run(trainer: Trainer, why: str) -> None:
         log(f"{why}; no step had finished, so no checkpoint was written: the same command starts the run afresh")
     else:
         log(f"{why}; the checkpoint of step {trainer.step} is in {trainer.out}")
-    dist.destroy_process_group()
+    leave_group()
     sys.exit(0)
 

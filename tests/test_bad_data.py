@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 import data
+import launching
 from toy import world as toy
 from data import ExampleStream, groups_to_pairs, load
 from formats.images import DataError, ParquetImage, load_image
@@ -528,16 +529,7 @@ def test_special_tokens_in_a_prompt_are_text():
 
 
 def launch(args, nproc):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, str(ROOT / "train.py"), *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "train.py"), *args]
-    for attempt in range(2):  # a start-up SIGABRT of torchrun is retried once (see PITFALLS)
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        if run.returncode == 0 or "SIGABRT" not in run.stdout + run.stderr or attempt:
-            return run
+    return launching.run(launching.command(ROOT / "train.py", args, nproc), ROOT, launching.environment(), timeout=600)
 
 
 @pytest.fixture(scope="module")

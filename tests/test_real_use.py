@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import data
+import launching
 import train
 from infra import trainer
 from formats.records import Pair, Rated
@@ -69,19 +70,8 @@ def test_training_pairs_come_in_random_orders(tmp_path):
 
 def run_script(args, nproc=1, timeout=900):
     """python SCRIPT ... (one process) or torchrun --standalone --nproc_per_node=N SCRIPT ... (gloo on CPU)."""
-    import os
-    import subprocess
-    import sys
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    for attempt in range(2):  # a start-up SIGABRT of torchrun's workers is retried once
-        run = subprocess.run(launcher + [str(ROOT / args[0]), *args[1:]], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=timeout)
-        if run.returncode == 0 or "SIGABRT" not in run.stdout + run.stderr or attempt:
-            return run
+    cmd = launching.command(ROOT / args[0], args[1:], nproc)
+    return launching.run(cmd, ROOT, launching.environment(), timeout=timeout)
 
 
 def rollouts(out: Path) -> list[dict]:

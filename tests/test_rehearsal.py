@@ -7,8 +7,6 @@ Run: .venv/bin/python -m pytest -q tests/test_rehearsal.py
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import launching  # noqa: E402
 import train  # noqa: E402
 from infra import rehearsal  # noqa: E402
 
@@ -97,14 +96,7 @@ def plans(real_checkpoint, tmp_path_factory):
     script = tmp / "real.py"
     script.write_text(REAL.format(root=str(ROOT), runs={k: v + [f"--out_dir={tmp / k}"] for k, v in runs.items()},
                                   layout=str(real_checkpoint)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    for attempt in range(2):  # a start-up SIGABRT of torchrun's workers is retried once
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              str(script), str(tmp)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if run.returncode == 0 or "SIGABRT" not in run.stdout + run.stderr or attempt:
-            break
+    run = launching.run(launching.command(script, [tmp], nproc=2), ROOT, launching.environment())
     assert run.returncode == 0, run.stderr[-3000:]
     plans = {name: (fake_plan(args, tmp / f"fake_{name}"), json.loads((tmp / f"{name}.0.json").read_text()))
              for name, args in runs.items()}

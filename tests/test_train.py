@@ -5,17 +5,17 @@ Each test launches `train.py` the way users do (`torchrun`, or plain `python` fo
 what the runs wrote: the weights of their checkpoints and the losses in metrics.jsonl.
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import launching
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--train_data=toy", "--eval_data=toy", "--max_new_tokens=24", "--eval_pairs=8", "--eval_every=0", "--save_every=1000", "--warmup_steps=1"]
@@ -24,29 +24,18 @@ COLD = ["--mode=sft", "--sft_answers=random", "--sft_reasoning=I have finished t
         "--micro_pairs=16", "--lr=1e-3", "--steps=60"]
 
 
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def launch(args, nproc=1, env=None, wait=True, check=True, script=ROOT / "train.py", torchrun=()):
-    """python train.py (1 process) or torchrun --standalone (several); a start-up SIGABRT is retried once.
+    """python train.py (1 process) or torchrun --standalone (several), as tests/launching.py runs them.
 
     check=False returns a failed run instead of raising; `torchrun` holds extra flags for the launcher.
     """
-    if nproc == 1 and not torchrun:
-        cmd = [sys.executable, str(script), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *torchrun, str(script), *args]
-    inherited = {k: v for k, v in os.environ.items() if k not in DIST_VARS}  # never join this process's group
-    full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd, full_env = launching.command(script, args, nproc, torchrun), launching.environment(env)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for attempt in range(2):
-        run = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
-        if run.returncode == 0 or (not check and "SIGABRT" not in run.stdout + run.stderr):
-            return run
-        if "SIGABRT" not in run.stdout + run.stderr or attempt:
-            raise AssertionError(f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    run = launching.run(cmd, ROOT, full_env)
+    if check and run.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return run
 
 
 def weights(run_dir: Path) -> dict:
