@@ -1,50 +1,38 @@
 """Evaluation: a checkpoint -> the paper's numbers (tables 2-5, figures 2-4), and a reward model people can use.
 
-Scoring (sections 4.2 and 5). For a pair (a, b) the reasoner writes k reasonings (sample.py); for each one we
-read the probability that b is preferred from its answer logits given that reasoning, eq. (4),
-p(b | C) = sigma(f(b | C) - f(a | C)), and average over the k rollouts (Mean@k). A group of n images is scored
-against an anchor: the anchor gets 0.5 and every other image its probability of beating the anchor, n - 1
-comparisons instead of n (n - 1) / 2 (section 5). The absolute-score variant rates each image alone and
-scores it by its expected rating, eq. (3). report/ turns the results into the paper's tables and figures.
+Scoring (sections 4.2 and 5). For a pair (a, b) the reasoner writes k reasonings (sample.py); given each, the
+probability that b is preferred is read from its answer logits, eq. (4), p(b | C) = sigma(f(b | C) - f(a | C)),
+and averaged over the k rollouts (Mean@k). A group of n images is scored against an anchor: the anchor gets 0.5,
+every other image its probability of beating the anchor, n - 1 comparisons instead of n (n - 1) / 2 (section 5).
+The absolute-score variant rates each image alone, by its expected rating, eq. (3). report/ makes the tables.
 
-Commands (`--model` is any local checkpoint directory: a trained reasoner, or the untrained instruct model for
-the zero-shot row of table 3; every option: `python evaluate.py --help`):
-
-    python evaluate.py                                    # toy model on toy data, nothing downloaded
+    python evaluate.py                        # the toy model on toy data, nothing downloaded
     python evaluate.py --model PATH --data imagereward:test.json --images ROOT --out runs/eval --k 3
-    torchrun --nproc_per_node=8 evaluate.py --model PATH --data rapidata:a.parquet,b.parquet --out runs/ood \\
-        --k 3 --both-orders --no-thinking --listener /models/Qwen2.5-VL-7B-Instruct --judge /models/Qwen2.5-14B-Instruct
-    python evaluate.py --model PATH --scoring absolute --data imagereward:test.json --images ROOT --k 3  # --mode=score
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
-    python reward_model.py --model PATH --input prompts.jsonl --out scores.jsonl     # many prompts (and its Python API)
 
-A checkpoint is asked in the prompt format it was trained in, its prompt_format.json (train.py writes one into
-every export; prompt.PROMPT for a checkpoint without one); --prompt_format=FILE.json overrides it, with a warning
-naming the fields that differ.
-
-Under torchrun each process holds the whole model and takes every N-th comparison; each pair's rollouts are
-seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
-and the judge (table 4) on its own and writes the outputs.
+`--model` is any local checkpoint (the instruct model gives table 3's zero-shot row); the README gives each table's
+and figure's command, `--help` every option. A checkpoint is asked in the prompt format it was trained in (its
+prompt_format.json; --prompt_format=FILE.json overrides it, with a warning naming the fields that differ). Under
+torchrun each process holds the whole model and takes every N-th comparison, each pair's rollouts seeded by
+(--seed, its index), so N processes give what one gives; rank 0 runs the listener (figure 2) and the judge
+(table 4) and writes the outputs.
 
 Where this departs from the paper, or chooses what it leaves open (report/metrics.py and report/judge.py list
 those of the metrics):
-1. Eq. (4) writes the answers 0 and 1, p(1 | C) = sigma(f(1) - f(0)). Here they are the prompt format's two
-   answer words, "1" and "2" by default ("1" naming the first image, as the question asks: prompt.py), and
-   p(b) = sigma(f("2") - f("1")): the same formula on those two tokens.
-2. Mean@k averages probabilities (not logits). Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
-   Mean@1 is the first rollout's, not the mean single-rollout accuracy over the k, which would vary less with
-   the seed. Majority vote counts the parsed answers of well-formed rollouts; a tie, or no readable answer,
-   scores 0.5, which every metric counts as wrong.
-3. Every rollout gets a p(b), truncated and malformed ones too: the answer slot is appended to whatever
-   reasoning `listener.reasoning_of` reads out of its text (as text, between the format's own tags: listener.py's
-   departure 2), and that p(b) enters Mean@k like any other (only the vote leaves it out). A reasoner that runs
-   out of tokens is scored on what it wrote, not dropped.
-4. Rollouts are sampled at temperature 1.0 (`--temperature`; the paper gives none), with no top-p or top-k:
-   the distribution the reasoner was trained to sample from.
+1. Eq. (4) writes the answers 0 and 1; here they are the format's two answer words, "1" and "2" by default ("1"
+   naming the first image, as the question asks), and p(b) = sigma(f("2") - f("1")): the same formula.
+2. Mean@k averages probabilities, not logits. Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
+   Mean@1 is the first rollout's, not the mean single-rollout accuracy over the k (which would vary less with the
+   seed). The majority vote counts well-formed rollouts' answers; a tie, or none readable, scores 0.5: wrong.
+3. Truncated and malformed rollouts get a p(b) too, read after whatever reasoning `listener.reasoning_of` finds in
+   their text (listener.py's departure 2), and enter Mean@k like any other (only the vote leaves them out): a
+   reasoner that runs out of tokens is scored on what it wrote, not dropped.
+4. Rollouts are sampled at temperature 1.0 (`--temperature`; the paper gives none), without top-p or top-k: the
+   distribution the reasoner was trained to sample from.
 5. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`),
-   and always shown first (data.py's departure 1): every comparison of a group carries the same position bias.
-   `--both-orders` (beyond the paper) also shows every pair as (b, a) and averages p(b) with 1 - p(a), which
-   removes position bias; both numbers are reported.
+   and always shown first (data.py's departure 1), so every comparison of a group carries the same position bias.
+   `--both-orders` (beyond the paper) also shows each pair as (b, a) and averages p(b) with 1 - p(a), which
+   removes it; both numbers are reported.
 6. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
    (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
 
@@ -78,8 +66,8 @@ from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, compute_dtype, leave_group, load_replica, resolve_precision, setup_distributed
-from listener import Listener, answer_probs, answer_token_ids, reasonings_by_pair, slot_logits
-from models.processor import Processor, continuation_ids, prompt_tokens
+from listener import Listener, answer_probs, reasonings_by_pair, slot_logits
+from models.processor import Processor, answer_token_ids, continuation_ids, prompt_tokens
 from models.prompt_format import checkpoint_format
 from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics

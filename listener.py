@@ -1,37 +1,27 @@
 """The listener: a frozen VLM that reads a rollout's reasoning, without its answer, and says which image wins.
 
-Section 4.3 of the paper. A reasoner trained with plain GRPO can write fluent reasoning that does not support
-its own answer. The listener is a frozen copy of the instruct checkpoint the policy starts from (pi_ref). For
-each rollout it reads
+Section 4.3 of the paper. A reasoner trained with plain GRPO can write fluent reasoning that does not support its
+own answer. The listener, a frozen copy of the instruct checkpoint the policy starts from (pi_ref), reads for each
+rollout the two images, the reasoner's prompt (`prompt.reasoner_messages`) and the assistant turn
+`<think>{reasoning}</think>\\n<answer>` (`prompt.listener_prefix`). Its next-token logits f at that answer slot,
+over the answer tokens (`PROMPT.answers`, naming image 0 and image 1), give each image's probability, eq. (4):
+p(b) = sigma(f(b) - f(a)). The preferred image's is p_corr (`Listener.p_correct`), and the reward is
+r_list = max(0, p_corr - 0.5) (eq. (5), reward.py).
 
-    the two images, the reasoner's prompt (`prompt.reasoner_messages`), then the assistant turn
-    `<think>{reasoning}</think>\\n<answer>`                                   (`prompt.listener_prefix`)
-
-and we take its next-token logits f at that answer slot over the answer vocabulary (`PROMPT.answers`, one token
-each, naming image 0 and image 1). A softmax over those two logits gives the probability of each image, eq. (4):
-p(b) = sigma(f(b) - f(a)). The probability of the preferred image is p_corr, and the reward is
-r_list = max(0, p_corr - 0.5) (eq. (5), reward.py). `Listener.p_correct` computes p_corr, in one place.
-
-Why the answer is removed: the listener must judge whether the *reasoning* convinces an independent reader.
-Shown the reasoner's answer, it could simply copy it, and r_list would reward confident answers instead of
-convincing explanations. So it reads the text up to the answer slot and the answer itself never enters:
-`reasoning_of` cuts a completion at its first answer tag.
-
-The images and the prompt are the same for the G rollouts of a pair, so each pair is prefilled once and its
-cache copied to its G reasonings (sample.py's `prefill`, `expand`, `extend`), as the sampler does.
-fast/listener_from_reference.py reads the answer slot out of the KL reference pass instead, when the listener
-is the reference model.
+The answer is removed (`reasoning_of` cuts a completion at its first answer tag) because the listener must judge
+whether the *reasoning* convinces an independent reader: shown the answer, it could copy it, and r_list would
+reward confident answers instead of convincing explanations. Each pair's images and prompt are prefilled once and
+the cache copied to its G reasonings (sample.py's `prefill`, `expand`, `extend`). fast/listener_from_reference.py
+reads the answer slot out of the KL reference pass instead, when the listener is the reference model.
 
 Where this departs from the paper, and why:
-1. p_corr = pi_ref(y* | C) in section 4.3 is the probability of the answer token in the whole vocabulary; here
-   it is renormalised over the two answer tokens (eq. (4)'s softmax). Then p_corr + p_wrong = 1, and r_list pays
-   for the listener preferring the right image, not for how much of its probability it puts on answer tokens
-   rather than on other text (which the format reward already checks).
-2. The listener reads the reasoning as text, not the sampled ids: `reasoning_of` cuts it out of the completion's
-   text and `listener_prefix` writes it back between the format's own tags, `</think>\\n<answer>` included,
-   tokenised as the tokenizer writes that text. What a completion put between its `</think>` and `<answer>`,
-   and ids that spell the same text in other tokens, are normalised away (the paper does not say); the reward
-   then depends on what the reasoning says, not on how it was spelled.
+1. Section 4.3's p_corr = pi_ref(y* | C) is over the whole vocabulary; here it is renormalised over the two answer
+   tokens (eq. (4)'s softmax), so r_list pays for preferring the right image, not for putting probability on
+   answer tokens rather than other text (the format reward checks that).
+2. The listener reads the reasoning as text, not the sampled ids: `reasoning_of` cuts it out of the text and
+   `listener_prefix` writes it back between the format's own tags, tokenised as the tokenizer writes them. What a
+   completion put between `</think>` and `<answer>`, and other ids spelling the same text, are normalised away (the
+   paper does not say), so the reward depends on what the reasoning says, not on how it was spelled.
 
 Shapes: B pairs, G reasonings per pair, N = B*G, K answer tokens, V vocabulary.
 Test: .venv/bin/python -m pytest -q tests/test_listener.py        Bench: .venv/bin/python bench/listener.py
@@ -44,15 +34,14 @@ import torch
 
 import sample
 from formats.records import Pair
-from models.processor import continuation_ids, left_pad
-from prompt import PROMPT, PromptFormat, listener_prefix, reasoner_messages
+from models.internals import model_device
+from models.processor import answer_token_ids, left_pad, listener_ids
+from prompt import PROMPT, PromptFormat
 
 
 class Listener:
-    """A frozen VLM scoring reasoning (section 4.3). Pass the reference model, never the policy being trained.
-
-    `model` is frozen here (requires_grad_(False), eval()): it is a judge, not a learner.
-    """
+    """A frozen VLM scoring reasoning (section 4.3): the reference model, never the policy being trained. `model`
+    is frozen here (requires_grad_(False), eval()): a judge, not a learner."""
 
     def __init__(self, model, processor, fmt: PromptFormat = PROMPT):
         self.model = model.requires_grad_(False).eval()
@@ -113,18 +102,15 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
 @torch.no_grad()
 def slot_logits(model, prompts: dict, continuations: Sequence[Sequence[int]], answer_ids: Sequence[int],
                 pad_token_id: int) -> torch.Tensor:
-    """(N, K) float32 logits of the K `answer_ids` right after each of N continuations of the B prompts.
-
-    `prompts`: a processor batch of B prompts; `continuations`: N = B*G token id lists, prompt-major (row
-    b*G + g continues prompt b). Each prompt and its images run once (`sample.prefill`), its cache is copied
-    to its G rows (`sample.expand`), and the continuations, left-padded so that every row ends at its answer
-    slot, run over it with the LM head at the last position only (`sample.extend`).
-    """
+    """(N, K) float32 logits of the K `answer_ids` right after each of N = B*G continuations (token id lists,
+    prompt-major) of a processor batch of B prompts: each prompt runs once (`sample.prefill`), its cache is copied
+    to its G rows (`sample.expand`), and the continuations, left-padded to end at the answer slot, run over it
+    with the LM head at the last position only (`sample.extend`)."""
     B = prompts["input_ids"].shape[0]
     if len(continuations) % B:
         raise ValueError(f"{len(continuations)} continuations do not split into {B} prompts")
     padded = left_pad(continuations, pad_token_id)  # input_ids, attention_mask: (N, T)
-    device = sample.model_device(model)
+    device = model_device(model)
     state = sample.expand(sample.prefill(model, prompts), len(continuations) // B)  # B rows -> N rows
     sample.extend(model, state, padded["input_ids"].to(device), padded["attention_mask"].to(device),
                   logits_to_keep=1)  # (N, 1, V)
@@ -140,17 +126,12 @@ def reasoning_of(text: str, fmt: PromptFormat = PROMPT) -> str:
 
     Well formed (`<think>R</think>\\n<answer>A</answer>`): exactly R, unstripped, as `reward.parse_completion`
     returns it. Any other text is read tolerantly, in four steps:
-
     1. cut the text at its first `<answer>`: nothing from the answer slot on;
-    2. of what is left, keep what follows the first `<think>` (if any) and precedes the next `</think>` (if
-       any): a truncated completion keeps all the reasoning it wrote, and text after `</think>` (where a
-       malformed completion may put its bare answer) is dropped;
-    3. if a `</answer>` is still inside, the answer sits right before it with no tag marking where it starts:
-       no cut is safe, so the listener reads no reasoning at all ("");
-    4. delete any think tag still inside (repeated or nested tags), so the listener's own tags stay the only ones.
-
-    A text with no tags at all is read whole: it has no answer slot, so there is nothing to remove. Such a
-    completion fails the format check and earns no listener reward anyway (reward.py); it still gets a score.
+    2. keep what follows the first `<think>` (if any) up to the next `</think>` (if any): a truncated completion
+       keeps its reasoning; text after `</think>`, where a malformed one may put a bare answer, is dropped;
+    3. a `</answer>` still inside ends an answer with no tag marking its start: no cut is safe, so read "";
+    4. delete any think tag left inside (repeated or nested), so the listener's own tags are the only ones.
+    A text with no tags is read whole: it has no answer slot (it fails the format check: no listener reward).
     """
     head = text.split(fmt.answer_open, 1)[0]  # step 1
     start = head.find(fmt.think_open)
@@ -168,37 +149,3 @@ def reasonings_by_pair(texts: Sequence[str], B: int, fmt: PromptFormat = PROMPT)
     """N = B*G completion texts, prompt-major -> the reasoning of each, as B lists of G (`reasoning_of`)."""
     G = len(texts) // B
     return [[reasoning_of(t, fmt) for t in texts[b * G:(b + 1) * G]] for b in range(B)]
-
-
-def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
-                 fmt: PromptFormat = PROMPT) -> list[list[int]]:
-    """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
-    `reasonings[b]`, written as the tokenizer writes it after the prompt; flat, prompt-major."""
-    rows = []
-    for pair, rs in zip(pairs, reasonings):
-        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
-                                                    add_generation_prompt=True)
-        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
-    return rows
-
-
-def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[str] | None = None) -> list[int]:
-    """The token id of each answer (`fmt.answers` unless given), as the tokenizer writes it right after the
-    answer slot.
-
-    Raises ValueError when an answer is not exactly one token there (then one next-token distribution cannot
-    score it), or when two answers share a token.
-    """
-    answers = fmt.answers if answers is None else answers
-    slot_text = fmt.answer_prefix("")
-    slot = tokenizer(slot_text, add_special_tokens=False)["input_ids"]
-    ids = []
-    for answer in answers:
-        full = tokenizer(slot_text + answer, add_special_tokens=False)["input_ids"]
-        if len(full) != len(slot) + 1 or full[:len(slot)] != slot:
-            raise ValueError(f"answer {answer!r} is not exactly one token after {slot_text!r}: the tokenizer "
-                             f"writes it as {full[len(slot):]}")
-        ids.append(full[-1])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"answers {tuple(answers)} share a token: ids {ids}")
-    return ids

@@ -1,28 +1,24 @@
 """Sampling: G rollouts per prompt from the policy, with a KV cache: prefill, expand, decode, choose.
 
-GRPO (section 3.3 of the paper) needs G completions of every prompt and the log-probability of each sampled
-token. `model.generate(num_return_sequences=G)` would copy every prompt G times and run the vision tower and
-the prompt G times. Here, as in nanochat's engine and gpt-fast's generate, `sample` runs
+GRPO (section 3.3 of the paper) needs G completions of every prompt and each sampled token's log-probability.
+`model.generate(num_return_sequences=G)` would run every prompt and its images G times; here, as in nanochat's
+engine and gpt-fast's generate, `sample` runs
 
 1. `prefill`: the vision tower and the B prompts once, filling a KV cache (every layer's keys and values);
 2. `expand`: the cache copied to the G rollouts of each prompt (rows b*G .. b*G+G-1 are prompt b);
-3. decode: all N = B*G rows advance one token per step together (`extend` with one token), with a `finished`
-   mask; finished rows emit pad. The only host sync is an "all finished?" check every few steps;
-4. `choose`: the next token of each row from its logits, and the log-probability it was drawn with.
+3. decode: all N = B*G rows advance one token per step together (`extend`), finished rows emit pad; the only
+   host sync is an "all finished?" check every few steps;
+4. `choose`: each row's next token from its logits, and the log-probability it was drawn with.
 
-Steps 2-3 are the one seam for speed: `sample(..., decoder=...)` takes any object with `start` and `step` as
-`CopiedCache` has them; fast/static_decode.py keeps each prompt's keys and values once in a static cache and can
-compile its step. tests/test_sample.py checks that both give the same rollouts, greedy ones `model.generate`'s.
+Steps 2-3 are the seam for speed: `decoder=` takes any object with `start` and `step`, as `CopiedCache` has;
+fast/static_decode.py is the other (tests/test_sample.py: the same rollouts; greedy ones are `model.generate`'s).
 
-Positions: Qwen-VL's rotary positions (mRoPE) have three axes (time, height, width), and a text token's is one
-number on all three: its text position (the real, non-pad tokens before it) plus its prompt's rope delta, by how
-much less than their count of tokens the prompt's images advanced the position (from `get_rope_index`). We pass positions explicitly: left padding
-makes them differ from row to row, and the model's own cached `rope_deltas` belongs to whichever call ran last.
-
-`prefill`, `expand` and `extend` are also how the listener reads reasoning (listener.py); they follow the
-caller's grad mode; `sample` runs under `torch.no_grad()`, in the caller's train/eval mode. Under FSDP2 a rank
-holds a shard of each weight and gathers the whole weight from all ranks for each forward: call `sample` inside
-`infra.parallel.gathered(model)`, which gathers them once for the whole rollout, not at every decode step.
+Positions are passed explicitly. Qwen-VL's rotary positions (mRoPE) give a text token one number on all three
+axes: its text position (the real tokens before it) plus its prompt's rope delta, how much less than their token
+count the prompt's images advanced it (`get_rope_index`). Left padding makes them differ by row, and the model's
+own cached `rope_deltas` are the last call's. `prefill`, `expand` and `extend` also serve the listener and follow
+the caller's grad mode. Under FSDP2 call `sample` inside `infra.parallel.gathered(model)`: each rank's weight
+shards are gathered once for the whole rollout, not at every decode step.
 
 Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T new tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_sample.py     Benchmark: .venv/bin/python bench/sample.py
@@ -35,6 +31,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from models.internals import generation_eos_ids, layer_masks, model_device
 
 VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -51,13 +49,12 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
     """Sample `num_samples` (G) completions of each prompt in `batch` (a processor batch of B prompts).
 
     A completion ends with the first of `stop_token_ids` (training and evaluation pass `end_of_turn_ids`;
-    `generation_eos_ids` when None; `[]` never stops early); after it its row holds `pad_token_id` (pass the
-    tokenizer's: real Qwen configs have none, so the config's is only a fallback). The vision special tokens
-    are never sampled: an emitted <|image_pad|> would break the next forward. `generator` (on the model's
-    device) makes sampling reproducible; a list of B generators, one per prompt, makes each prompt's rollouts
-    independent of the batch it is in (train.py relies on this). `decoder`: steps 2-3 (`CopiedCache` when None).
-    "All finished?" is checked every `check_every` steps, the loop's only host sync, so up to
-    `check_every - 1` extra all-pad steps may run.
+    `generation_eos_ids` when None; `[]` never stops early), then its row holds `pad_token_id` (pass the
+    tokenizer's: real Qwen configs have none). Vision tokens are never sampled: an emitted <|image_pad|> would
+    break the next forward. `generator` (on the model's device) makes sampling reproducible; a list of B, one per
+    prompt, makes each prompt's rollouts independent of its batch (train.py relies on this). `decoder`: steps 2-3
+    (`CopiedCache` when None). "All finished?" is checked every `check_every` steps, so up to `check_every - 1`
+    all-pad steps may run at the end.
     """
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
@@ -117,13 +114,6 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
-def generation_eos_ids(model) -> list[int]:
-    """`sample`'s stop ids when none are given: the eos ids of the model's generation config (for Qwen2.5-VL
-    Instruct: <|im_end|>, <|endoftext|>), which transformers fills from the model's config."""
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
 def seeded_generators(device, keys: Sequence[tuple]) -> list[torch.Generator]:
     """One generator per prompt, seeded by its key (a tuple of ints, such as (seed, step, index)): a prompt's
     rollouts then depend on its key alone, not on the batch, the process or the restart that draws them."""
@@ -136,14 +126,12 @@ def seeded_generators(device, keys: Sequence[tuple]) -> list[torch.Generator]:
 
 def choose(logits: Tensor, bias: Tensor, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
-    """Pick one token per row; return (token (N,), its log-prob (N,)).
+    """Pick one token per row; return (token (N,), its log-prob (N,)). Temperature 0 is greedy.
 
-    The log-prob is log_softmax(logits / temperature) at the chosen token, before the blocked tokens, top-k
-    and top-p are removed: what a training forward of the policy computes for that token, in exact arithmetic
-    (in fp32 to 1e-6; in bf16 other kernels round otherwise: train.py reports the gap, `old_logp_gap_*`).
-    (Sampling after truncation makes the rollouts slightly off-policy, as in every sampler that truncates;
-    with top_k=0, top_p=1 they are not.)
-    Temperature 0 is greedy, and its log-prob is that of the unscaled logits (temperature 1).
+    The log-prob is log_softmax(logits / temperature) at the token (of the unscaled logits when greedy), before the
+    blocked tokens, top-k and top-p are removed: what a training forward of the policy computes for it (to 1e-6 in
+    fp32; bf16 kernels round otherwise: train.py logs the gap, `old_logp_gap_*`). Truncating makes the rollouts
+    slightly off-policy, as in every sampler that truncates; with top_k=0, top_p=1 they are not.
     """
     logits = logits.float()  # (N, V)
     scaled = logits / temperature if temperature > 0 else logits  # (N, V)
@@ -161,11 +149,8 @@ def choose(logits: Tensor, bias: Tensor, temperature: float, top_k: int, top_p: 
 
 
 def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus. (N, V) -> (N, V).
-
-    top-k keeps the k largest logits (ties with the k-th kept too); top-p keeps the smallest set of most
-    likely tokens whose probability reaches top_p (always at least the most likely token).
-    """
+    """-inf at every logit outside the top-k (ties with the k-th kept) or outside the top-p nucleus (the fewest most
+    likely tokens whose probability reaches top_p, at least one). (N, V) -> (N, V)."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -210,16 +195,10 @@ class DecodeState:
     logits: Tensor  # (N, V) next-token logits after each row's last real token
 
 
-Prefix = DecodeState  # the name fast/static_decode.py imports
-
-
 def prefill(model, batch: dict, cache: DynamicCache | None = None) -> DecodeState:
     """Run the vision tower and the left-padded prompts once; return their cache and next-token logits.
-
-    `batch` is what `models.processor.Processor` returns: `input_ids`, `attention_mask`, `mm_token_type_ids`
-    (B, P), and `pixel_values`, `image_grid_thw` when the prompts hold images. `cache`: where the keys and values
-    go (a fresh `DynamicCache` when None; fast/shared_prompt.py passes its own).
-    """
+    `batch`: a `models.processor.Processor` batch of B prompts; `cache`: where the keys and values go (a fresh
+    `DynamicCache` when None; fast/shared_prompt.py passes its own)."""
     device = model_device(model)
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B, P), (B, P)
@@ -247,13 +226,12 @@ def expand(state: DecodeState, G: int) -> DecodeState:
 
 
 def extend(model, state: DecodeState, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
-    """Feed (N, T) more tokens on top of the cache; return their logits (N, T, V).
+    """Feed (N, T) more tokens on top of the cache; return their logits (N, T, V), or (N, k, V) with
+    `logits_to_keep=k`: the LM head on the last k positions only, enough for left-padded continuations.
 
     `attention_mask` (N, T) marks the real tokens; the others (padding, anywhere) are cached but never attended
-    to and do not advance the text position. `state` is updated in place: cache, attention mask, next
-    position, and logits after each row's last real token (unchanged for a row with no real token).
-    `logits_to_keep=k` runs the LM head on the last k positions only and returns (N, k, V): enough when every
-    row's last real token is among them, as with left-padded continuations and k = 1 (the listener).
+    to and do not advance the text position. `state` is updated in place: cache, attention mask, next position,
+    and the logits after each row's last real token (kept for a row with none).
     """
     mask = attention_mask.to(state.attention_mask)  # (N, T)
     T = mask.shape[1]
@@ -290,28 +268,3 @@ class CopiedCache:
         """Feed one token per row (N,); rows not `live` are cached but never attended to. Returns (N, V)."""
         extend(self.model, self.state, token[:, None], live[:, None])  # (N, 1) -> (N, 1, V)
         return self.state.logits
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def layer_masks(model, cache: DynamicCache, full_mask: Tensor, T: int):
-    """The attention mask the decoder layers read, for T queries on top of `cache`, given the 2D padding mask
-    `full_mask` (N, S + T): (N, 1, T, S + T) for sdpa and eager attention (a dict by layer type when a config
-    has sliding-window layers, which released Qwen2.5-VL and Qwen3-VL configs do not).
-
-    The same builder the model would call, with one difference: `allow_is_causal_skip=False`. Otherwise it
-    checks `full_mask.all()` on the host at every forward to see if it may drop the mask, which would make
-    every decode step wait for the GPU. (flash-attention takes the 2D mask and still checks.) The model takes a
-    4D mask as it is.
-    """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-    text = model.model.language_model
-    shape_only = torch.empty((full_mask.shape[0], T, 0), dtype=text.dtype, device=full_mask.device)  # (N, T, 0)
-    kwargs = dict(config=text.config, inputs_embeds=shape_only, attention_mask=full_mask, past_key_values=cache,
-                  allow_is_causal_skip=False)
-    full = create_causal_mask(**kwargs)  # (N, 1, T, S + T)
-    if "sliding_attention" not in (getattr(text.config, "layer_types", None) or ()):
-        return full
-    return {"full_attention": full, "sliding_attention": create_sliding_window_causal_mask(**kwargs)}

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 import grpo
 from formats.records import Pair
-from listener import Listener, listener_ids, preferred, reasonings_by_pair, reasoning_of
+from models.processor import listener_ids
+from listener import Listener, preferred, reasonings_by_pair, reasoning_of
 from prompt import PROMPT, PromptFormat
 
 
@@ -33,7 +34,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     """(N,) where a forward pass over prompt + completion reads exactly what the listener reads; -1 where not.
 
     The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
-    text (`listener.listener_ids`). A pass of a model over the same prompt followed by the completion's own
+    text (`models.processor.listener_ids`). A pass of a model over the same prompt followed by the completion's own
     token ids (the reference pass, `grpo.completion_hidden`) gives the listener's answer logits exactly when
       (a) its model is the listener's model (the listener is the reference model),
       (b) its prompt is the listener's prompt (the same processor and prompt format), and

@@ -25,8 +25,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from grpo import final_hidden
-from sample import layer_masks, prefill
+from models.internals import final_hidden, layer_masks
+from sample import prefill
 
 
 class PromptCache(DynamicCache):

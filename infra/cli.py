@@ -236,9 +236,9 @@ def check_prompt_format(name: str, path, checkpoints: dict[str, str], tokenizer=
     """Each checkpoint's own prompt_format.json and the --prompt_format file read as a `prompt.PromptFormat`
     (strictly: `models.prompt_format.read_format`; a Python API may give the PromptFormat itself), and the given format's
     answers and ratings are one token each of every checkpoint's tokenizer (and of `tokenizer`, a loaded model's),
-    as one next-token distribution reads them (`listener.answer_token_ids`).
+    as one next-token distribution reads them (`models.processor.answer_token_ids`).
     `checkpoints`: option name -> checkpoint directory ('toy': the toy tokenizer; '': no checkpoint)."""
-    from listener import answer_token_ids
+    from models.processor import answer_token_ids
     from models.prompt_format import FORMAT_FILE, FormatError, read_format
     from prompt import PromptFormat
     for option_name, checkpoint in checkpoints.items():

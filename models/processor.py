@@ -1,7 +1,8 @@
 """Chat messages + images -> the tensors a Qwen2.5-VL or Qwen3-VL model reads, with a checkpoint's own tokenizer
 and image processor (`Processor`), and the batch arithmetic around them: left padding, the rows of a batch with
 their images (`prompt_rows`), the tokens a text is read as inside a prompt (`prompt_tokens`) and after one
-(`continuation_ids`), a checkpoint's pixel bounds.
+(`continuation_ids`, and `listener_ids`: what the listener reads), the token of each answer word
+(`answer_token_ids`), a checkpoint's pixel bounds.
 
 prompt.py says what is asked; this file turns it into input_ids, attention_mask, mm_token_type_ids (B, P),
 pixel_values (patches, C*t*p*p) and image_grid_thw (images, 3). Shapes: B prompts, P prompt tokens.
@@ -19,7 +20,7 @@ import torch
 from formats.images import load_image
 from formats.layouts import PromptLimit
 from formats.records import Pair, Rated
-from prompt import PROMPT, PromptFormat, reasoner_messages, score_messages
+from prompt import PROMPT, PromptFormat, listener_prefix, reasoner_messages, score_messages
 
 
 class Processor:
@@ -185,6 +186,40 @@ def continuation_ids(tokenizer, prompt_text: str, suffixes: Sequence[str]) -> li
         if row[:len(head)] != head:
             raise ValueError(f"suffix {g} ({suffixes[g][:40]!r}...) changes how the prompt before it is tokenized")
     return [row[len(head):] for row in rows]
+
+
+def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
+                 fmt: PromptFormat = PROMPT) -> list[list[int]]:
+    """The token ids the listener reads after each pair's prompt: `listener_prefix(r)` for each reasoning r of
+    `reasonings[b]`, written as the tokenizer writes it after the prompt; flat, prompt-major."""
+    rows = []
+    for pair, rs in zip(pairs, reasonings):
+        prompt_text = tokenizer.apply_chat_template(reasoner_messages(pair.prompt, fmt), tokenize=False,
+                                                    add_generation_prompt=True)
+        rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
+    return rows
+
+
+def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[str] | None = None) -> list[int]:
+    """The token id of each answer (`fmt.answers` unless given), as the tokenizer writes it right after the
+    answer slot.
+
+    Raises ValueError when an answer is not exactly one token there (then one next-token distribution cannot
+    score it), or when two answers share a token.
+    """
+    answers = fmt.answers if answers is None else answers
+    slot_text = fmt.answer_prefix("")
+    slot = tokenizer(slot_text, add_special_tokens=False)["input_ids"]
+    ids = []
+    for answer in answers:
+        full = tokenizer(slot_text + answer, add_special_tokens=False)["input_ids"]
+        if len(full) != len(slot) + 1 or full[:len(slot)] != slot:
+            raise ValueError(f"answer {answer!r} is not exactly one token after {slot_text!r}: the tokenizer "
+                             f"writes it as {full[len(slot):]}")
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answers {tuple(answers)} share a token: ids {ids}")
+    return ids
 
 
 def images_per_row(mm_token_type_ids: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,25 @@ def confident_or_labelled(dataset, min_votes: int, top: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What rollouts show during training: a GRPO step's (train.py) and the held-out verdicts (heldout.py)
+# What rollouts show during training: a GRPO step's (grpo.py's loss, train.py) and the held-out verdicts (heldout.py)
+
+
+@torch.no_grad()
+def loss_metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
+    """What `grpo.grpo_loss` saw, means over this batch's loss tokens, as 0-dim tensors (no host sync here): the
+    KL, the shares of tokens clipped on each side, the ratio, the length of the completions left in the loss."""
+    w = keep.to(ratio.dtype)  # (N, T)
+    n = w.sum().clamp(min=1)
+    lengths = w.sum(dim=1)  # (N,)
+    low = (ratio < 1 - clip_low) & (adv < 0) & keep  # (N, T) clipped term chosen on the low side
+    high = (ratio > 1 + clip_high) & (adv > 0) & keep  # (N, T) clipped term chosen on the high side
+    return {
+        "kl": (kl * w).sum() / n,
+        "clip_low": low.sum() / n,
+        "clip_high": high.sum() / n,
+        "ratio": (ratio * w).sum() / n,
+        "length": lengths.sum() / (lengths > 0).sum().clamp(min=1),  # over completions left in the loss
+    }
 
 
 def rollout_metrics(examples: Sequence, texts: Sequence[str], rollouts, rewards: dict, p_correct, group_size: int,

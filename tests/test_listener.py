@@ -9,7 +9,6 @@ mRoPE positions of `get_rope_index`, and takes a softmax over the answer tokens 
 Run: .venv/bin/python -m pytest -q tests/test_listener.py
 """
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ import torch
 from toy import world as toy
 from formats.records import Pair
 from prompt import PROMPT, listener_prefix, reasoner_messages
-from listener import Listener, answer_probs, answer_token_ids, reasoning_of
+from listener import Listener, answer_probs, reasoning_of
+from models.processor import answer_token_ids
 
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
 A0, A1 = PROMPT.answers
@@ -155,16 +155,6 @@ def test_reasoning_of_malformed_never_includes_the_answer(text, kept):
     assert not any(a in r for a in PROMPT.answers), r
     assert not any(tag in r for tag in (TH, TH_, AN, AN_)), r
     assert r == kept
-
-
-def test_answer_token_ids(world):
-    _, processor, _ = world
-    tok = processor.tokenizer
-    ids = answer_token_ids(tok)
-    assert ids == [tok(a, add_special_tokens=False)["input_ids"][0] for a in PROMPT.answers]
-    assert tok.decode(ids[0]) == A0 and tok.decode(ids[1]) == A1
-    with pytest.raises(ValueError, match="not exactly one token"):
-        answer_token_ids(tok, replace(PROMPT, answers=("first image", "2")))
 
 
 def test_listener_is_frozen(world):

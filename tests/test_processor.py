@@ -1,14 +1,18 @@
-"""Tests for models/processor.py: the image tokens `Processor` puts in a prompt, and the rows of a batch
-(`prompt_rows`) equal to encoding those prompts alone. tests/test_real_layout.py holds `Processor` against the
-official processors.
+"""Tests for models/processor.py: the image tokens `Processor` puts in a prompt, the rows of a batch (`prompt_rows`)
+equal to encoding those prompts alone, and the answer tokens (`answer_token_ids`). tests/test_real_layout.py holds
+`Processor` against the official processors.
 
 Run: .venv/bin/python -m pytest -q tests/test_processor.py
 """
+from dataclasses import replace
+
+import pytest
 import torch
 
 from formats.records import Pair
-from models.processor import Processor, prompt_rows
+from models.processor import Processor, answer_token_ids, prompt_rows
 from pictures import RED, png_bytes
+from prompt import PROMPT
 from toy import world as toy
 
 
@@ -57,3 +61,13 @@ def test_prompt_rows_equal_encoding_those_prompts_alone():
         assert got.keys() == expected.keys()
         for key in expected:
             assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), (rows, key)
+
+
+@pytest.mark.parametrize("family", toy.FAMILIES)
+def test_answer_token_ids(family):
+    tok = toy.make_processor(family).tokenizer
+    ids = answer_token_ids(tok)
+    assert ids == [tok(a, add_special_tokens=False)["input_ids"][0] for a in PROMPT.answers]
+    assert tok.decode(ids[0]) == PROMPT.answers[0] and tok.decode(ids[1]) == PROMPT.answers[1]
+    with pytest.raises(ValueError, match="not exactly one token"):
+        answer_token_ids(tok, replace(PROMPT, answers=("first image", "2")))
