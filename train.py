@@ -1,71 +1,44 @@
 """Train a vision-language preference reasoner with listener-augmented GRPO (or the paper's baselines).
 
-The toy world, on a CPU, in minutes (no download): a listener that reads and a reasoner's start whose answers
-do not follow its reasoning, then GRPO and GRPO with the listener from that start, and a table of held-out
-accuracy, contradictions, faithfulness, listener agreement, no-thinking and out-of-distribution accuracy
-(toy/demo.py):
+    torchrun --nproc_per_node=2 train.py         # the toy world on a CPU, in minutes, nothing downloaded
+    torchrun --nproc_per_node=8 train.py --mode=grpo --model=/models/Qwen2.5-VL-7B-Instruct --train_data=...
 
-    torchrun --nproc_per_node=2 train.py
+The toy run (toy/demo.py) trains GRPO, and GRPO with the listener, from a reasoner's start whose answers do not
+follow its reasoning, and prints a table of held-out metrics. The README gives the full command for Qwen2.5-VL-7B
+on HPDv2 and the baselines (--w_list=0: GRPO, --mode=sft, --mode=score: section 5's absolute score); several nodes
+take torchrun's --nnodes/--node_rank/--rdzv_endpoint. Every option is a field of `Config` (`--help`), checked
+before anything loads; --decode, --shared_prompt and --listener_from_reference plug in speed-ups (fast/), each
+tested equal to the reference path shown here. The same --out_dir resumes a run exactly; metrics go to
+out_dir/metrics.jsonl (and TensorBoard or W&B with --report_to); every checkpoint holds its prompt format.
 
-Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5)), on 8 GPUs:
-
-    torchrun --nproc_per_node=8 train.py --mode=grpo --model=/models/Qwen2.5-VL-7B-Instruct \
-        --train_data=hpdv2:/data/HPDv2/train.json --train_images=/data/HPDv2 --fraction=0.16 \
-        --eval_data=imagereward:/data/ImageReward/test.json --eval_images=/data/ImageReward/images \
-        --group_size=10 --pairs_per_rank=2 --max_new_tokens=512 --lr=1e-6 --beta=0.04 \
-        --max_pixels=200704 --activation_checkpointing=true --out_dir=runs/hpdv2_listener \
-        --decode=static --shared_prompt=true --listener_from_reference=true
-
-The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant (one
-image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun's
---nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Each step's metrics
-go to out_dir/metrics.jsonl, and with --report_to=tensorboard|wandb also to TensorBoard or W&B, to watch the run
-live (infra/tracking.py; the packages are needed only when asked for). Every option is a field of `Config`
-below (--name=value or --name value; `--help` lists them), checked before anything loads. The last three
-options above switch on speed-ups (fast/), each tested equal to the reference path this file shows. The run asks
-in prompt.PROMPT's words unless --prompt_format (or --model's own prompt_format.json) gives others, and writes
-the format it asked in into every checkpoint and export (prompt_format.json), where evaluate.py reads it.
-
-This file reads in the order of the method: one GRPO step first (sections 3.3, 4.3: `grpo_step` samples G
-rollouts per pair (sample.py), reads them with the frozen models (`score_rollouts`: the reference model's
-log-probs, pi_ref of eq. (2), and the listener's p_corr, listener.py), rewards them (`rollout_rewards`, eq. (5)),
-normalises the rewards within each group (eq. (1), grpo.py) and minimises the clipped objective with KL (eq. (2),
-`policy_update`) for `num_iterations` passes); one SFT step; the loop (`train`); the options (`Config`). What they
-run on: infra/ (processes and FSDP2, the run's state and the speed-ups it plugs in, checkpoints, the command line).
+The file reads in the method's order: `grpo_step` (G rollouts per pair, sample.py; `score_rollouts`: pi_ref's
+log-probs for eq. (2) and the listener's p_corr; `rollout_rewards`, eq. (5); advantages, eq. (1); `policy_update`,
+eq. (2)), one SFT step, the loop (`train`), the options (`Config`). infra/ holds what they run on: processes and
+FSDP2, the run's state and the speed-ups it plugs in, checkpoints, the command line.
 
 Where this departs from the paper, and why (grpo.py lists the loss's own, listener.py and reward.py theirs):
-
-1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2,
-   temperature 1.0, AdamW with betas (0.9, 0.99) and no weight decay, a linear warm-up over 10 optimiser steps,
-   gradient clipping at norm 1.0; rollout length, batch size and number of steps are options.
-2. pi_old of eq. (2) is the update pass's own first reading of the rollouts (detached), not the log-probabilities
-   the sampler drew the tokens with: the ratio is exactly 1 on the first pass, and later passes
-   (--num_iterations) compare the trainer's numbers with themselves (TRL and verl do the same). The sampler's come
-   from other kernels (the decode's attention and RoPE, a cache of bf16 keys, no activation checkpointing): in
-   fp32 they equal the trainer's to 1e-6, in bf16 they do not, and a token carried past the clip range by rounding
-   alone would lose its gradient. `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl say how far apart
-   the two are, every step.
-3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once,
-   unless --listener names another (the paper uses the instruct model for both roles: pi_ref in section 4.3).
-4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed
-   over the whole global batch before any micro-batch's loss is formed (grpo.py, `loss_type`).
-5. Sampling randomness is a function of (seed, step, pair): the rollouts of a pair do not depend on how many
-   processes share the batch, so 1 and 2 processes train identically, and a resumed run samples exactly
-   what the uninterrupted run sampled.
-6. The toy default (toy/demo.py) has two models where the paper has one instruct model in two roles. The
-   paper's GRPO reasoner answers as well without its reasoning as with it (table 5: 73% against 72%), while
-   the instruct model, its listener, reads reasoning; a tiny model trained for a minute has one property or the
-   other, not both. So the listener is an SFT run that reads (each pair with a reasoning for each image), and
-   the reasoner starts, and keeps its KL reference, at an SFT run of 100 steps whose answers do not yet follow
-   its reasoning; both properties are measured on every run. Its GRPO stages sample at temperature 0.5 without
-   eq. (1)'s std (docs/toy.md: why).
-7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
-   follows the images), since files list images in an order that often carries the answer (ranked groups
-   best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
-   held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders too.
-8. The SFT baseline (--mode=sft) trains on completions with an empty reasoning, `<think></think>\n<answer>A
-   </answer>`: the paper does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. At test
-   time it is scored like every reasoner, after whatever reasoning it writes.
+1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2, temperature
+   1.0, AdamW betas (0.9, 0.99) without weight decay, 10 warm-up optimiser steps, gradient norm clipped at 1.0.
+2. pi_old of eq. (2) is the update's own first reading of the rollouts (detached), as in TRL and verl, not the
+   sampler's log-probabilities: those come from other kernels (the decode's attention, a cache of bf16 keys) and,
+   in bf16, rounding alone could carry a token past the clip range and cost it its gradient (in fp32 they agree
+   to 1e-6). `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl measure the gap every step.
+3. The KL reference and the listener are one frozen instruct checkpoint, held once, unless --listener names
+   another (the paper uses the instruct model in both roles: pi_ref, section 4.3).
+4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed over the
+   global batch before any micro-batch's loss is formed (grpo.py's departure 4).
+5. Sampling randomness is a function of (seed, step, pair): 1 and 2 processes train identically, and a resumed run
+   samples what the uninterrupted one did.
+6. The toy has two models where the paper has one in two roles: the paper's GRPO reasoner answers as well without
+   its reasoning as with it (table 5: 73% against 72%) while its listener reads reasoning, and a tiny model has one
+   property or the other. So the listener is an SFT run that reads, and the reasoner starts (and keeps its KL
+   reference) at an SFT run whose answers do not yet follow its reasoning; both properties are measured every
+   run. Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (docs/toy.md says why).
+7. Position bias: each training pair is shown in a seeded random order (`data.random_orders`; the label follows the
+   images), since files often list the preferred image first; `--both_orders=true` shows each pair both ways in
+   one batch. The held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders.
+8. The SFT baseline (--mode=sft) trains on `<think></think>\\n<answer>A</answer>`, an empty reasoning: the paper
+   does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. It is scored like every reasoner.
 """
 from __future__ import annotations
 
@@ -136,14 +109,10 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
 
 
 def score_rollouts(cfg: Config, trainer: Trainer, micro, rollouts, pairs: list, texts: list[str]) -> tuple:
-    """What the frozen models read in the rollouts: (ref_logp, p_correct, what to log of how: {} here).
-
-    ref_logp (N, T): the reference model's log-probs, pi_ref of eq. (2)'s KL term, at the sampling temperature
-    (grpo.py's departure 8); None when beta = 0. p_correct (N,): the listener's p_corr of eq. (5), each reasoning
-    read without its answer (listener.py); None without a listener, and when it is not rewarded (w_list = 0: it
-    is scored on the held-out pairs only). `trainer.score_rollouts` is this function, or, with
-    --listener_from_reference, fast/listener_from_reference.py's, which reads both in one pass.
-    """
+    """What the frozen models read in the rollouts: ref_logp (N, T), pi_ref of eq. (2) at the sampling temperature
+    (None when beta = 0); p_correct (N,), the listener's p_corr of eq. (5) (None without a listener or with w_list
+    = 0); and what to log of how ({} here). `trainer.score_rollouts` is this, or, with --listener_from_reference,
+    fast/listener_from_reference.py's, which reads both in one pass."""
     ref_logp = p_correct = None
     if cfg.beta > 0:
         ref_logp = grpo.reference_logprobs(trainer.reference, micro, rollouts.tokens, rollouts.mask, cfg.temperature,
@@ -166,13 +135,8 @@ def rollout_rewards(cfg: Config, trainer: Trainer, examples: list, texts: list[s
 
 
 def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
-    """`num_iterations` optimiser steps on the clipped objective, each accumulated over the micro-batches.
-
-    The token and completion counts are summed over the whole global batch first (all micro-batches, all
-    ranks), so each micro-batch's loss is its exact share of the global loss. pi_old of eq. (2) is this pass's own
-    first reading of the rollouts (departure 2): the ratio is exactly 1 on the first pass, and later passes compare
-    the trainer's numbers with themselves. How far the sampler's log-probs are from it is measured every step.
-    """
+    """`num_iterations` optimiser steps on eq. (2), each accumulated over the micro-batches; counts of the whole
+    global batch make each micro-batch's loss its exact share (departure 4); pi_old is the first pass's (2)."""
     num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
     old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
     metrics: dict = {}
