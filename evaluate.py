@@ -18,7 +18,7 @@ torchrun each process holds the whole model and takes every N-th comparison, eac
 (table 4) and writes the outputs.
 
 Where this departs from the paper, or chooses what it leaves open (report/metrics.py and report/judge.py list
-those of the metrics):
+those of the metrics and of the pairs tables 4 and 5 use):
 1. Eq. (4) writes the answers 0 and 1; here they are the format's two answer words, "1" and "2" by default ("1"
    naming the first image, as the question asks), and p(b) = sigma(f("2") - f("1")): the same formula.
 2. Mean@k averages probabilities, not logits. Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
@@ -33,8 +33,6 @@ those of the metrics):
    and always shown first (data.py's departure 1), so every comparison of a group carries the same position bias.
    `--both-orders` (beyond the paper) also shows each pair as (b, a) and averages p(b) with 1 - p(a), which
    removes it; both numbers are reported.
-6. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
-   (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
 
 Shapes: B pairs, G = k rollouts per pair, N = B*G rows, R ratings, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py tests/test_real_use.py

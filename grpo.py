@@ -69,11 +69,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
               loss_type="sequence", num_tokens=None, max_new_tokens=None, num_sequences=None):
     """The GRPO loss (negative of eq. (2)) and a dict of detached scalar metrics.
 
-    logp, old_logp, ref_logp: (N, T) log-probabilities of the sampled completion tokens under the policy,
-    the policy that sampled them, and the reference model; ref_logp may be None when beta == 0.
-    advantages: (N,) from group_advantages. mask: (N, T), 1 on completion tokens including the stop token.
-    num_tokens / num_sequences: global counts from loss_counts (all micro-batches, all ranks); None means
-    this batch's counts. Gradient flows only through logp; positions where mask == 0 get exactly zero.
+    logp, old_logp, ref_logp: (N, T) log-probabilities of the sampled tokens under the policy, pi_old and the
+    reference model (ref_logp may be None when beta == 0); advantages (N,); mask (N, T), 1 on the tokens in the
+    loss, stop token included. num_tokens / num_sequences: global counts (`loss_counts`), None for this batch's.
+    Gradient flows only through logp; positions where mask == 0 get exactly zero.
     """
     _check_shapes(logp, old_logp, ref_logp, advantages, mask)
     if beta != 0 and ref_logp is None:

@@ -50,10 +50,8 @@ class Listener:
         self.answer_ids = answer_token_ids(processor.tokenizer, fmt)  # fails now, not mid-training
 
     def p_correct(self, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
-        """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b).
-
-        Each text's reasoning is read with its answer removed (`reasoning_of`); the pair's label picks the image.
-        """
+        """(N,): p_corr of eq. (5) for N = B*G completion texts, prompt-major (texts[b*G + g] answers pair b), each
+        reasoning read without its answer (`reasoning_of`), the pair's label picking the image."""
         B = len(pairs)
         if B == 0 or len(texts) % B:
             raise ValueError(f"{len(texts)} texts do not split into {B} pairs with the same number of rollouts")
@@ -79,11 +77,8 @@ def preferred(probs: torch.Tensor, pairs: Sequence[Pair]) -> torch.Tensor:
 
 def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[Sequence[str]],
                  fmt: PromptFormat = PROMPT) -> torch.Tensor:
-    """A model's probability of each image, given each reasoning: (B, G, 2), float32, no gradient; eq. (4).
-
-    `pairs`: B pairs; `reasonings[b]`: the G reasonings (answers already removed, see `reasoning_of`) to read on
-    pair b, the same G for every pair. Under FSDP2 every rank must call it (each forward gathers the weights).
-    """
+    """A model's probability of each image, eq. (4), given each of the G reasonings `reasonings[b]` (answers removed:
+    `reasoning_of`) on each of B pairs: (B, G, 2), float32, no gradient. Under FSDP2 every rank must call it."""
     B = len(pairs)
     if len(reasonings) != B:
         raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")

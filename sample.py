@@ -108,8 +108,8 @@ class Rollouts:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """End-of-turn ids from the tokenizer: `<|im_end|>` (its eos in Qwen chat models) and `<|endoftext|>`.
-    Training and evaluation pass these as `sample(stop_token_ids=...)`, so a completion ends the same way in both."""
+    """The tokenizer's end-of-turn ids, `<|im_end|>` (Qwen chat models' eos) and `<|endoftext|>`: the stop ids
+    training and evaluation both pass, so that a completion ends the same way in both."""
     ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 

@@ -29,11 +29,9 @@ Where this departs from the paper, and why (grpo.py lists the loss's own, listen
    global batch before any micro-batch's loss is formed (grpo.py's departure 4).
 5. Sampling randomness is a function of (seed, step, pair): 1 and 2 processes train identically, and a resumed run
    samples what the uninterrupted one did.
-6. The toy has two models where the paper has one in two roles: the paper's GRPO reasoner answers as well without
-   its reasoning as with it (table 5: 73% against 72%) while its listener reads reasoning, and a tiny model has one
-   property or the other. So the listener is an SFT run that reads, and the reasoner starts (and keeps its KL
-   reference) at an SFT run whose answers do not yet follow its reasoning; both properties are measured every
-   run. Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (docs/toy.md says why).
+6. The toy has two models, a listener that reads and a reasoner whose answers do not follow its reasoning, where
+   the paper has one instruct model in both roles: a tiny model has one property or the other (toy/demo.py says
+   why). Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (docs/toy.md says why).
 7. Position bias: each training pair is shown in a seeded random order (`data.random_orders`; the label follows the
    images), since files often list the preferred image first; `--both_orders=true` shows each pair both ways in
    one batch. The held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders.
@@ -135,8 +133,8 @@ def rollout_rewards(cfg: Config, trainer: Trainer, examples: list, texts: list[s
 
 
 def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
-    """`num_iterations` optimiser steps on eq. (2), each accumulated over the micro-batches; counts of the whole
-    global batch make each micro-batch's loss its exact share (departure 4); pi_old is the first pass's (2)."""
+    """`num_iterations` optimiser steps on eq. (2), each accumulated over the micro-batches; the whole global batch's
+    counts make each micro-batch's loss its exact share (departure 4); pi_old is the first pass's (departure 2)."""
     num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
     old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
     metrics: dict = {}

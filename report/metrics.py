@@ -12,6 +12,9 @@ Choices the paper leaves open, made here (evaluate.py lists those of the scoring
    1.2 points at n = 5139 and 72%.
 2. Figure 2 is drawn per rollout: the distance between the listener's and the reasoner's (s1, s2) for the
    same reasoning, and whether that rollout's p(b) orders the pair as people do.
+3. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
+   (`confident_or_labelled`; evaluate.py's `--confident-top`, `--min-votes`); otherwise every pair with a human
+   preference.
 
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
