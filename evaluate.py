@@ -241,12 +241,10 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                   decoder=None) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
-    With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
-    p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_b_forward`.
-    With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5). `decoder`: sample.py's
-    (None: its reference decode). Each pair's rollouts are drawn from a generator seeded by its key (`keys`,
-    one tuple per pair; by default (seed, its index)), so that a pair's result does not depend on the batch or
-    the process it lands in (`compare_all`).
+    `both_orders` also shows each pair as (b, a), in the same batch: p_b = (Mean@k p(b | a, b) + 1 - Mean@k
+    p(a | b, a)) / 2, the forward order alone in `p_b_forward`. `no_thinking` samples nothing: the reasoning is
+    `fmt.no_thinking` (table 5). `decoder`: sample.py's. Each pair's rollouts are seeded by its key (`keys`; by
+    default (seed, its index)), so its result does not depend on the batch or process it lands in (`compare_all`).
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     stop_token_ids=end_of_turn_ids(processor.tokenizer), decoder=decoder,

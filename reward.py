@@ -54,13 +54,11 @@ def _completion_pattern(fmt: PromptFormat) -> re.Pattern:
 
 def parse_completion(text: str, fmt: PromptFormat = PROMPT,
                      vocabulary: Sequence[str] | None = None) -> tuple[str | None, str | None]:
-    """Split a completion into (reasoning, answer); strict about the format (see the top of this file).
-
-    Returns (None, None) when the tags are missing, repeated, nested, out of order or surrounded by anything
-    but whitespace; (reasoning, None) when the tags are right but the stripped answer is not exactly one word
-    of `vocabulary` (default `fmt.answers`; pass `fmt.ratings` for the absolute-score variant). `reasoning`
-    is the exact text between the think tags, unstripped, so `fmt.answer_prefix(reasoning)` rebuilds what
-    the reasoner wrote.
+    """Split a completion into (reasoning, answer), strictly (choices 1-2 at the top): (None, None) when the tags
+    are missing, repeated, nested, out of order or surrounded by anything but whitespace; (reasoning, None) when
+    the stripped answer is not exactly one word of `vocabulary` (`fmt.answers` unless given; `fmt.ratings` for the
+    absolute score). `reasoning` is the text between the think tags, unstripped: `fmt.answer_prefix(reasoning)`
+    rebuilds what the reasoner wrote.
     """
     tags = (fmt.think_open, fmt.think_close, fmt.answer_open, fmt.answer_close)
     if any(text.count(tag) != 1 for tag in tags):  # exactly one of each: no nesting, no second block
@@ -93,20 +91,14 @@ def listener_reward(p_correct):
     return max(0.0, p_correct - 0.5)
 
 
-def _check_listener(p_correct, w_list: float) -> None:
+def preference_rewards(texts: Sequence[str], labels, p_correct=None, w_fmt: float = 1.0, w_acc: float = 0.5,
+                       w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, torch.Tensor]:
+    """Eq. (5) for N completions: each component a tensor (N,), with p_correct's dtype and device when it is a
+    floating tensor (the default dtype on the CPU otherwise). `labels` (N,): the index of each completion's
+    preferred image; `p_correct` (N,): the listener's probability for it (None only with w_list = 0)."""
     if p_correct is None and w_list != 0:
         raise ValueError(f"p_correct (the listener's probability for the preferred image) is None but "
                          f"w_list={w_list}; pass p_correct, or w_list=0 for the GRPO baseline")
-
-
-def preference_rewards(texts: Sequence[str], labels, p_correct=None, w_fmt: float = 1.0, w_acc: float = 0.5,
-                       w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, torch.Tensor]:
-    """Eq. (5) for N completions: each component a tensor (N,), with p_correct's dtype and device when it is
-    a floating tensor (the default dtype on the CPU otherwise).
-
-    `labels` (N,): the index of each completion's preferred image; `p_correct` (N,): the listener's probability
-    for it (None only with w_list = 0, the GRPO baseline). A bad format earns no accuracy or listener credit."""
-    _check_listener(p_correct, w_list)
     labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
