@@ -217,7 +217,7 @@ def test_nan_gradient_step_is_skipped(cold_start, runs, monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for k, v in zip(DIST_VARS, ("0", "1", "0", "127.0.0.1", str(port))):  # a group of one, undone after the test
+    for k, v in zip(launching.DIST_VARS, ("0", "1", "0", "127.0.0.1", str(port))):  # a group of one, undone after the test
         monkeypatch.setenv(k, v)
     rank, world, device = setup_distributed()
     trainer = Trainer(cfg, rank, world, device)
