@@ -1,7 +1,7 @@
 """Data: a dataset on disk -> the examples training and evaluation use.
 
 1. `load("KIND:PATH")`: a dataset in one of its published layouts (formats/layouts.py) -> `Pair`s or `Group`s
-   (prompt.py), with a fixed random subset and excluded records left out.
+   (formats/records.py), with a fixed random subset and excluded records left out.
 2. What is done with loaded records: `groups_to_pairs`, `random_orders`, `spread_sample` (the held-out set),
    `to_rated` (the absolute-score variant), `anchor_pairs` and `dataset_pairs` (the comparisons evaluation runs:
    each group's n - 1 pairs against its anchor, section 5), `drop_unreadable`.
@@ -11,6 +11,11 @@
 4. `python data.py check SPEC [--images ROOT] [--workers N] [--tokenizer MODEL_DIR]`: decode every image of a
    dataset before a long run, measure each prompt with the run's tokenizer; list the records that cannot be
    used in a file that `--exclude` reads.
+
+Where this departs from the paper:
+1. An anchor comparison shows the anchor first, (anchor, image i) (`anchor_pairs`); the paper does not say in
+   which order. Every comparison of a group then carries the same position bias; evaluate.py's --both-orders
+   shows each pair both ways and removes it (train.py shows training pairs in random orders: its departure 7).
 """
 from __future__ import annotations
 
@@ -177,7 +182,8 @@ def to_rated(records: Sequence, num_ratings: int) -> list[Rated]:
 
 
 def anchor_pairs(prompt: str, images: Sequence, anchor: int, ranking: Sequence[int] | None = None) -> list[Pair]:
-    """The n - 1 pairs (anchor, image_i), i != anchor; label 1 when people ranked image i above the anchor."""
+    """The n - 1 pairs (anchor, image_i), i != anchor, the anchor always first (departure 1 at the top); label 1
+    when people ranked image i above the anchor."""
     if not 0 <= anchor < len(images):
         raise ValueError(f"anchor {anchor} is not an index into {len(images)} images")
     return [Pair(prompt, (images[anchor], images[i]), int(ranking is not None and ranking[i] < ranking[anchor]))
@@ -417,7 +423,7 @@ def _tokenizer_limit(tokenizer: str, max_tokens: int) -> PromptLimit | None:
     """--tokenizer DIR (a checkpoint directory, the run's --model) or 'toy' -> the limit train.py applies."""
     if not tokenizer:
         return None
-    from prompt import prompt_tokens
+    from models.processor import prompt_tokens
     if tokenizer == "toy":
         from toy import world
         tok = world.make_tokenizer()

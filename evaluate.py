@@ -1,39 +1,38 @@
 """Evaluation: a checkpoint -> the paper's numbers (tables 2-5, figures 2-4), and a reward model people can use.
 
-Scoring (sections 4.2 and 5). For a pair (a, b) the reasoner writes k reasonings (sample.py); for each one we
-read the probability that b is preferred from its answer logits given that reasoning, eq. (4),
-p(b | C) = sigma(f(b | C) - f(a | C)), and average over the k rollouts (Mean@k). A group of n images is scored
-against an anchor: the anchor gets 0.5 and every other image its probability of beating the anchor, n - 1
-comparisons instead of n (n - 1) / 2 (section 5). The absolute-score variant rates each image alone and
-scores it by its expected rating, eq. (3). report/ turns the results into the paper's tables and figures.
+Scoring (sections 4.2 and 5). For a pair (a, b) the reasoner writes k reasonings (sample.py); given each, the
+probability that b is preferred is read from its answer logits, eq. (4), p(b | C) = sigma(f(b | C) - f(a | C)),
+and averaged over the k rollouts (Mean@k). A group of n images is scored against an anchor: the anchor gets 0.5,
+every other image its probability of beating the anchor, n - 1 comparisons instead of n (n - 1) / 2 (section 5).
+The absolute-score variant rates each image alone, by its expected rating, eq. (3). report/ makes the tables.
 
-Commands (`--model` is any local checkpoint directory: a trained reasoner, or the untrained instruct model for
-the zero-shot row of table 3; every option: `python evaluate.py --help`):
-
-    python evaluate.py                                    # toy model on toy data, nothing downloaded
+    python evaluate.py                        # the toy model on toy data, nothing downloaded
     python evaluate.py --model PATH --data imagereward:test.json --images ROOT --out runs/eval --k 3
-    torchrun --nproc_per_node=8 evaluate.py --model PATH --data rapidata:a.parquet,b.parquet --out runs/ood \\
-        --k 3 --both-orders --no-thinking --listener /models/Qwen2.5-VL-7B-Instruct --judge /models/Qwen2.5-14B-Instruct
-    python evaluate.py --model PATH --scoring absolute --data imagereward:test.json --images ROOT --k 3  # --mode=score
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
-    python reward_model.py --model PATH --input prompts.jsonl --out scores.jsonl     # many prompts (and its Python API)
 
-A checkpoint is asked in the prompt format it was trained in, its prompt_format.json (train.py writes one into
-every export; prompt.PROMPT for a checkpoint without one); --prompt_format=FILE.json overrides it, with a warning
-naming the fields that differ.
+`--model` is any local checkpoint (the instruct model gives table 3's zero-shot row); the README gives each table's
+and figure's command, `--help` every option. A checkpoint is asked in the prompt format it was trained in (its
+prompt_format.json; --prompt_format=FILE.json overrides it, with a warning naming the fields that differ). Under
+torchrun each process holds the whole model and takes every N-th comparison, each pair's rollouts seeded by
+(--seed, its index), so N processes give what one gives; rank 0 runs the listener (figure 2) and the judge
+(table 4) and writes the outputs.
 
-Under torchrun each process holds the whole model and takes every N-th comparison; each pair's rollouts are
-seeded by (--seed, its index), so N processes give exactly what one gives. Rank 0 runs the listener (figure 2)
-and the judge (table 4) on its own and writes the outputs.
-
-Choices the paper leaves open, made here (report/metrics.py and report/judge.py list those of the metrics):
-1. Mean@k averages probabilities (not logits). Majority vote counts the parsed answers of well-formed
-   rollouts; a tie, or no readable answer, scores 0.5, which every metric counts as wrong.
-2. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`).
-3. `--both-orders` (beyond the paper) also shows every pair as (b, a) and averages p(b) with 1 - p(a), which
-   removes position bias; both numbers are reported.
-4. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
-   (`--confident-top`, `--min-votes`); otherwise every pair with a human preference.
+Where this departs from the paper, or chooses what it leaves open (report/metrics.py and report/judge.py list
+those of the metrics and of the pairs tables 4 and 5 use):
+1. Eq. (4) writes the answers 0 and 1; here they are the format's two answer words, "1" and "2" by default ("1"
+   naming the first image, as the question asks), and p(b) = sigma(f("2") - f("1")): the same formula.
+2. Mean@k averages probabilities, not logits. Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
+   Mean@1 is the first rollout's, not the mean single-rollout accuracy over the k (which would vary less with the
+   seed). The majority vote counts well-formed rollouts' answers; a tie, or none readable, scores 0.5: wrong.
+3. Truncated and malformed rollouts get a p(b) too, read after whatever reasoning `listener.reasoning_of` finds in
+   their text (listener.py's departure 2), and enter Mean@k like any other (only the vote leaves them out): a
+   reasoner that runs out of tokens is scored on what it wrote, not dropped.
+4. Rollouts are sampled at temperature 1.0 (`--temperature`; the paper gives none), without top-p or top-k: the
+   distribution the reasoner was trained to sample from.
+5. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`),
+   and always shown first (data.py's departure 1), so every comparison of a group carries the same position bias.
+   `--both-orders` (beyond the paper) also shows each pair as (b, a) and averages p(b) with 1 - p(a), which
+   removes it; both numbers are reported.
 
 Shapes: B pairs, G = k rollouts per pair, N = B*G rows, R ratings, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py tests/test_real_use.py
@@ -64,11 +63,11 @@ from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Group, Pair, Rated, swapped
 from infra import cli
 from infra.cli import fail, option
-from infra.parallel import PRECISIONS, compute_dtype, load_replica, resolve_precision, leave_group, setup_distributed
-from listener import Listener, answer_probs, answer_token_ids, continuation_ids, reasoning_of, slot_logits
-from models import families
-from prompt import (PROMPT, Processor, PromptFormat, checkpoint_format, pixel_bounds_problem, prompt_tokens,
-                    score_messages)
+from infra.parallel import PRECISIONS, compute_dtype, leave_group, load_replica, resolve_precision, setup_distributed
+from listener import Listener, answer_probs, reasonings_by_pair, slot_logits
+from models.processor import Processor, answer_token_ids, continuation_ids, prompt_tokens
+from models.prompt_format import checkpoint_format
+from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics
 from report.tables import OUTPUTS, markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
@@ -127,16 +126,9 @@ class Config:
 
     def validate(self) -> None:
         """What depends on more than one option, or on the disk; runs before anything loads."""
-        for name in ("model", "listener", "judge"):
-            if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name), vision=name != "judge")
-                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_models({"model": self.model, "listener": self.listener, "judge": self.judge}, self.min_pixels,
+                         self.max_pixels, self.max_prompt_tokens, self.max_new_tokens)
         cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
-        for name in ("model", "listener"):
-            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
-                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
-            if problem:
-                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.prompt:
             ignored = [f"--{k}" for k in DATASET_ONLY if getattr(self, k) != getattr(Config, k)]
             if ignored:
@@ -163,8 +155,6 @@ class Config:
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
         cli.check_output("out", self.out, folder=True, writes=OUTPUTS)
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
 
 
 # The options of a dataset evaluation, which reward-model use (--prompt) does not read.
@@ -229,7 +219,7 @@ def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: boo
         rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
         flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
         texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
-        reasonings = [[reasoning_of(t, fmt) for t in row] for row in texts]
+        reasonings = reasonings_by_pair(flat, len(pairs), fmt)
         answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
         if reuse_sampler_logits:
             p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
@@ -251,12 +241,10 @@ def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orde
                   decoder=None) -> list[Comparison]:
     """The batched core: one `Comparison` per pair, p_b = Mean@k probability that image 1 is preferred.
 
-    With `both_orders`, each pair is also shown as (b, a), next to its forward order in the same batch, and
-    p_b = (Mean@k p(b | a, b) + 1 - Mean@k p(a | b, a)) / 2; the forward order alone stays in `p_b_forward`.
-    With `no_thinking` nothing is sampled: the reasoning is `fmt.no_thinking` (table 5). `decoder`: sample.py's
-    (None: its reference decode). Each pair's rollouts are drawn from a generator seeded by its key (`keys`,
-    one tuple per pair; by default (seed, its index)), so that a pair's result does not depend on the batch or
-    the process it lands in (`compare_all`).
+    `both_orders` also shows each pair as (b, a), in the same batch: p_b = (Mean@k p(b | a, b) + 1 - Mean@k
+    p(a | b, a)) / 2, the forward order alone in `p_b_forward`. `no_thinking` samples nothing: the reasoning is
+    `fmt.no_thinking` (table 5). `decoder`: sample.py's. Each pair's rollouts are seeded by its key (`keys`; by
+    default (seed, its index)), so its result does not depend on the batch or process it lands in (`compare_all`).
     """
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     stop_token_ids=end_of_turn_ids(processor.tokenizer), decoder=decoder,
@@ -334,7 +322,7 @@ def rate_images(model, processor, records: Sequence[Rated], k: int, keys: Sequen
             generators = seeded_generators(model.device, keys[start:start + batch_size])
             texts = sample(model, processor.rated(chunk, fmt), num_samples=k, generator=generators,
                            **sampling).texts(tokenizer)
-            reasonings = [[reasoning_of(t, fmt) for t in texts[b * k:(b + 1) * k]] for b in range(len(chunk))]
+            reasonings = reasonings_by_pair(texts, len(chunk), fmt)
             logits = rating_logits(model, processor, chunk, reasonings, fmt)  # (B, G, R)
             out += expected_score(logits, fmt.ratings).cpu().tolist()  # (B, G) eq. (3)
             bar.update(len(chunk))
@@ -541,9 +529,7 @@ def load_reasoner(path: str, cfg: Config, seed: int = 0, device=None, dtype: tor
     if path == "toy":
         from toy import world
         return world.make_model(processor.tokenizer, seed=seed).to(device, dtype or default_dtype), processor
-    if replicas:
-        return load_replica(path, dtype or default_dtype, device), processor
-    return families.load(path, dtype or default_dtype).to(device).eval(), processor
+    return load_replica(path, dtype or default_dtype, device, shared=replicas), processor
 
 
 def load_judge(path: str, precision: str = "auto"):

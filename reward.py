@@ -1,37 +1,29 @@
 """Rewards: a completion's text (and the listener's confidence) -> numbers, one per reward component.
 
-Pairwise preference (section 4.3). A completion is `<think>reasoning</think>\\n<answer>1|2</answer>`, with the
-tags and the answer vocabulary taken from `prompt.PROMPT`. Its reward is eq. (5):
+Pairwise preference (section 4.3): a completion is `<think>reasoning</think>\\n<answer>1|2</answer>` (tags and
+answers from `prompt.PROMPT`), rewarded by eq. (5),
 
     r = w_fmt * r_fmt + w_acc * r_acc + w_list * r_list,    r_list = max(0, p_corr - 0.5),
 
-with (w_fmt, w_acc, w_list) = (1, 0.5, 0.5). `p_corr` is the frozen listener's probability for the preferred
-image given the reasoning alone (listener.py computes it; here it is only a number). The plain GRPO baseline
-of section 5 ("a formatting check and exact match") is the same with w_list = 0.
-
-Absolute score (section 5): one image, a rating from `PROMPT.ratings` (1..5). The reward adds a format check,
-an exact match and a distance reward (1.0 at distance 0, 0.75 at 1, 0.5 at 2, else 0); eq. (3) turns the
-logits of the rating tokens into an expected score.
+with (w_fmt, w_acc, w_list) = (1, 0.5, 0.5); p_corr is the listener's probability for the preferred image given
+the reasoning alone (listener.py). w_list = 0 is section 5's plain GRPO baseline ("a formatting check and exact
+match"). Absolute score (section 5): one image rated from `PROMPT.ratings` (1..5), rewarded by a format check, an
+exact match and a distance reward (1.0 at distance 0, 0.75 at 1, 0.5 at 2, else 0); eq. (3) turns the rating
+tokens' logits into an expected score. Every function is pure; components are returned raw, only "total" weighted.
 
 Choices the paper leaves open, made here:
-1. The format is strict: only whitespace before `<think>` and after `</answer>`, exactly one of each of the
-   four tags, think block first, and only whitespace between `</think>` and `<answer>` (plus the non-blank
-   part of `fmt.between`, if it has one).
-2. The answer, stripped of whitespace, must be exactly one word of the vocabulary for r_fmt = 1: a reward
-   model whose answer cannot be read is of no use, so "<answer>Image 1</answer>" fails the format check.
-3. Empty reasoning passes the format check: eq. (5) says nothing about the length of the reasoning, and the
-   listener term already pays nothing for reasoning that does not convince.
+1. The format is strict: only whitespace before `<think>`, after `</answer>` and between `</think>` and `<answer>`
+   (plus the non-blank part of `fmt.between`, if any); exactly one of each tag, the think block first.
+2. r_fmt = 1 needs the stripped answer to be exactly one word of the vocabulary ("<answer>Image 1</answer>"
+   fails): a reward model whose answer cannot be read is of no use.
+3. Empty reasoning passes the format check: eq. (5) says nothing of its length, and r_list already pays nothing
+   for reasoning that does not convince.
 4. A completion with a bad format earns nothing else: r_acc = r_list = 0 (and exact = distance = 0).
-5. Eq. (3) writes s_hat = sum_i r_i p(r_i) in [0, 1], which holds only for ratings inside [0, 1].
-   `expected_score` returns E[r] in rating units (1..5): the same order, and the numbers people rate in.
-6. The paper gives no weights for the absolute-score rewards; we use 1, 1, 1. An exact match then also earns
-   the full distance reward, so a well-formed exact answer scores 3.
+5. Eq. (3)'s s_hat = sum_i r_i p(r_i) lies in [0, 1] only for ratings in [0, 1]; `expected_score` returns E[r] in
+   rating units (1..5): the same order, in the numbers people rate in.
+6. The paper gives the absolute-score rewards no weights; we use 1, 1, 1, so a well-formed exact answer scores 3.
 7. Section 4.2 says s_hat "serves as a dense reward during RL" without saying how; section 5 lists the score
-   mode's rewards as the format check, the exact match and the distance reward of the parsed answer. We train
-   on those three (`score_rewards`) and use s_hat at test time only (evaluate.py's absolute scoring).
-
-Every function here is pure: text and numbers in, numbers out. Components are returned raw (r_fmt, r_acc,
-...), not multiplied by their weights; only "total" is weighted.
+   mode's rewards as format, exact match and distance. We train on those (`score_rewards`), s_hat at test time.
 
 Test: .venv/bin/python -m pytest -q tests/test_reward.py
 """
@@ -62,13 +54,11 @@ def _completion_pattern(fmt: PromptFormat) -> re.Pattern:
 
 def parse_completion(text: str, fmt: PromptFormat = PROMPT,
                      vocabulary: Sequence[str] | None = None) -> tuple[str | None, str | None]:
-    """Split a completion into (reasoning, answer); strict about the format (see the top of this file).
-
-    Returns (None, None) when the tags are missing, repeated, nested, out of order or surrounded by anything
-    but whitespace; (reasoning, None) when the tags are right but the stripped answer is not exactly one word
-    of `vocabulary` (default `fmt.answers`; pass `fmt.ratings` for the absolute-score variant). `reasoning`
-    is the exact text between the think tags, unstripped, so `fmt.answer_prefix(reasoning)` rebuilds what
-    the reasoner wrote.
+    """Split a completion into (reasoning, answer), strictly (choices 1-2 at the top): (None, None) when the tags
+    are missing, repeated, nested, out of order or surrounded by anything but whitespace; (reasoning, None) when
+    the stripped answer is not exactly one word of `vocabulary` (`fmt.answers` unless given; `fmt.ratings` for the
+    absolute score). `reasoning` is the text between the think tags, unstripped: `fmt.answer_prefix(reasoning)`
+    rebuilds what the reasoner wrote.
     """
     tags = (fmt.think_open, fmt.think_close, fmt.answer_open, fmt.answer_close)
     if any(text.count(tag) != 1 for tag in tags):  # exactly one of each: no nesting, no second block
@@ -101,20 +91,14 @@ def listener_reward(p_correct):
     return max(0.0, p_correct - 0.5)
 
 
-def _check_listener(p_correct, w_list: float) -> None:
+def preference_rewards(texts: Sequence[str], labels, p_correct=None, w_fmt: float = 1.0, w_acc: float = 0.5,
+                       w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, torch.Tensor]:
+    """Eq. (5) for N completions: each component a tensor (N,), with p_correct's dtype and device when it is a
+    floating tensor (the default dtype on the CPU otherwise). `labels` (N,): the index of each completion's
+    preferred image; `p_correct` (N,): the listener's probability for it (None only with w_list = 0)."""
     if p_correct is None and w_list != 0:
         raise ValueError(f"p_correct (the listener's probability for the preferred image) is None but "
                          f"w_list={w_list}; pass p_correct, or w_list=0 for the GRPO baseline")
-
-
-def preference_rewards(texts: Sequence[str], labels, p_correct=None, w_fmt: float = 1.0, w_acc: float = 0.5,
-                       w_list: float = 0.5, fmt: PromptFormat = PROMPT) -> dict[str, torch.Tensor]:
-    """Eq. (5) for N completions: each component a tensor (N,), with p_correct's dtype and device when it is
-    a floating tensor (the default dtype on the CPU otherwise).
-
-    `labels` (N,): the index of each completion's preferred image; `p_correct` (N,): the listener's probability
-    for it (None only with w_list = 0, the GRPO baseline). A bad format earns no accuracy or listener credit."""
-    _check_listener(p_correct, w_list)
     labels = labels.tolist() if torch.is_tensor(labels) else list(labels)
     if len(labels) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")

@@ -69,7 +69,8 @@ from formats.records import Pair
 from infra import checkpoint, cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, leave_group, log, setup_distributed
-from prompt import PROMPT, PromptFormat, checkpoint_format, pixel_bounds_problem, read_format
+from models.prompt_format import checkpoint_format, read_format
+from prompt import PROMPT, PromptFormat
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ class RewardModel:
         """A reasoner checkpoint directory (safetensors weights; 'toy': the tiny random toy model) on `device`
         (default: the GPU if there is one, else the CPU) in `dtype` (default: bf16 on a GPU, fp32 on the CPU).
         `min_pixels`/`max_pixels` bound the image size (0: the checkpoint's); `prompt_format` (a JSON file or a
-        PromptFormat) replaces the checkpoint's own prompt_format.json (prompt.checkpoint_format: `PROMPT` when it
+        PromptFormat) replaces the checkpoint's own prompt_format.json (models/prompt_format.py: `PROMPT` when it
         has none), with a warning when they differ; `options` are `__init__`'s. Every argument is checked before
         anything loads, as the command line checks it (`check_options`)."""
         if not isinstance(path, (str, os.PathLike)):
@@ -477,13 +478,8 @@ def check_options(path: str | None = None, tokenizer=None, **options) -> None:
         if name in fields and (problem := cli.value_problem(value, fields[name].metadata, fields[name].default)):
             fail(name, value, problem)
     given = {f.name: f.default for f in fields.values()} | options
-    if given["min_pixels"] and given["max_pixels"] and given["min_pixels"] > given["max_pixels"]:
-        fail("min_pixels", given["min_pixels"], f"at most --max_pixels={given['max_pixels']}")
-    if path not in (None, "toy"):
-        cli.check_checkpoint("model", path)
-        cli.check_context("model", path, given["max_prompt_tokens"], given["max_new_tokens"])
-        if problem := pixel_bounds_problem(path, given["min_pixels"] or None, given["max_pixels"] or None):
-            fail("max_pixels", given["max_pixels"], f"--min_pixels too: {problem}")
+    cli.check_models({"model": path or ""}, given["min_pixels"], given["max_pixels"], given["max_prompt_tokens"],
+                     given["max_new_tokens"])
     cli.check_prompt_format("prompt_format", given["prompt_format"], {"model": path} if path else {}, tokenizer)
 
 

@@ -1,71 +1,42 @@
 """Train a vision-language preference reasoner with listener-augmented GRPO (or the paper's baselines).
 
-The toy world, on a CPU, in minutes (no download): a listener that reads and a reasoner's start whose answers
-do not follow its reasoning, then GRPO and GRPO with the listener from that start, and a table of held-out
-accuracy, contradictions, faithfulness, listener agreement, no-thinking and out-of-distribution accuracy
-(toy/demo.py):
+    torchrun --nproc_per_node=2 train.py         # the toy world on a CPU, in minutes, nothing downloaded
+    torchrun --nproc_per_node=8 train.py --mode=grpo --model=/models/Qwen2.5-VL-7B-Instruct --train_data=...
 
-    torchrun --nproc_per_node=2 train.py
+The toy run (toy/demo.py) trains GRPO, and GRPO with the listener, from a reasoner's start whose answers do not
+follow its reasoning, and prints a table of held-out metrics. The README gives the full command for Qwen2.5-VL-7B
+on HPDv2 and the baselines (--w_list=0: GRPO, --mode=sft, --mode=score: section 5's absolute score); several nodes
+take torchrun's --nnodes/--node_rank/--rdzv_endpoint. Every option is a field of `Config` (`--help`), checked
+before anything loads; --decode, --shared_prompt and --listener_from_reference plug in speed-ups (fast/), each
+tested equal to the reference path shown here. The same --out_dir resumes a run exactly; metrics go to
+out_dir/metrics.jsonl (and TensorBoard or W&B with --report_to); every checkpoint holds its prompt format.
 
-Qwen2.5-VL-7B-Instruct on a random 16% of HPDv2, G=10, with the listener (eq. (5)), on 8 GPUs:
-
-    torchrun --nproc_per_node=8 train.py --mode=grpo --model=/models/Qwen2.5-VL-7B-Instruct \
-        --train_data=hpdv2:/data/HPDv2/train.json --train_images=/data/HPDv2 --fraction=0.16 \
-        --eval_data=imagereward:/data/ImageReward/test.json --eval_images=/data/ImageReward/images \
-        --group_size=10 --pairs_per_rank=2 --max_new_tokens=512 --lr=1e-6 --beta=0.04 \
-        --max_pixels=200704 --activation_checkpointing=true --out_dir=runs/hpdv2_listener \
-        --decode=static --shared_prompt=true --listener_from_reference=true
-
-The GRPO baseline is the same with --w_list=0; the SFT baseline is --mode=sft; the absolute-score variant (one
-image, a rating from 1 to 5; section 5) is --mode=score. Several nodes: torchrun's
---nnodes/--node_rank/--rdzv_endpoint. A run restarted with the same --out_dir resumes exactly. Each step's metrics
-go to out_dir/metrics.jsonl, and with --report_to=tensorboard|wandb also to TensorBoard or W&B, to watch the run
-live (infra/tracking.py; the packages are needed only when asked for). Every option is a field of `Config`
-below (--name=value or --name value; `--help` lists them), checked before anything loads. The last three
-options above switch on speed-ups (fast/), each tested equal to the reference path this file shows. The run asks
-in prompt.PROMPT's words unless --prompt_format (or --model's own prompt_format.json) gives others, and writes
-the format it asked in into every checkpoint and export (prompt_format.json), where evaluate.py reads it.
-
-This file reads in the order of the method: `Config`; one GRPO step (sections 3.3, 4.3: `grpo_step` samples
-G rollouts per pair (sample.py), reads them with the reference model (`reference_pass`, pi_ref of eq. (2)) and
-the listener (listener.py, p_corr), rewards them (`rollout_rewards`, eq. (5)), normalises the rewards within
-each group (eq. (1), grpo.py) and minimises the clipped objective with KL (eq. (2), `policy_update`) for
-`num_iterations` passes); one SFT step; the loop (`train`). What they run on: infra/ (processes and FSDP2, the
-run's state, checkpoints, the command line).
+The file reads in the method's order: `grpo_step` (G rollouts per pair, sample.py; `score_rollouts`: pi_ref's
+log-probs for eq. (2) and the listener's p_corr; `rollout_rewards`, eq. (5); advantages, eq. (1); `policy_update`,
+eq. (2)), one SFT step, the loop (`train`), the options (`Config`). infra/ holds what they run on: processes and
+FSDP2, the run's state and the speed-ups it plugs in, checkpoints, the command line.
 
 Where this departs from the paper, and why (grpo.py lists the loss's own, listener.py and reward.py theirs):
-
-1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2,
-   temperature 1.0, AdamW with betas (0.9, 0.99) and no weight decay, a linear warm-up over 10 optimiser steps,
-   gradient clipping at norm 1.0; rollout length, batch size and number of steps are options.
-2. pi_old of eq. (2) is the update pass's own first reading of the rollouts (detached), not the log-probabilities
-   the sampler drew the tokens with: the ratio is exactly 1 on the first pass, and later passes
-   (--num_iterations) compare the trainer's numbers with themselves (TRL and verl do the same). The sampler's come
-   from other kernels (the decode's attention and RoPE, a cache of bf16 keys, no activation checkpointing): in
-   fp32 they equal the trainer's to 1e-6, in bf16 they do not, and a token carried past the clip range by rounding
-   alone would lose its gradient. `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl say how far apart
-   the two are, every step.
-3. The reference model of the KL term and the listener are the same frozen instruct checkpoint, held once,
-   unless --listener names another (the paper uses the instruct model for both roles: pi_ref in section 4.3).
-4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed
-   over the whole global batch before any micro-batch's loss is formed (grpo.py, `loss_type`).
-5. Sampling randomness is a function of (seed, step, pair): the rollouts of a pair do not depend on how many
-   processes share the batch, so 1 and 2 processes train identically, and a resumed run samples exactly
-   what the uninterrupted run sampled.
-6. The toy default (toy/demo.py) has two models where the paper has one instruct model in two roles. The
-   paper's GRPO reasoner answers as well without its reasoning as with it (table 5: 73% against 72%), while
-   the instruct model, its listener, reads reasoning; a tiny model trained for a minute has one property or the
-   other, not both. So the listener is an SFT run that reads (each pair with a reasoning for each image), and
-   the reasoner starts, and keeps its KL reference, at an SFT run of 100 steps whose answers do not yet follow
-   its reasoning; both properties are measured on every run. Its GRPO stages sample at temperature 0.5 without
-   eq. (1)'s std (docs/toy.md: why).
-7. Position bias: every training pair is shown in a seeded random order (`data.random_orders`; the label
-   follows the images), since files list images in an order that often carries the answer (ranked groups
-   best first). `--both_orders=true` goes further and shows each pair in both orders in the same batch. The
-   held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders too.
-8. The SFT baseline (--mode=sft) trains on completions with an empty reasoning, `<think></think>\n<answer>A
-   </answer>`: the paper does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. At test
-   time it is scored like every reasoner, after whatever reasoning it writes.
+1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2, temperature
+   1.0, AdamW betas (0.9, 0.99) without weight decay, 10 warm-up optimiser steps, gradient norm clipped at 1.0.
+2. pi_old of eq. (2) is the update's own first reading of the rollouts (detached), as in TRL and verl, not the
+   sampler's log-probabilities: those come from other kernels (the decode's attention, a cache of bf16 keys) and,
+   in bf16, rounding alone could carry a token past the clip range and cost it its gradient (in fp32 they agree
+   to 1e-6). `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl measure the gap every step.
+3. The KL reference and the listener are one frozen instruct checkpoint, held once, unless --listener names
+   another (the paper uses the instruct model in both roles: pi_ref, section 4.3).
+4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed over the
+   global batch before any micro-batch's loss is formed (grpo.py's departure 4).
+5. Sampling randomness is a function of (seed, step, pair): 1 and 2 processes train identically, and a resumed run
+   samples what the uninterrupted one did.
+6. The toy has two models, a listener that reads and a reasoner whose answers do not follow its reasoning, where
+   the paper has one instruct model in both roles: a tiny model has one property or the other (toy/demo.py says
+   why). Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (docs/toy.md says why).
+7. Position bias: each training pair is shown in a seeded random order (`data.random_orders`; the label follows the
+   images), since files often list the preferred image first; `--both_orders=true` shows each pair both ways in
+   one batch. The held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders.
+8. The SFT baseline (--mode=sft) trains on `<think></think>\\n<answer>A</answer>`, an empty reasoning: the paper
+   does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. It is scored like every reasoner.
 """
 from __future__ import annotations
 
@@ -83,7 +54,6 @@ import torch.distributed as dist
 import grpo
 import reward
 import sample
-from fast import listener_from_reference
 from fast.static_decode import DECODES
 from formats.images import DataError
 from formats.layouts import MAX_PROMPT_TOKENS
@@ -94,8 +64,233 @@ from infra.parallel import PRECISIONS, all_sum, gathered, leave_group, log, peak
 from infra import rehearsal
 from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
-from prompt import PROMPT, PromptFormat, pixel_bounds_problem
+from prompt import PROMPT, PromptFormat
+from report.metrics import rollout_metrics
 from toy import demo, world
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One GRPO step: sample -> reference pass and listener -> rewards -> advantages -> update; metrics as tensors
+
+
+def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
+    """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
+
+    In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
+    """
+    t0 = time.time()
+    tokenizer = trainer.processor.tokenizer
+    batch = trainer.encode(pairs)  # B prompts with their images
+    with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
+        rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                                 pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
+                                 generator=trainer.generators(pairs, step), decoder=trainer.decoder)
+    texts = rollouts.texts(tokenizer)  # N = B*G completions
+    examples = [p for p in pairs for _ in range(cfg.group_size)]  # the pair (or rated image) each rollout answers
+    t1 = time.time()
+    trainer.boundary()  # a stop request (SIGTERM) abandons the step here, or at the next boundary
+    micro = trainer.micro_batches(batch, cfg.group_size)  # [(the inputs of micro_pairs prompts, their rows)]
+    # pi_ref's log-probs (N, T) and the listener's p_corr (N,): `score_rollouts` below, as the trainer set it up
+    ref_logp, p_correct, score_metrics = trainer.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    rewards = rollout_rewards(cfg, trainer, examples, texts, p_correct)  # eq. (5)
+    advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
+    mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
+    t2 = time.time()
+    trainer.boundary()
+    metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
+    metrics.update(rollout_metrics(examples, texts, rollouts, rewards, p_correct, cfg.group_size, trainer.fmt),
+                   **score_metrics)
+    metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
+                   time_update=torch.tensor(time.time() - t2))
+    return metrics
+
+
+def score_rollouts(cfg: Config, trainer: Trainer, micro, rollouts, pairs: list, texts: list[str]) -> tuple:
+    """What the frozen models read in the rollouts: ref_logp (N, T), pi_ref of eq. (2) at the sampling temperature
+    (None when beta = 0); p_correct (N,), the listener's p_corr of eq. (5) (None without a listener or with w_list
+    = 0); and what to log of how ({} here). `trainer.score_rollouts` is this, or, with --listener_from_reference,
+    fast/listener_from_reference.py's, which reads both in one pass."""
+    ref_logp = p_correct = None
+    if cfg.beta > 0:
+        ref_logp = grpo.reference_logprobs(trainer.reference, micro, rollouts.tokens, rollouts.mask, cfg.temperature,
+                                           trainer.hidden_fn)  # (N, T)
+    if trainer.listener is not None and cfg.w_list > 0:
+        p_correct = trainer.listener.p_correct(pairs, texts).to(trainer.device)  # (N,)
+    return ref_logp, p_correct, {}
+
+
+def rollout_rewards(cfg: Config, trainer: Trainer, examples: list, texts: list[str], p_correct) -> dict:
+    """Rewards of the N completions, `examples[n]` the pair (or rated image) completion n answers: eq. (5), or
+    section 5's in the score mode; each component (N,)."""
+    if cfg.mode == "score":
+        rewards = reward.score_rewards(texts, [r.rating for r in examples], fmt=trainer.fmt)  # format, exact, distance
+    else:
+        rewards = reward.preference_rewards(texts, [p.label for p in examples], p_correct, w_fmt=cfg.w_fmt,
+                                            w_acc=cfg.w_acc, w_list=cfg.w_list if p_correct is not None else 0.0,
+                                            fmt=trainer.fmt)
+    return {k: v.to(trainer.device).float() for k, v in rewards.items()}
+
+
+def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
+    """`num_iterations` optimiser steps on eq. (2), each accumulated over the micro-batches; the whole global batch's
+    counts make each micro-batch's loss its exact share (departure 4); pi_old is the first pass's (departure 2)."""
+    num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
+    old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
+    metrics: dict = {}
+    share = 1 / (len(micro) * cfg.num_iterations)
+    for iteration in range(cfg.num_iterations):
+        for i, (mb, rows) in enumerate(micro):
+            if iteration == 0 and i > 0:
+                trainer.boundary()  # after the first optimiser step the step runs to its end
+            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
+                                            cfg.temperature, trainer.hidden_fn)  # (n, T)
+            if iteration == 0:
+                old_logp[rows] = logp.detach()
+            loss, m = grpo.grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                                     advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
+                                     cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
+                                     max_new_tokens=cfg.max_new_tokens)
+            (loss * trainer.world_size).backward()  # FSDP2 averages gradients over ranks; the loss is already global
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0) + v.detach() * share
+            metrics["loss"] = metrics.get("loss", 0) + loss.detach() / cfg.num_iterations
+        metrics.update(trainer.optimizer_step())
+    gap = (rollouts.logprobs - old_logp).abs() * mask  # (N, T) the sampler's numbers against the trainer's
+    metrics.update(old_logp_gap_mean=gap.sum() / num_tokens.clamp(min=1), old_logp_gap_max=gap.max())
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One SFT step: the paper's baseline, and the toy world's cold start
+
+
+def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dict:
+    """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
+    if cfg.sft_answers == "both":
+        pairs = [p for p in pairs for _ in (0, 1)]
+    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device, trainer.fmt)  # (B, T)
+    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
+    if cfg.sft_captions:
+        batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
+    if cfg.sft_answer_captions:
+        batches += caption_batches(trainer, pairs * cfg.sft_answer_captions, step + 10**6, answer_slot=True)
+    num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
+    loss_total = 0
+    for i, (mb, t, m) in enumerate(batches):
+        if i > 0:
+            trainer.boundary()
+        logp = grpo.completion_logprobs(trainer.policy, mb, t, m, hidden=trainer.hidden_fn)  # (n, T)
+        loss = -(logp * m).sum() / num_tokens
+        (loss * trainer.world_size).backward()
+        loss_total = loss_total + loss.detach()
+    return {"loss": loss_total, **trainer.optimizer_step()}
+
+
+def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device,
+                fmt: PromptFormat = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>` in `fmt`, right-padded.
+
+    The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
+    the target answer (toy/world.py's `cold_start_reasoning`).
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    texts = []
+    for i, pair in enumerate(pairs):
+        if cfg.sft_answers == "both":  # `sft_step` lists each pair twice: answer image 0, then image 1
+            label = i % 2
+        else:
+            label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
+        if cfg.sft_reasoning == "toy":
+            reasoning = world.cold_start_reasoning(pair.prompt, label)
+        else:
+            reasoning = cfg.sft_reasoning
+        texts.append(fmt.completion(reasoning, fmt.answers[label]))
+    return completion_tokens(tokenizer, texts, device)
+
+
+def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts -> right-padded tokens ending in EOS, and their mask: (N, T) each."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+    width = max(map(len, rows))
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+    return tokens.to(device), mask.to(device)
+
+
+def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
+                    answer_slot: bool = False) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
+    "The first image is green.", or, `answer_slot`, the same question in the answer format answered "1" at the
+    answer slot (toy/world.py's `caption_example`). It teaches where colours are, not which image people prefer.
+    Returns micro-batches of (model inputs, target tokens, their mask)."""
+    rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
+    out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
+    for i in range(0, len(pairs), m):
+        chunk = pairs[i:i + m]
+        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot, trainer.fmt) for pair in chunk))
+        batch = trainer.processor(list(messages), [pair.images for pair in chunk])
+        tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
+        out.append((to_device(batch, trainer.device), tokens, mask))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config) -> dict:
+    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after, and the final export."""
+    rank, world_size, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, rank, world_size, device)
+    step_fn = sft_step if cfg.mode == "sft" else grpo_step  # the score mode is GRPO with other rewards
+    trainer.stop = stop = Stop()
+    before = heldout_accuracy(trainer)
+    log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
+    progress = Progress(cfg, trainer.step, rank)  # metrics.jsonl and a progress bar, on rank 0
+    while trainer.step < cfg.steps:
+        t = time.time()
+        position = trainer.stream.state_dict()
+        pairs = next(trainer.stream)
+        try:
+            metrics = step_fn(cfg, trainer, pairs, trainer.step)
+        except StepAbandoned:  # the weights are those of the last finished step; so is the stream, again
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.stream.load_state_dict(position)
+            stop_run(trainer, f"stop requested during step {trainer.step + 1}: abandoned")
+        metrics["replaced_examples"] = torch.tensor(float(trainer.stream.replaced))  # unreadable, so far (skip_bad)
+        trainer.step += 1
+        row = reduce_metrics(metrics, world_size, device)  # two collectives and one host sync per step
+        row.update(step=trainer.step, step_time=time.time() - t)
+        if "tokens" in row:
+            row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
+        if cfg.eval_every and trainer.heldout_total and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
+            row.update({f"heldout_{k}": v for k, v in heldout_accuracy(trainer).items()})
+        progress.write(row)
+        if stop.agreed(device):
+            stop_run(trainer, f"stop requested after step {trainer.step}")
+        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
+            trainer.save()
+        if cfg.export_every and trainer.step % cfg.export_every == 0 and trainer.step < cfg.steps:
+            trainer.export()
+    final = checkpoint.export_dir(trainer.out, trainer.step)
+    if not (final / "config.json").exists():
+        trainer.export()
+    after = heldout_accuracy(trainer)
+    progress.close()
+    peaks = [None] * world_size
+    dist.all_gather_object(peaks, round(peak_memory_gb(device), 2))
+    replaced = int(all_sum(torch.tensor(float(trainer.stream.replaced), device=device)))
+    log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
+        f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
+    return {"before": before, "after": after, "final": str(final), "replaced_examples": replaced}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The options
 
 
 @dataclass
@@ -221,10 +416,8 @@ class Config:
                 rehearsal.parse_spec(self.rehearse)
             except ValueError as e:
                 raise OptionError(str(e)) from None
-        for name in ("model", "listener"):
-            if getattr(self, name) not in ("", "toy"):
-                cli.check_checkpoint(name, getattr(self, name), weights=not self.rehearse)
-                cli.check_context(name, getattr(self, name), self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_models({"model": self.model, "listener": self.listener}, self.min_pixels, self.max_pixels,
+                         self.max_prompt_tokens, self.max_new_tokens, weights=not self.rehearse)
         cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
         if not toy_model and not self.train_data and not self.rehearse:  # the toy task only when asked for by name
             fail("train_data", self.train_data, "a dataset with a checkpoint as --model (e.g. "
@@ -244,13 +437,6 @@ class Config:
                 fail("temperature", self.temperature, "a number > 0 in GRPO: greedy rollouts of a group are all equal")
         if self.both_orders and self.pairs_per_rank % 2:
             fail("pairs_per_rank", self.pairs_per_rank, "an even number with --both_orders=true")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            fail("min_pixels", self.min_pixels, f"at most --max_pixels={self.max_pixels}")
-        for name in ("model", "listener"):
-            problem = getattr(self, name) not in ("", "toy") and pixel_bounds_problem(
-                getattr(self, name), self.min_pixels or None, self.max_pixels or None)
-            if problem:
-                fail("max_pixels", self.max_pixels, f"--min_pixels too: {problem}")
         if self.exclude and not Path(self.exclude).is_file():
             fail("exclude", self.exclude, "the file `python data.py check` writes")
         if self.listener_from_reference and (self.listener or self.beta == 0 or self.mode != "grpo" or self.w_list == 0):
@@ -271,259 +457,6 @@ UNREAD = {"sft": ("group_size", "max_new_tokens", "temperature", "top_p", "top_k
           "grpo": SFT_ONLY, "score": SFT_ONLY + ("listener", "w_fmt", "w_acc", "w_list")}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One GRPO step: sample -> reference and listener pass -> rewards -> advantages -> update; metrics as tensors
-
-
-def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
-    """Sample G rollouts per pair, reward them, and take `num_iterations` optimiser steps on eq. (2).
-
-    In the score mode `pairs` are `Rated` images and the rewards those of section 5; the rest is the same.
-    """
-    t0 = time.time()
-    tokenizer = trainer.processor.tokenizer
-    batch = trainer.encode(pairs)  # B prompts with their images
-    with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
-        rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
-                                 pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
-                                 generator=trainer.generators(pairs, step), decoder=trainer.decoder)
-    texts = rollouts.texts(tokenizer)  # N = B*G completions
-    t1 = time.time()
-    trainer.boundary()  # a stop request abandons the step here, or at the next boundary
-    micro = trainer.micro_batches(batch, cfg.group_size)
-    fast = {}
-    if cfg.listener_from_reference:  # fast/: one pass gives pi_ref's log-probs and, where it can, p_corr
-        ref_logp, p_correct, fast["listener_from_reference"] = listener_from_reference.reference_and_listener(
-            trainer.reference, trainer.listener, trainer.hidden_fn, micro, rollouts.tokens, rollouts.mask, pairs,
-            texts, cfg.temperature, trainer.fmt)  # (N, T), (N,), the fraction of rows it read
-    else:
-        ref_logp = reference_pass(cfg, trainer, micro, rollouts)  # (N, T) or None
-        p_correct = listener_pass(cfg, trainer, pairs, texts)  # (N,) or None
-    rewards = rollout_rewards(cfg, trainer, pairs, texts, p_correct)  # eq. (5)
-    advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
-    mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
-    t2 = time.time()
-    trainer.boundary()
-    metrics = policy_update(cfg, trainer, micro, rollouts, ref_logp, advantages, mask)
-    metrics.update(rollout_metrics(cfg, pairs, texts, rollouts, rewards, p_correct, trainer.fmt), **fast)
-    metrics.update(time_sample=torch.tensor(t1 - t0), time_score=torch.tensor(t2 - t1),
-                   time_update=torch.tensor(time.time() - t2))
-    return metrics
-
-
-@torch.no_grad()
-def reference_pass(cfg: Config, trainer: Trainer, micro, rollouts) -> torch.Tensor | None:
-    """The reference model's log-probs of the rollouts (N, T), for eq. (2)'s KL term; None when beta = 0. They
-    are taken at the sampling temperature, as the policy's are (grpo.py's departure 8)."""
-    if cfg.beta == 0:
-        return None
-    return torch.cat([grpo.completion_logprobs(trainer.reference, mb, rollouts.tokens[rows], rollouts.mask[rows],
-                                               cfg.temperature, trainer.hidden_fn) for mb, rows in micro])  # (N, T)
-
-
-def listener_pass(cfg: Config, trainer: Trainer, pairs: list[Pair], texts: list[str]) -> torch.Tensor | None:
-    """p_corr of eq. (5) for each rollout (N,): the listener reads its reasoning without the answer
-    (listener.py). None without a listener, and when it is not rewarded (w_list = 0: it is scored on the
-    held-out pairs only)."""
-    if trainer.listener is None or cfg.w_list == 0:
-        return None
-    return trainer.listener.p_correct(pairs, texts).to(trainer.device)  # (N,)
-
-
-def rollout_rewards(cfg: Config, trainer: Trainer, pairs: list, texts: list[str], p_correct) -> dict:
-    """Rewards of the B*G completions: eq. (5), or section 5's in the score mode; each component (N,)."""
-    if cfg.mode == "score":
-        targets = [r.rating for r in pairs for _ in range(cfg.group_size)]
-        rewards = reward.score_rewards(texts, targets, fmt=trainer.fmt)  # format, exact, distance, total
-    else:
-        labels = [p.label for p in pairs for _ in range(cfg.group_size)]
-        rewards = reward.preference_rewards(texts, labels, p_correct, w_fmt=cfg.w_fmt, w_acc=cfg.w_acc,
-                                            w_list=cfg.w_list if p_correct is not None else 0.0, fmt=trainer.fmt)
-    return {k: v.to(trainer.device).float() for k, v in rewards.items()}
-
-
-def policy_update(cfg: Config, trainer: Trainer, micro, rollouts, ref_logp, advantages, mask) -> dict:
-    """`num_iterations` optimiser steps on the clipped objective, each accumulated over the micro-batches.
-
-    The token and completion counts are summed over the whole global batch first (all micro-batches, all
-    ranks), so each micro-batch's loss is its exact share of the global loss. pi_old of eq. (2) is this pass's own
-    first reading of the rollouts (departure 2): the ratio is exactly 1 on the first pass, and later passes compare
-    the trainer's numbers with themselves. How far the sampler's log-probs are from it is measured every step.
-    """
-    num_tokens, num_sequences = (all_sum(c.to(trainer.device).float()) for c in grpo.loss_counts(mask))
-    old_logp = torch.zeros_like(rollouts.logprobs)  # (N, T) the first pass's log-probs, pi_old of eq. (2)
-    metrics: dict = {}
-    share = 1 / (len(micro) * cfg.num_iterations)
-    for iteration in range(cfg.num_iterations):
-        for i, (mb, rows) in enumerate(micro):
-            if iteration == 0 and i > 0:
-                trainer.boundary()  # after the first optimiser step the step runs to its end
-            logp = grpo.completion_logprobs(trainer.policy, mb, rollouts.tokens[rows], rollouts.mask[rows],
-                                            cfg.temperature, trainer.hidden_fn)  # (n, T)
-            if iteration == 0:
-                old_logp[rows] = logp.detach()
-            loss, m = grpo.grpo_loss(logp, old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                                     advantages[rows], mask[rows], cfg.clip_low, cfg.clip_high, cfg.beta,
-                                     cfg.loss_type, num_tokens=num_tokens, num_sequences=num_sequences,
-                                     max_new_tokens=cfg.max_new_tokens)
-            (loss * trainer.world).backward()  # FSDP2 averages gradients over ranks; the loss is already global
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0) + v.detach() * share
-            metrics["loss"] = metrics.get("loss", 0) + loss.detach() / cfg.num_iterations
-        metrics.update(trainer.optimizer_step())
-    gap = (rollouts.logprobs - old_logp).abs() * mask  # (N, T) the sampler's numbers against the trainer's
-    metrics.update(old_logp_gap_mean=gap.sum() / num_tokens.clamp(min=1), old_logp_gap_max=gap.max())
-    return metrics
-
-
-def rollout_metrics(cfg: Config, pairs, texts, rollouts, rewards, p_correct, fmt: PromptFormat = PROMPT) -> dict:
-    """What the rollouts looked like: rewards per component, accuracy, lengths, the listener's view."""
-    lengths = rollouts.mask.sum(-1).float()  # (N,)
-    total = rewards["total"]
-    out = {f"reward_{k}": v.mean() for k, v in rewards.items() if k != "total"}  # each component
-    out.update({"reward": total.mean(), "reward_std": total.std(unbiased=False),
-                "flat_groups": (total.view(-1, cfg.group_size).std(-1, unbiased=False) == 0).float().mean(),
-                "length": lengths.mean(), "length_max": lengths.max(), "truncated": (~rollouts.stopped).float().mean(),
-                "tokens": lengths.sum()})
-    if p_correct is not None:
-        labels = torch.tensor([p.label for p in pairs], device=p_correct.device).repeat_interleave(cfg.group_size)
-        picked = torch.tensor([fmt.answers.index(a) if a is not None else -1
-                               for a in (reward.parse_completion(t, fmt)[1] for t in texts)], device=p_correct.device)
-        listener_pick = torch.where(p_correct > 0.5, labels, 1 - labels)  # (N,) the image the listener favours
-        out["listener_p_correct"] = p_correct.mean()
-        out["listener_agreement"] = (picked == listener_pick).float().mean()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One SFT step: the paper's baseline, and the toy world's cold start
-
-
-def sft_step(cfg: Config, trainer: Trainer, pairs: list[Pair], step: int) -> dict:
-    """The SFT baseline: maximise log p(target completion | images, prompt), a token mean over the global batch."""
-    if cfg.sft_answers == "both":
-        pairs = [p for p in pairs for _ in (0, 1)]
-    tokens, mask = sft_targets(trainer.processor.tokenizer, pairs, cfg, step, trainer.device, trainer.fmt)  # (B, T)
-    batches = [(mb, tokens[rows], mask[rows]) for mb, rows in trainer.micro_batches(trainer.encode(pairs), 1)]
-    if cfg.sft_captions:
-        batches += caption_batches(trainer, pairs * cfg.sft_captions, step)
-    if cfg.sft_answer_captions:
-        batches += caption_batches(trainer, pairs * cfg.sft_answer_captions, step + 10**6, answer_slot=True)
-    num_tokens = all_sum(sum(m.sum() for _, _, m in batches).float())
-    loss_total = 0
-    for i, (mb, t, m) in enumerate(batches):
-        if i > 0:
-            trainer.boundary()
-        logp = grpo.completion_logprobs(trainer.policy, mb, t, m, hidden=trainer.hidden_fn)  # (n, T)
-        loss = -(logp * m).sum() / num_tokens
-        (loss * trainer.world).backward()
-        loss_total = loss_total + loss.detach()
-    return {"loss": loss_total, **trainer.optimizer_step()}
-
-
-def sft_targets(tokenizer, pairs: list[Pair], cfg: Config, step: int, device,
-                fmt: PromptFormat = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Supervised completions `<think>{reasoning}</think>\\n<answer>{answer}</answer><|im_end|>` in `fmt`, right-padded.
-
-    The reasoning is `cfg.sft_reasoning`, or with "toy" the toy world's ungrounded description arguing for
-    the target answer (toy/world.py's `cold_start_reasoning`).
-    """
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    texts = []
-    for i, pair in enumerate(pairs):
-        if cfg.sft_answers == "both":  # `sft_step` lists each pair twice: answer image 0, then image 1
-            label = i % 2
-        else:
-            label = int(torch.randint(2, (1,), generator=g)) if cfg.sft_answers == "random" else pair.label
-        if cfg.sft_reasoning == "toy":
-            reasoning = world.cold_start_reasoning(pair.prompt, label)
-        else:
-            reasoning = cfg.sft_reasoning
-        texts.append(fmt.completion(reasoning, fmt.answers[label]))
-    return completion_tokens(tokenizer, texts, device)
-
-
-def completion_tokens(tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion texts -> right-padded tokens ending in EOS, and their mask: (N, T) each."""
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
-    width = max(map(len, rows))
-    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
-    return tokens.to(device), mask.to(device)
-
-
-def caption_batches(trainer: Trainer, pairs: list[Pair], step: int,
-                    answer_slot: bool = False) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
-    """The toy cold start's perception task, a caption per pair: "Which of the two images above is green?" ->
-    "The first image is green.", or, `answer_slot`, the same question in the answer format answered "1" at the
-    answer slot (toy/world.py's `caption_example`). It teaches where colours are, not which image people prefer.
-    Returns micro-batches of (model inputs, target tokens, their mask)."""
-    rng = random.Random(trainer.cfg.seed * 1_000_003 + step)
-    out, m = [], 4 * trainer.cfg.micro_pairs  # caption rows are about a quarter as long as the reasoner's
-    for i in range(0, len(pairs), m):
-        chunk = pairs[i:i + m]
-        messages, targets = zip(*(world.caption_example(pair.images, rng, answer_slot, trainer.fmt) for pair in chunk))
-        batch = trainer.processor(list(messages), [pair.images for pair in chunk])
-        tokens, mask = completion_tokens(trainer.processor.tokenizer, list(targets), trainer.device)
-        out.append((to_device(batch, trainer.device), tokens, mask))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-
-def train(cfg: Config) -> dict:
-    """Run one stage (sft or grpo) to cfg.steps; return held-out accuracy before and after, and the final export."""
-    rank, world, device = setup_distributed()
-    torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, rank, world, device)
-    step_fn = sft_step if cfg.mode == "sft" else grpo_step  # the score mode is GRPO with other rewards
-    trainer.stop = stop = Stop()
-    before = heldout_accuracy(trainer)
-    log(f"[{cfg.out_dir}] held-out before: accuracy {before['accuracy']:.3f}, well-formed {before['format']:.3f}")
-    progress = Progress(cfg, trainer.step, rank)  # metrics.jsonl and a progress bar, on rank 0
-    while trainer.step < cfg.steps:
-        t = time.time()
-        position = trainer.stream.state_dict()
-        pairs = next(trainer.stream)
-        try:
-            metrics = step_fn(cfg, trainer, pairs, trainer.step)
-        except StepAbandoned:  # the weights are those of the last finished step; so is the stream, again
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.stream.load_state_dict(position)
-            stop_run(trainer, f"stop requested during step {trainer.step + 1}: abandoned")
-        metrics["replaced_examples"] = torch.tensor(float(trainer.stream.replaced))  # unreadable, so far (skip_bad)
-        trainer.step += 1
-        row = reduce_metrics(metrics, world, device)  # two collectives and one host sync per step
-        row.update(step=trainer.step, step_time=time.time() - t)
-        if "tokens" in row:
-            row["tokens_per_s"] = row["tokens"] / row["step_time"]  # completion tokens sampled, all ranks
-        if cfg.eval_every and trainer.heldout_total and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
-            row.update({f"heldout_{k}": v for k, v in heldout_accuracy(trainer).items()})
-        progress.write(row)
-        if stop.agreed(device):
-            stop_run(trainer, f"stop requested after step {trainer.step}")
-        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps:
-            trainer.save()
-        if cfg.export_every and trainer.step % cfg.export_every == 0 and trainer.step < cfg.steps:
-            trainer.export()
-    final = checkpoint.export_dir(trainer.out, trainer.step)
-    if not (final / "config.json").exists():
-        trainer.export()
-    after = heldout_accuracy(trainer)
-    progress.close()
-    peaks = [None] * world
-    dist.all_gather_object(peaks, round(peak_memory_gb(device), 2))
-    replaced = int(all_sum(torch.tensor(float(trainer.stream.replaced), device=device)))
-    log(f"[{cfg.out_dir}] held-out after:  accuracy {after['accuracy']:.3f}, well-formed {after['format']:.3f}"
-        f"; peak memory per rank (GiB): {peaks}; unreadable examples replaced: {replaced}")
-    return {"before": before, "after": after, "final": str(final), "replaced_examples": replaced}
-
-
 def parse_args(argv: list[str]) -> Config:
     """The command line -> a checked Config (infra/cli.py: `--name=value` or `--name value`, `--help`)."""
     return cli.parse(Config, argv, __doc__)
@@ -533,9 +466,9 @@ def main() -> None:
     cfg = parse_args(sys.argv[1:])
     if cfg.rehearse:  # plan the run on this CPU instead (infra/rehearsal.py)
         sys.exit(rehearsal.rehearse(cfg))
-    rank, world, device = setup_distributed()
+    rank, world_size, device = setup_distributed()
     log(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log(f"world size {world}, device {device.type}")
+    log(f"world size {world_size}, device {device.type}")
     try:
         if cfg.mode == "demo":
             demo.run(cfg, train)
@@ -548,4 +481,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -247,7 +247,7 @@ def listener_from_reference_pass(device) -> dict:
     from fast import shared_prompt
     from fast.listener_from_reference import reference_and_listener
     from formats.records import Pair
-    from infra.parallel import frozen, load_model, shard, to_device
+    from infra.parallel import load_model, shard, to_device
     from listener import Listener
     from prompt import PROMPT
     from test_listener import REASONINGS, completions  # reasonings of very different lengths, one empty
@@ -257,7 +257,7 @@ def listener_from_reference_pass(device) -> dict:
     for label in (0, 1):
         prompt, images, _ = toy.make_group(rng, n_images=2)
         pairs.append(Pair(prompt, tuple(images), label))
-    reference = frozen(shard(load_model("toy", False, "bf16"), device, precision="bf16"))
+    reference = shard(load_model("toy", False, "bf16"), device, precision="bf16")  # frozen as it loads
     listener = Listener(reference, processor)
     texts = completions(REASONINGS, [PROMPT.answers[i % 2] for i in range(len(REASONINGS))]) * len(pairs)  # N = B*G
     tokens, mask = train.completion_tokens(processor.tokenizer, texts, device)  # (N, T), each ending in EOS

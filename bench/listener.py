@@ -22,8 +22,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from toy import world as toy  # noqa: E402
 from formats.records import Pair  # noqa: E402
-from prompt import Processor, listener_prefix, reasoner_messages  # noqa: E402
-from listener import answer_probs, answer_token_ids  # noqa: E402
+from models.processor import Processor  # noqa: E402
+from prompt import listener_prefix, reasoner_messages  # noqa: E402
+from listener import answer_probs  # noqa: E402
+from models.processor import answer_token_ids  # noqa: E402
 
 B, G, SIZE = 2, 8, 448
 SENTENCE = "The first image is red. The second image is blue. It is a circle. "

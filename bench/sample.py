@@ -50,7 +50,8 @@ import torch  # noqa: E402
 from infra import cli  # noqa: E402
 import sample  # noqa: E402
 from toy import world as toy  # noqa: E402
-from prompt import Processor, reasoner_messages  # noqa: E402
+from models.processor import Processor  # noqa: E402
+from prompt import reasoner_messages  # noqa: E402
 from fast.static_decode import StaticDecoder  # noqa: E402
 
 

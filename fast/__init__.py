@@ -6,7 +6,7 @@ option, and is tested equal to the reference it replaces; the reference is what 
   shared_prompt.py            each prompt read once for its G completions, with gradients: grpo.py's
                               completion_hidden in the update and the KL reference pass, --shared_prompt
   listener_from_reference.py  the listener's answer slot read out of the KL reference pass when the listener
-                              is the reference model: train.py's listener pass, --listener_from_reference
+                              is the reference model: train.py's score_rollouts, --listener_from_reference
   answer_logits.py            p(b) read from the sampler's logits at the answer slot: evaluate.py's second
                               pass, --reuse_sampler_logits
 """

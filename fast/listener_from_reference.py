@@ -8,8 +8,9 @@ for token and checks it per rollout. `reference_and_listener` takes p_corr from 
 rollouts and runs the listener's own pass on the others only, so a step reads each well-formed rollout once
 instead of twice.
 
-Seam: train.grpo_step, in place of its reference pass and `Listener.p_correct`; option:
-`--listener_from_reference=true` (with the listener being the reference model: no `--listener`).
+Seam: `trainer.score_rollouts` (`score_rollouts` here in place of train.score_rollouts: its reference pass and
+`Listener.p_correct`); option: `--listener_from_reference=true` (the listener being the reference model: no
+`--listener`).
 Test: tests/test_listener.py checks p_corr equal to the listener's own pass.
 
 Shapes: B pairs, G rollouts per pair, N = B*G rows, n rows of a micro-batch, T completion tokens, V vocabulary.
@@ -23,7 +24,8 @@ import torch.distributed as dist
 
 import grpo
 from formats.records import Pair
-from listener import Listener, listener_ids, reasoning_of
+from models.processor import listener_ids
+from listener import Listener, preferred, reasonings_by_pair, reasoning_of
 from prompt import PROMPT, PromptFormat
 
 
@@ -32,7 +34,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     """(N,) where a forward pass over prompt + completion reads exactly what the listener reads; -1 where not.
 
     The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
-    text (`listener.listener_ids`). A pass of a model over the same prompt followed by the completion's own
+    text (`models.processor.listener_ids`). A pass of a model over the same prompt followed by the completion's own
     token ids (the reference pass, `grpo.completion_hidden`) gives the listener's answer logits exactly when
       (a) its model is the listener's model (the listener is the reference model),
       (b) its prompt is the listener's prompt (the same processor and prompt format), and
@@ -48,13 +50,20 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     N = completions.shape[0]
     if N % max(len(pairs), 1) or len(texts) != N:
         raise ValueError(f"answer_slots: {len(texts)} texts and {N} completions for {len(pairs)} pairs")
-    G = N // len(pairs)
-    reasonings = [[reasoning_of(t, fmt) for t in texts[b * G:(b + 1) * G]] for b in range(len(pairs))]
-    rows = listener_ids(tokenizer, pairs, reasonings, fmt)
+    rows = listener_ids(tokenizer, pairs, reasonings_by_pair(texts, len(pairs), fmt), fmt)
     lengths = mask.sum(-1).tolist()  # real tokens of each completion; they come first
     ids = completions.tolist()
     return torch.tensor([len(c) if len(c) <= n and ids[i][:len(c)] == c else -1
                          for i, (c, n) in enumerate(zip(rows, lengths))], device=completions.device)  # (N,)
+
+
+def score_rollouts(cfg, trainer, micro, rollouts, pairs: Sequence[Pair], texts: Sequence[str]) -> tuple:
+    """train.score_rollouts's stand-in, the same arguments and results: pi_ref's log-probs (N, T), p_corr (N,), and
+    the share of rollouts whose p_corr the reference pass gave (`listener_from_reference` in metrics.jsonl)."""
+    ref_logp, p_correct, share = reference_and_listener(trainer.reference, trainer.listener, trainer.hidden_fn, micro,
+                                                        rollouts.tokens, rollouts.mask, pairs, texts, cfg.temperature,
+                                                        trainer.fmt)
+    return ref_logp, p_correct, {"listener_from_reference": share}
 
 
 @torch.no_grad()
@@ -64,23 +73,26 @@ def reference_and_listener(reference, listener: Listener, hidden_fn, micro, toke
     p_corr the reference pass gave).
 
     `hidden_fn`: grpo.completion_hidden or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
-    the N rows; `fmt`: the format the reasoner was asked in. Rows whose answer slot the reference pass reads
-    (`answer_slots`) take the listener's probabilities from the LM head at that slot; the others get the
-    listener's own pass. That pass gathers the FSDP2 weights, a collective: a rank with no row of its own left
-    scores one row again, so that every rank joins it.
+    the N rows; `fmt`: the format the reasoner was asked in. The reference pass is `grpo.reference_logprobs`,
+    its hidden states at each row's answer slot (`answer_slots`) kept on the way; rows whose slot it read take
+    the listener's probabilities from the LM head there, the others get the listener's own pass. That pass
+    gathers the FSDP2 weights, a collective: a rank with no row of its own left scores one row again, so that
+    every rank joins it.
     """
     if listener.model is not reference or listener.fmt != fmt:  # conditions (a) and (b) of answer_slots
         raise ValueError("the listener is read from the reference pass only when it is the reference model, asked "
                          "in the reasoner's prompt format")
     slots = answer_slots(listener.processor.tokenizer, pairs, texts, tokens, mask, fmt)  # (N,)
-    ref_logp, probs = [], []
-    for mb, rows in micro:
-        hidden = hidden_fn(reference, mb, tokens[rows], mask[rows])  # (n, T+1, C)
-        ref_logp.append(grpo.token_logprobs(reference.lm_head, hidden[:, :-1], tokens[rows], temperature))  # (n, T)
-        slot = slots[rows].clamp(min=0)  # (n,)
-        at_slot = reference.lm_head(hidden[torch.arange(len(slot), device=slot.device), slot])  # (n, V)
-        probs.append(at_slot[:, listener.answer_ids].float().softmax(-1))  # (n, 2) eq. (4)
-    probs = torch.cat(probs)  # (N, 2), right where the reference pass could read the slot
+    at_slot, row_slices = [], iter([rows for _, rows in micro])  # reference_logprobs reads `micro` in order
+
+    def hidden(model, *inputs):  # the reference pass's hidden states; each row's at its answer slot kept
+        states = hidden_fn(model, *inputs)  # (n, T+1, C)
+        slot = slots[next(row_slices)].clamp(min=0)  # (n,)
+        at_slot.append(states[torch.arange(len(slot), device=slot.device), slot])  # (n, C)
+        return states
+    ref_logp = grpo.reference_logprobs(reference, micro, tokens, mask, temperature, hidden)  # (N, T)
+    logits = reference.lm_head(torch.cat(at_slot))  # (N, V)
+    probs = logits[:, listener.answer_ids].float().softmax(-1)  # (N, 2) eq. (4), right where the slot was read
     unread = slots < 0  # (N,)
     share_read = 1.0 - unread.float().mean()
     if dist.is_initialized():  # every rank asks whether any rank has rows to score
@@ -90,8 +102,7 @@ def reference_and_listener(reference, listener: Listener, hidden_fn, micro, toke
             unread[0] = True  # scored again below, the same numbers: this rank joins the collective pass
     if bool(unread.any()):
         probs[unread] = own_pass(listener, pairs, texts, unread.nonzero()[:, 0].tolist()).to(probs.device)
-    labels = torch.tensor([p.label for p in pairs], device=probs.device).repeat_interleave(len(texts) // len(pairs))
-    return torch.cat(ref_logp), probs.gather(-1, labels[:, None])[:, 0], share_read  # (N, T), (N,), ()
+    return ref_logp, preferred(probs, pairs), share_read  # (N, T), (N,), ()
 
 
 def own_pass(listener: Listener, pairs: Sequence[Pair], texts: Sequence[str], rows: list[int]) -> torch.Tensor:

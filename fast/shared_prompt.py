@@ -25,8 +25,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from grpo import final_hidden
-from sample import layer_masks, prefill
+from models.internals import final_hidden, layer_masks
+from sample import prefill
 
 
 class PromptCache(DynamicCache):
@@ -81,16 +81,16 @@ def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_
         raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
     G = N // B
     with final_hidden(model) as prompt_states:
-        prefix = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, the last position
+        state = prefill(model, batch, cache=PromptCache())  # B rows: cache, rope deltas, the last position
     last = prompt_states[0][:, -1:]  # (B, 1, C) the hidden state after each prompt
     if torch.is_grad_enabled() and last.requires_grad:
-        prefix.cache, last = prompt_pass_after(prefix.cache, last)
+        state.cache, last = prompt_pass_after(state.cache, last)
     repeat = lambda t: t.repeat_interleave(G, dim=0)  # (B, ...) -> (N, ...)
-    prompt_mask = repeat(prefix.attention_mask)  # (N, P)
+    prompt_mask = repeat(state.attention_mask)  # (N, P)
     mask = completion_mask.to(prompt_mask.dtype)  # (N, T)
-    text_position = repeat(prefix.next_position)[:, None] + mask.cumsum(-1) - 1  # (N, T) real tokens count on
-    position_ids = (text_position + repeat(prefix.rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
-    shared = prefix.cache.expand(G)
+    text_position = repeat(state.next_position)[:, None] + mask.cumsum(-1) - 1  # (N, T) real tokens count on
+    position_ids = (text_position + repeat(state.rope_deltas)).unsqueeze(0).expand(3, -1, -1)  # (3, N, T) mRoPE
+    shared = state.cache.expand(G)
     full_mask = torch.cat([prompt_mask, mask], dim=-1)  # (N, P+T)
     with final_hidden(model) as states:
         model(input_ids=completions, attention_mask=layer_masks(model, shared, full_mask, T),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import families
-from sample import Prefix
+from sample import DecodeState
 
 
 class StaticDecoder:
@@ -73,7 +73,7 @@ class StaticDecoder:
             self.step_fn = torch.compile(decode_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if torch.cuda.is_available() else None)
 
-    def start(self, model, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+    def start(self, model, prefix: DecodeState, G: int, max_new_tokens: int) -> Tensor:
         """sample.py's seam: load `model`'s text weights, take the B prompts' cache; the first logits (N, V)."""
         self.load(model)
         return self.begin(prefix, G, max_new_tokens)
@@ -104,7 +104,7 @@ class StaticDecoder:
             if isinstance(layer, FSDPModule):
                 layer.reshard()
 
-    def begin(self, prefix: Prefix, G: int, max_new_tokens: int) -> Tensor:
+    def begin(self, prefix: DecodeState, G: int, max_new_tokens: int) -> Tensor:
         """Copy the B prompts' cache (columns 0..P-1 of the prompt part); return the first logits (N, V)."""
         (B, P), H = prefix.attention_mask.shape, self.text.config.num_key_value_heads
         rows = rows_bucket(B) if self.compile else B  # B' prompts, B of them real

@@ -1,6 +1,6 @@
 """The published dataset layouts -> records: ImageReward, HPDv2, Rapidata and Pick-a-Pic (section 3.2, table 1).
 
-Each loader reads one dataset in its own published on-disk layout and returns `Pair`s or `Group`s (prompt.py);
+Each loader reads one dataset in its own published on-disk layout and returns `Pair`s or `Group`s (records.py);
 `data.load` picks the loader from a command-line spec. Images stay lazy: a path (checked here to be a file inside
 the image root, so a missing file is reported with its record) or a reference to a parquet cell; both are read
 and decoded by `images.load_image` only when the example is used, or by `python data.py check` before a run.

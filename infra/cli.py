@@ -159,6 +159,24 @@ def check_checkpoint(name: str, path: str, vision: bool = True, weights: bool = 
              f"--local-dir DIR` fetches the rest); in it, {problem}")
 
 
+def check_models(checkpoints: dict[str, str], min_pixels: int, max_pixels: int, max_prompt_tokens: int,
+                 max_new_tokens: int, weights: bool = True) -> None:
+    """The checkpoints train.py, evaluate.py and reward_model.py read (option name -> directory; '' and 'toy' are
+    not checkpoints), as all three check them: each one loads (`check_checkpoint`; the judge may be any causal LM),
+    its context holds a prompt and its completion (`check_context`), and --min_pixels/--max_pixels (0: the
+    checkpoint's own) can bound a reasoner's or listener's images (models/processor.py's `pixel_bounds_problem`)."""
+    from models.processor import pixel_bounds_problem
+    if min_pixels and max_pixels and min_pixels > max_pixels:
+        fail("min_pixels", min_pixels, f"at most --max_pixels={max_pixels}")
+    for name, path in checkpoints.items():
+        if path in ("", "toy"):
+            continue
+        check_checkpoint(name, path, vision=name != "judge", weights=weights)
+        check_context(name, path, max_prompt_tokens, max_new_tokens)
+        if name != "judge" and (problem := pixel_bounds_problem(path, min_pixels or None, max_pixels or None)):
+            fail("max_pixels", max_pixels, f"--min_pixels too: {problem}")
+
+
 def check_context(name: str, path: str, max_prompt_tokens: int, max_new_tokens: int) -> None:
     """--max_prompt_tokens plus --max_new_tokens within the model's context (max_position_embeddings): a longer
     sequence would run past the positions the model was trained on (the images' tokens come on top)."""
@@ -216,12 +234,13 @@ def check_output(name: str, path: str, folder: bool, writes: Sequence[str] = ())
 
 def check_prompt_format(name: str, path, checkpoints: dict[str, str], tokenizer=None) -> None:
     """Each checkpoint's own prompt_format.json and the --prompt_format file read as a `prompt.PromptFormat`
-    (strictly: `prompt.read_format`; a Python API may give the PromptFormat itself), and the given format's
+    (strictly: `models.prompt_format.read_format`; a Python API may give the PromptFormat itself), and the given format's
     answers and ratings are one token each of every checkpoint's tokenizer (and of `tokenizer`, a loaded model's),
-    as one next-token distribution reads them (`listener.answer_token_ids`).
+    as one next-token distribution reads them (`models.processor.answer_token_ids`).
     `checkpoints`: option name -> checkpoint directory ('toy': the toy tokenizer; '': no checkpoint)."""
-    from listener import answer_token_ids
-    from prompt import FORMAT_FILE, FormatError, PromptFormat, read_format
+    from models.processor import answer_token_ids
+    from models.prompt_format import FORMAT_FILE, FormatError, read_format
+    from prompt import PromptFormat
     for option_name, checkpoint in checkpoints.items():
         own = Path(checkpoint) / FORMAT_FILE
         if checkpoint not in ("", "toy") and own.is_file():

@@ -110,11 +110,13 @@ def load_model(path: str, trainable: bool, precision: str, weights: bool = True)
     return families.load(path, dtype, meta=meta, weights=weights).train(trainable).requires_grad_(trainable)
 
 
-def load_replica(path: str, dtype: torch.dtype, device: torch.device):
-    """A checkpoint's whole model on this process's `device`, in every process (evaluation: each holds a replica).
-    Rank 0 reads the checkpoint and the others receive its weights, tensor by tensor: one copy of the model in host
-    memory per node, not one per process (eight of 16.6 GB at once for a 7B model on an 8-GPU node)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def load_replica(path: str, dtype: torch.dtype, device: torch.device, shared: bool = True):
+    """A checkpoint's whole model on this process's `device`, in eval mode (evaluation: each process holds a
+    replica). `shared`: every process of the group calls this; rank 0 reads the checkpoint and the others receive
+    its weights, tensor by tensor: one copy of the model in host memory per node, not one per process (eight of
+    16.6 GB at once for a 7B model on an 8-GPU node). Not `shared` (one caller, such as the reward model's Python
+    API), or in a group of one, this process reads it alone."""
+    if not shared or not dist.is_initialized() or dist.get_world_size() == 1:
         return families.load(path, dtype).to(device).eval()
     model = families.load(path, dtype, meta=dist.get_rank() != 0)
     model = model.to(device) if dist.get_rank() == 0 else model.to_empty(device=device)
@@ -181,11 +183,6 @@ def _fully_shard(modules, reshard_after_forward: bool, **kw) -> None:
     fully_shard(modules, reshard_after_forward=reshard_after_forward, **kw)
     for module in modules if isinstance(modules, list) else [modules]:
         RESHARD_AFTER_FORWARD[module] = reshard_after_forward
-
-
-def frozen(model):
-    model.eval().requires_grad_(False)
-    return model
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

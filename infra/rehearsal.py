@@ -278,13 +278,13 @@ def advance(decoder, n: int, live) -> None:
         decoder.column += n
         decoder.column_index += n
         return
-    prefix = decoder.prefix
-    for layer in prefix.cache.layers:
+    state = decoder.state
+    for layer in state.cache.layers:
         N, H, _, D = layer.keys.shape
         layer.keys = torch.cat([layer.keys, layer.keys.new_empty(N, H, n, D)], dim=-2)
         layer.values = torch.cat([layer.values, layer.values.new_empty(N, H, n, D)], dim=-2)
-    prefix.attention_mask = torch.cat([prefix.attention_mask, live[:, None].to(prefix.attention_mask).expand(-1, n)], -1)
-    prefix.next_position = prefix.next_position + n
+    state.attention_mask = torch.cat([state.attention_mask, live[:, None].to(state.attention_mask).expand(-1, n)], -1)
+    state.next_position = state.next_position + n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def worst_examples(cfg, processor, count: int) -> list:
     from PIL import Image
 
     from formats.records import Pair, Rated
-    from prompt import prompt_tokens
+    from models.processor import prompt_tokens
     words = cfg.max_prompt_tokens
     prompt = " ".join(["a"] * words)
     while prompt_tokens(processor.tokenizer, prompt) > cfg.max_prompt_tokens:

@@ -27,15 +27,16 @@ import data
 import grpo
 import sample
 from data import ExampleStream
-from fast import shared_prompt
+from fast import listener_from_reference, shared_prompt
 from fast.static_decode import make_decoder
 from formats.images import DataError
 from formats.records import Group, Pair
 from infra import checkpoint, tracking
-from infra.parallel import all_sum, frozen, gathered, leave_group, load_model, log, resolve_precision, shard, to_device
+from infra.parallel import all_sum, gathered, leave_group, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
-from prompt import (FORMAT_FILE, PROMPT, Processor, PromptFormat, checkpoint_format, format_differences, format_json,
-                    prompt_rows, read_format)
+from models.processor import Processor, prompt_rows
+from models.prompt_format import FORMAT_FILE, checkpoint_format, format_differences, format_json, read_format
+from prompt import PROMPT, PromptFormat
 from report.heldout import greedy_verdicts
 from toy import world
 
@@ -114,24 +115,24 @@ def heldout_examples(cfg, prompt_limit=None, fmt: PromptFormat = PROMPT) -> list
 class Trainer:
     """One run's state: loads and shards the models, builds AdamW and the data stream, resumes from out_dir."""
 
-    def __init__(self, cfg, rank: int, world: int, device: torch.device):
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.out = Path(cfg.out_dir)
         self.fmt = checkpoint_format(cfg.model, cfg.prompt_format)  # what the run asks (prompt.py)
-        self.lock, resume, saved = open_run(cfg, rank, world, self.fmt)  # before anything heavy loads
+        self.lock, resume, saved = open_run(cfg, rank, world_size, self.fmt)  # before anything heavy loads
         self.processor = self._processor(cfg.model)
         # The data before the models: a bad record (a prompt over --max_prompt_tokens, ...) stops the run before
         # minutes of loading weights, and long before any forward pass could allocate memory for it.
         limit = self.processor.prompt_limit(cfg.max_prompt_tokens)
         examples = load_examples(cfg.train_data, cfg.train_images, cfg, train=True, prompt_limit=limit, fmt=self.fmt)
-        self.stream = ExampleStream(examples, cfg.pairs_per_rank, rank=rank, world_size=world, seed=cfg.seed,
+        self.stream = ExampleStream(examples, cfg.pairs_per_rank, rank=rank, world_size=world_size, seed=cfg.seed,
                                     both_orders=cfg.both_orders, decode=True, skip_bad=cfg.skip_bad)
         heldout = heldout_examples(cfg, limit, self.fmt)
         self.precision = resolve_precision(cfg.precision, device)
         self.build_models(cfg, device)
         self.optimizer = self.make_optimizer()
         # this rank's share of the held-out examples; `filler` is scored, not counted, when the share runs out
-        self.heldout, self.heldout_total, self.filler = heldout[rank::world], len(heldout), heldout[:1]
+        self.heldout, self.heldout_total, self.filler = heldout[rank::world_size], len(heldout), heldout[:1]
         self.step, self.optimizer_steps, self.skipped, self.saved_step = 0, 0, 0, 0
         self.stop = None  # a Stop, checked at the phase boundaries of a step (train.train sets it)
         if resume:
@@ -140,21 +141,23 @@ class Trainer:
     def build_models(self, cfg, device: torch.device, weights: bool = True) -> None:
         """The policy, the reference model and the listener, loaded and sharded; the speed-ups the config switches
         on. `weights=False` builds them from config.json alone, without weights (infra/rehearsal.py)."""
-        load = lambda path, trainable: load_model(path, trainable, self.precision, weights)
+        load = lambda path, trainable: load_model(path, trainable, self.precision, weights)  # frozen unless trainable
         self.policy = load(cfg.model, True)
         if cfg.freeze_vision:
             self.policy.model.visual.requires_grad_(False)
         self.policy = shard(self.policy, device, cfg.activation_checkpointing, self.precision)
         self.reference = self.listener = None
         if cfg.mode in ("grpo", "score") and (cfg.beta > 0 or (cfg.mode == "grpo" and cfg.w_list > 0 and not cfg.listener)):
-            self.reference = frozen(shard(load(cfg.model, False), device, precision=self.precision))
+            self.reference = shard(load(cfg.model, False), device, precision=self.precision)
         if cfg.mode == "grpo" and (cfg.w_list > 0 or cfg.listener):  # with w_list = 0: scored, not rewarded
-            model = self.reference if not cfg.listener else frozen(shard(load(cfg.listener, False), device,
-                                                                         precision=self.precision))
+            model = self.reference if not cfg.listener else shard(load(cfg.listener, False), device,
+                                                                  precision=self.precision)
             self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor, self.fmt)
-        # The speed-ups the config switches on (fast/), each in place of one reference function:
+        # The speed-ups the config switches on (fast/), each in place of one reference function, chosen here once:
+        from train import score_rollouts  # the reference pass and the listener (here: train.py imports this file)
         self.decoder = make_decoder(cfg.decode, self.precision)  # sample.py's decode; None: sample.CopiedCache
         self.hidden_fn = shared_prompt.completion_hidden if cfg.shared_prompt else grpo.completion_hidden
+        self.score_rollouts = listener_from_reference.score_rollouts if cfg.listener_from_reference else score_rollouts
 
     def make_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the trainable weights, fused: one kernel per step, no full-size temporaries (the foreach
@@ -164,11 +167,11 @@ class Trainer:
                                  fused=True)
 
     @classmethod
-    def for_rehearsal(cls, cfg, world: int, device: torch.device, weights: bool = False) -> "Trainer":
+    def for_rehearsal(cls, cfg, world_size: int, device: torch.device, weights: bool = False) -> "Trainer":
         """The run's models and optimiser, without data or out_dir, at the GPU's precision; built from config.json
         without weights (infra/rehearsal.py builds them on fake tensors) unless `weights`."""
         self = cls.__new__(cls)
-        self.cfg, self.rank, self.world, self.device = cfg, dist.get_rank(), world, device
+        self.cfg, self.rank, self.world_size, self.device = cfg, dist.get_rank(), world_size, device
         self.processor = self._processor(cfg.model)
         self.fmt = checkpoint_format(cfg.model, cfg.prompt_format)
         self.precision = resolve_precision(cfg.precision, torch.device("cuda"))
@@ -196,7 +199,7 @@ class Trainer:
         """[(the inputs of micro_pairs prompts, the slice of their rows in the (B*G) rollout batch)], cut out of
         the step's encoded `batch` of B prompts."""
         B, m = batch["input_ids"].shape[0], self.cfg.micro_pairs
-        return [(prompt_rows(batch, i, min(i + m, B)), slice(i * group_size, min(i + m, B) * group_size))
+        return [(prompt_rows(batch, range(i, min(i + m, B))), slice(i * group_size, min(i + m, B) * group_size))
                 for i in range(0, B, m)]
 
     def lr(self) -> float:
@@ -207,15 +210,16 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        lr = self.lr()  # this step's (`lr` moves on with optimizer_steps)
         if torch.isfinite(norm):
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr()
+                group["lr"] = lr
             self.optimizer.step()
             self.optimizer_steps += 1
         else:
             self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm.detach(), "lr": torch.tensor(self.lr()), "skipped": torch.tensor(float(self.skipped))}
+        return {"grad_norm": norm.detach(), "lr": torch.tensor(lr), "skipped": torch.tensor(float(self.skipped))}
 
     def boundary(self) -> None:
         """A phase boundary inside a step, before the first optimiser step: abandon the step if a stop was asked."""
@@ -227,8 +231,8 @@ class Trainer:
     def trainer_state(self) -> dict:
         size = self.processor.image_processor.size  # {shortest,longest}_edge: the pixel bounds in transformers 5
         return {"step": self.step, "optimizer_steps": self.optimizer_steps, "skipped": self.skipped,
-                "stream": self.stream.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
-                "global_batch": self.cfg.pairs_per_rank * self.world,
+                "stream": self.stream.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world_size,
+                "global_batch": self.cfg.pairs_per_rank * self.world_size,
                 "pixels": {"min_pixels": size.shortest_edge, "max_pixels": size.longest_edge}}
 
     def save(self) -> Path:
@@ -257,8 +261,8 @@ class Trainer:
         self.saved_step = self.step
         stream = dict(saved["stream"])  # its count of replaced examples is summed over ranks: rank 0 carries it
         stream["replaced"] = stream.get("replaced", 0) if self.rank == 0 else 0
-        if saved["global_batch"] != self.cfg.pairs_per_rank * self.world:  # allowed by --allow_config_change
-            stream["index"] = min(stream["index"] * saved["global_batch"] // (self.cfg.pairs_per_rank * self.world),
+        if saved["global_batch"] != self.cfg.pairs_per_rank * self.world_size:  # allowed by --allow_config_change
+            stream["index"] = min(stream["index"] * saved["global_batch"] // (self.cfg.pairs_per_rank * self.world_size),
                                   self.stream.steps_per_epoch)
         self.stream.load_state_dict(stream)
         log(f"resumed from {path} at step {self.step} ({time.time() - t:.1f} s)")
@@ -268,7 +272,7 @@ class StepAbandoned(Exception):
     """A stop request seen inside a step, before the step touched the weights."""
 
 
-def open_run(cfg, rank: int, world: int, fmt: PromptFormat = PROMPT) -> tuple:
+def open_run(cfg, rank: int, world_size: int, fmt: PromptFormat = PROMPT) -> tuple:
     """Lock out_dir (one live run), check every rank sees it, pick the checkpoint to resume (rank 0 chooses,
     all check they can read it; a damaged one is reported and the previous used) and refuse a changed config,
     the prompt format `fmt` included (a checkpoint without prompt_format.json was trained in `PROMPT`).
@@ -293,8 +297,8 @@ def open_run(cfg, rank: int, world: int, fmt: PromptFormat = PROMPT) -> tuple:
     if message[0]:
         raise SystemExit(message[0])
     try:
-        checkpoint.check_shared(out, rank, world)
-        resume = checkpoint.pick(out, rank, world)
+        checkpoint.check_shared(out, rank, world_size)
+        resume = checkpoint.pick(out, rank, world_size)
     except RuntimeError as e:  # an out_dir not shared between nodes; no usable checkpoint
         raise SystemExit(str(e)) from None
     if resume is None:
@@ -304,7 +308,7 @@ def open_run(cfg, rank: int, world: int, fmt: PromptFormat = PROMPT) -> tuple:
         raise SystemExit(f"--steps={cfg.steps} is not allowed: expected at least {saved['step']}, the step of "
                          f"{resume}, where this run resumes (to train fewer steps from the start, use another "
                          f"--out_dir)")
-    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world,
+    diffs = checkpoint.config_differences(saved["config"], saved["world_size"], dataclasses.asdict(cfg), world_size,
                                           dataclasses.asdict(type(cfg)()), cfg.unread())
     saved_fmt = read_format(resume / FORMAT_FILE) if (resume / FORMAT_FILE).is_file() else PROMPT
     diffs += [f"prompt format ({FORMAT_FILE}) {name}: {getattr(saved_fmt, name)!r:.60} -> {getattr(fmt, name)!r:.60}"
@@ -346,7 +350,7 @@ def heldout_accuracy(trainer: Trainer) -> dict:
     keys = ["right", "well_formed"] + (["contradiction", "faithful"] if judged else []) + \
         (["p_correct", "agrees"] if trainer.listener is not None else [])
     sums = torch.zeros(len(keys) + 1, device=trainer.device)  # each key's sum, then the examples scored
-    batches = math.ceil(math.ceil(trainer.heldout_total / trainer.world) / batch_pairs)
+    batches = math.ceil(math.ceil(trainer.heldout_total / trainer.world_size) / batch_pairs)
     for i in range(batches):
         examples = trainer.heldout[i * batch_pairs:(i + 1) * batch_pairs]
         with gathered(trainer.policy):
@@ -366,7 +370,7 @@ def heldout_accuracy(trainer: Trainer) -> dict:
 SUMMED = ("loss", "tokens", "replaced_examples", "old_logp_gap_mean")  # each rank's share of a global quantity
 
 
-def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str, float]:
+def reduce_metrics(metrics: dict, world_size: int, device: torch.device) -> dict[str, float]:
     """Per-rank step metrics -> global ones: sums for the loss and token counts, maxima for maxima, means else."""
     names = sorted(metrics)
     values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32, device=device).reshape(()) for k in names])
@@ -375,7 +379,7 @@ def reduce_metrics(metrics: dict, world: int, device: torch.device) -> dict[str,
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     row = {}
     for k, total, m in zip(names, summed.tolist(), largest.tolist()):
-        row[k] = total if k in SUMMED else m if k in ("length_max", "skipped", "old_logp_gap_max") else total / world
+        row[k] = total if k in SUMMED else m if k in ("length_max", "skipped", "old_logp_gap_max") else total / world_size
     return row
 
 

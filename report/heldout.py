@@ -16,6 +16,7 @@ import reward
 import sample
 from formats.records import Rated
 from prompt import PROMPT, PromptFormat
+from report.metrics import favoured_image
 
 
 @torch.no_grad()
@@ -47,15 +48,8 @@ def greedy_verdicts(policy, processor, examples: Sequence, max_new_tokens: int, 
             answer = reward.parse_completion(text, fmt)[1]
             row = {"right": answer == fmt.answers[example.label], "well_formed": answer is not None}
             if p is not None:
-                favoured = example.label if p > 0.5 else 1 - example.label
-                row.update(p_correct=p, agrees=answer == fmt.answers[favoured])
+                row.update(p_correct=p, agrees=answer == fmt.answers[favoured_image(example.label, p)])
         if judge is not None:
             row.update(judge(example, text))
         out.append(row)
     return out
-
-
-def mean_of(verdicts: list[dict], key: str) -> float:
-    """The mean of one verdict over examples (float), 0 when none has it."""
-    values = [float(v[key]) for v in verdicts if key in v]
-    return sum(values) / len(values) if values else 0.0

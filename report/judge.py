@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from prompt import left_pad
+from models.processor import left_pad
 
 JUDGE_SYSTEM = ("You are an expert factual verifier. Determine whether the model's final answer contradicts its "
                 "reasoning. Reply with the single word YES if it contradicts, otherwise NO. Answer only YES or NO.")

@@ -3,7 +3,8 @@
 Pairwise accuracy over a group's untied pairs (micro as ImageReward's test script, macro per prompt as the HPSv2
 evaluation), pair accuracy, the Rapidata binarized and confident subsets and accuracy by human agreement
 (figure 3), expected calibration error, the listener-reasoner distance binned (figure 2), the 95% interval of
-table 5. judge.py holds table 4's contradiction judge, which runs a model.
+table 5; and what rollouts show during training (a GRPO step's metrics, the held-out verdicts' agreement with
+the listener). judge.py holds table 4's contradiction judge, which runs a model.
 
 Choices the paper leaves open, made here (evaluate.py lists those of the scoring):
 1. Expected calibration error bins the confidence max(p, 1 - p) in equal-width bins over [0, 1] (Guo et al.
@@ -11,6 +12,9 @@ Choices the paper leaves open, made here (evaluate.py lists those of the scoring
    1.2 points at n = 5139 and 72%.
 2. Figure 2 is drawn per rollout: the distance between the listener's and the reasoner's (s1, s2) for the
    same reasoning, and whether that rollout's p(b) orders the pair as people do.
+3. Tables 4 and 5 use, where the data has votes, the most confident pairs with at least 20 votes
+   (`confident_or_labelled`; evaluate.py's `--confident-top`, `--min-votes`); otherwise every pair with a human
+   preference.
 
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py
 """
@@ -24,6 +28,8 @@ from typing import Sequence
 import torch
 
 from formats.records import Group, Pair
+from prompt import PROMPT, PromptFormat
+from reward import parse_completion
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,3 +188,54 @@ def confident_or_labelled(dataset, min_votes: int, top: int) -> list[int]:
             and dataset.labelled:
         return confident(dataset.compared, min_votes, top or None)
     return dataset.labelled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What rollouts show during training: a GRPO step's (grpo.py's loss, train.py) and the held-out verdicts (heldout.py)
+
+
+@torch.no_grad()
+def loss_metrics(ratio, adv, kl, keep, clip_low, clip_high) -> dict:
+    """What `grpo.grpo_loss` saw, means over this batch's loss tokens, as 0-dim tensors (no host sync here): the
+    KL, the shares of tokens clipped on each side, the ratio, the length of the completions left in the loss."""
+    w = keep.to(ratio.dtype)  # (N, T)
+    n = w.sum().clamp(min=1)
+    lengths = w.sum(dim=1)  # (N,)
+    low = (ratio < 1 - clip_low) & (adv < 0) & keep  # (N, T) clipped term chosen on the low side
+    high = (ratio > 1 + clip_high) & (adv > 0) & keep  # (N, T) clipped term chosen on the high side
+    return {
+        "kl": (kl * w).sum() / n,
+        "clip_low": low.sum() / n,
+        "clip_high": high.sum() / n,
+        "ratio": (ratio * w).sum() / n,
+        "length": lengths.sum() / (lengths > 0).sum().clamp(min=1),  # over completions left in the loss
+    }
+
+
+def rollout_metrics(examples: Sequence, texts: Sequence[str], rollouts, rewards: dict, p_correct, group_size: int,
+                    fmt: PromptFormat = PROMPT) -> dict:
+    """What a GRPO step's N rollouts looked like, as 0-dim tensors: each reward component's mean, the reward's
+    spread, the share of groups whose rewards all tie, lengths, the share cut at max_new_tokens; with a listener,
+    its mean p_corr and how often the answer names the image it favours. `examples[n]`: what rollout n answers."""
+    lengths = rollouts.mask.sum(-1).float()  # (N,)
+    total = rewards["total"]  # (N,)
+    out = {f"reward_{k}": v.mean() for k, v in rewards.items() if k != "total"}  # each component
+    out.update({"reward": total.mean(), "reward_std": total.std(unbiased=False),
+                "flat_groups": (total.view(-1, group_size).std(-1, unbiased=False) == 0).float().mean(),
+                "length": lengths.mean(), "length_max": lengths.max(), "truncated": (~rollouts.stopped).float().mean(),
+                "tokens": lengths.sum()})
+    if p_correct is not None:
+        answers = [parse_completion(t, fmt)[1] for t in texts]
+        answered = torch.tensor([-1 if a is None else fmt.answers.index(a) for a in answers], device=p_correct.device)
+        labels = torch.tensor([e.label for e in examples], device=p_correct.device)  # (N,)
+        out["listener_p_correct"] = p_correct.mean()
+        out["listener_agreement"] = (answered == favoured_image(labels, p_correct)).float().mean()
+    return out
+
+
+def favoured_image(label, p_correct):
+    """The image the listener favours: the preferred one (`label`) when its p_corr is above 0.5, else the other;
+    for numbers, or elementwise for tensors (no host sync)."""
+    if torch.is_tensor(p_correct):
+        return torch.where(p_correct > 0.5, label, 1 - label)
+    return label if p_correct > 0.5 else 1 - label

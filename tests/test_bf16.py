@@ -20,7 +20,7 @@ import sample
 from fast import shared_prompt
 from fast.static_decode import StaticDecoder
 from formats.records import Pair
-from prompt import Processor
+from models.processor import Processor
 from toy import world as toy
 
 torch.set_num_threads(1)

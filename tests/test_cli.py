@@ -15,7 +15,7 @@ import torch
 
 from infra import cli
 from models import families
-from prompt import Processor
+from models.processor import Processor
 
 import evaluate
 import reward_model

@@ -253,7 +253,7 @@ def test_completion_logprobs_equal_naive_forward_per_row(family):
 
     from toy import world as toy
     from formats.records import Pair
-    from prompt import Processor
+    from models.processor import Processor
     from grpo import completion_logprobs
 
     torch.manual_seed(0)
@@ -291,7 +291,7 @@ def grpo_toy_batch(family="qwen2_5_vl"):
 
     from toy import world as toy
     from formats.records import Pair
-    from prompt import Processor
+    from models.processor import Processor
     processor = Processor(toy.make_tokenizer(family=family), toy.make_image_processor(max_pixels=128 * 128, family=family))
     rng = random.Random(0)
     pairs = []
@@ -385,7 +385,8 @@ def test_completion_logprobs_equal_a_full_forward_and_its_log_softmax(family):
     time, each chunk recomputed in the backward pass) == one plain forward over prompt + completion whose whole
     logits (N, T+1, V) go through log_softmax, as written here: the log-probs and every parameter's gradient, 1e-5,
     with chunks that split rows (5 tokens) and one chunk for all; without autograd too."""
-    from grpo import completion_logprobs, repeat_prompts
+    from grpo import completion_logprobs
+    from models.processor import prompt_rows
     from toy import world as toy
 
     processor, batch, completions, mask = grpo_toy_batch(family)
@@ -394,7 +395,7 @@ def test_completion_logprobs_equal_a_full_forward_and_its_log_softmax(family):
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)) - 0.5  # (N, T)
 
     def plain():  # the whole logits at once, then their log-softmax
-        rows = repeat_prompts(batch, G)
+        rows = prompt_rows(batch, [b for b in range(N // G) for _ in range(G)])  # each prompt G times
         ids = torch.cat([rows["input_ids"], completions], 1)  # (N, P+T)
         attention = torch.cat([rows["attention_mask"], mask.long()], 1)
         types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=torch.int32)], 1)

@@ -3,13 +3,12 @@ rollout, built here; a listener of the other family than the reasoner; the liste
 (fast/listener_from_reference.py).
 
 The reference path never touches sample.py or listener.py's batching: for each rollout it encodes images +
-prompt + `listener_prefix(reasoning)` as one sequence with `prompt.Processor`, runs one full forward with the
+prompt + `listener_prefix(reasoning)` as one sequence with `models.processor.Processor`, runs one full forward with the
 mRoPE positions of `get_rope_index`, and takes a softmax over the answer tokens at the last position.
 
 Run: .venv/bin/python -m pytest -q tests/test_listener.py
 """
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ import torch
 from toy import world as toy
 from formats.records import Pair
 from prompt import PROMPT, listener_prefix, reasoner_messages
-from listener import Listener, answer_probs, answer_token_ids, reasoning_of
+from listener import Listener, answer_probs, reasoning_of
+from models.processor import answer_token_ids
 
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
 A0, A1 = PROMPT.answers
@@ -157,16 +157,6 @@ def test_reasoning_of_malformed_never_includes_the_answer(text, kept):
     assert r == kept
 
 
-def test_answer_token_ids(world):
-    _, processor, _ = world
-    tok = processor.tokenizer
-    ids = answer_token_ids(tok)
-    assert ids == [tok(a, add_special_tokens=False)["input_ids"][0] for a in PROMPT.answers]
-    assert tok.decode(ids[0]) == A0 and tok.decode(ids[1]) == A1
-    with pytest.raises(ValueError, match="not exactly one token"):
-        answer_token_ids(tok, replace(PROMPT, answers=("first image", "2")))
-
-
 def test_listener_is_frozen(world):
     _, processor, pairs = world
     model = toy.make_model(processor.tokenizer, family=family_of(world)).train()
@@ -226,3 +216,35 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
         reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_hidden,
                                [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)
+
+
+def test_the_fast_score_rollouts_stands_in_for_trains(world):
+    """trainer.score_rollouts's two choices, train.score_rollouts (the reference pass, then the listener's own) and
+    fast/listener_from_reference.py's (one pass for both), take the same arguments and give the same reference
+    log-probs and p_corr, on well-formed rollouts and a truncated one."""
+    from types import SimpleNamespace
+
+    import grpo
+    import sample
+    import train
+    from fast import listener_from_reference
+    model, processor, pairs = world
+    tok = processor.tokenizer
+    texts = completions(REASONINGS, [A0, A1, A0]) + [f"{TH}{REASONINGS[0]}"]  # the last one truncated
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * (i < 3) for i, t in enumerate(texts)]
+    G, T = len(rows), max(map(len, rows))
+    tokens = torch.full((2 * G, T), tok.pad_token_id)
+    mask = torch.zeros(2 * G, T, dtype=torch.bool)
+    for n, r in enumerate(rows * 2):
+        tokens[n, :len(r)], mask[n, :len(r)] = torch.tensor(r), True
+    rollouts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, torch.tensor([True] * 3 + [False]).repeat(2))
+    texts = rollouts.texts(tok)
+    cfg = SimpleNamespace(beta=0.04, w_list=0.5, temperature=0.7)
+    trainer = SimpleNamespace(reference=model, listener=Listener(model, processor), hidden_fn=grpo.completion_hidden,
+                              fmt=PROMPT, device=torch.device("cpu"))
+    micro = [(processor.pairs(pairs[:1]), slice(0, G)), (processor.pairs(pairs[1:]), slice(G, 2 * G))]
+    plain = train.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    fast = listener_from_reference.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    torch.testing.assert_close(fast[0][mask], plain[0][mask], atol=1e-5, rtol=0)  # (N, T) pi_ref's log-probs
+    torch.testing.assert_close(fast[1], plain[1], atol=1e-5, rtol=0)  # (N,) p_corr
+    assert plain[2] == {} and fast[2]["listener_from_reference"].item() == 0.75  # the truncated rows: own pass

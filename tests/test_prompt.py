@@ -1,20 +1,12 @@
-"""Tests for prompt.py: what the listener reads (everything before the answer, never the answer), the image
-tokens `Processor` puts in a prompt, and the mapping of ranks onto the rating scale.
+"""Tests for prompt.py: what the listener reads (everything before the answer, never the answer), and the
+mapping of ranks onto the rating scale.
 
 Run: .venv/bin/python -m pytest -q tests/test_prompt.py
 """
 import pytest
 
-from toy import world as toy
-from pictures import RED, png_bytes
 from formats.records import Group, Pair
-
-
-# ---------------------------------------------------------------- prompts and model inputs
-from prompt import PROMPT, Processor, PromptFormat, listener_prefix, reasoner_messages
-
-
-# ---------------------------------------------------------------- prompts and model inputs
+from prompt import PROMPT, PromptFormat, listener_prefix, reasoner_messages
 
 
 @pytest.mark.parametrize("fmt", [PROMPT, PromptFormat(answers=("LEFT_WINS", "RIGHT_WINS"))])
@@ -30,37 +22,6 @@ def test_listener_prefix_excludes_the_answer(fmt):
         assert text.endswith(fmt.answer_open) and fmt.answer_close not in text
         if fmt is not PROMPT:  # distinctive answers: neither appears anywhere in what the listener reads
             assert not any(a in text for a in fmt.answers)
-
-
-def test_processor_image_tokens():
-    processor = Processor(toy.make_tokenizer(), toy.make_image_processor(min_pixels=56 * 56, max_pixels=112 * 112))
-    sizes = {"A": (56, 56), "B": (112, 56), "C": (84, 112)}  # (width, height), multiples of 28: no resize
-    images = {k: png_bytes(RED, size) for k, size in sizes.items()}
-    tokens = {k: (w // 14) * (h // 14) // 4 for k, (w, h) in sizes.items()}  # patches of 14, 2x2 merge
-    rows = [("A", "B"), ("C", "A")]
-    batch = processor.pairs([Pair("a red circle", (images[a], images[b]), 0) for a, b in rows])
-    grid = batch["image_grid_thw"]
-    assert (grid.prod(-1) // 4).tolist() == [tokens[k] for row in rows for k in row]
-    ids, mm = batch["input_ids"], batch["mm_token_type_ids"]
-    image_id = processor.image_token_id
-    start, end = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>"))
-    for b, row in enumerate(rows):
-        seq = ids[b][batch["attention_mask"][b].bool()].tolist()
-        runs, k = [], 0
-        while k < len(seq):  # each image: <|vision_start|> then a run of image tokens then <|vision_end|>
-            if seq[k] == start:
-                j = k + 1
-                while seq[j] == image_id:
-                    j += 1
-                assert seq[j] == end
-                runs.append(j - k - 1)
-                k = j
-            k += 1
-        assert runs == [tokens[key] for key in row]
-        assert seq.count(image_id) == sum(runs)
-        assert mm[b].tolist() == [int(t == image_id) for t in ids[b].tolist()]
-    assert mm.sum().item() == sum(tokens[k] for row in rows for k in row)
-    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
     messages = reasoner_messages("a red circle")
     assert [c["type"] for c in messages[0]["content"]] == ["image", "image", "text"]
 

@@ -21,7 +21,8 @@ import evaluate
 import reward_model
 import train
 from infra import checkpoint, trainer
-from prompt import FORMAT_FILE, PROMPT, FormatError, PromptFormat, checkpoint_format, format_json, read_format
+from models.prompt_format import FORMAT_FILE, FormatError, checkpoint_format, format_json, read_format
+from prompt import PROMPT, PromptFormat
 from reward_model import RewardModel
 from toy import world
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import evaluate
 from formats.records import Pair
-from prompt import Processor, reasoner_messages
+from models.processor import Processor
+from prompt import reasoner_messages
 from real_layout import (GENERATION_CONFIG, PREPROCESSOR_CONFIG, QWEN3_GENERATION_CONFIG, QWEN3_PREPROCESSOR_CONFIG,
                          legacy_name)
 
@@ -67,7 +68,7 @@ def test_weights_load_under_the_published_names(real_checkpoint):
 
 
 def test_processor_ids_equal_the_tokenizer_with_expanded_image_pads(real_checkpoint, tokenizer, tmp_path):
-    """prompt.Processor on the real vocabulary: the chat template's ids with one <|image_pad|> per merged patch."""
+    """models.processor.Processor on the real vocabulary: the chat template's ids with one <|image_pad|> per merged patch."""
     from PIL import Image
     Image.new("RGB", (64, 48), "red").save(tmp_path / "a.png")
     Image.new("RGB", (60, 60), "blue").save(tmp_path / "b.png")

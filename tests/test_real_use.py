@@ -265,7 +265,8 @@ def test_sampler_logits_give_p_b_without_a_second_pass():
     import sample
     from fast.answer_logits import WatchAnswers, sampled_p_b
     from toy import world as toy
-    from listener import answer_probs, answer_token_ids
+    from listener import answer_probs
+    from models.processor import answer_token_ids
     processor = toy.make_processor()
     model = toy.make_model(processor.tokenizer, seed=0)
     tok = processor.tokenizer

@@ -180,8 +180,8 @@ def test_the_skipped_decode_steps_leave_the_state_stepping_them_would(world_mode
 
 def decoder_state(decoder) -> dict:
     """What a decoder's next step reads, as shapes and position values."""
-    if hasattr(decoder, "prefix"):  # sample.CopiedCache
-        p = decoder.prefix
+    if hasattr(decoder, "state"):  # sample.CopiedCache
+        p = decoder.state
         return {"cache": [tuple(layer.keys.shape) for layer in p.cache.layers], "mask": p.attention_mask.tolist(),
                 "next": p.next_position.tolist()}
     return {"column": decoder.column, "index": decoder.column_index.tolist(), "mask": decoder.cache.mask.tolist(),

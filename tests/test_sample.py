@@ -13,7 +13,8 @@ from torch import nn
 
 import sample
 from toy import world as toy
-from prompt import Processor, left_pad, reasoner_messages
+from models.processor import Processor, left_pad
+from prompt import reasoner_messages
 from fast.static_decode import StaticDecoder, shared_prompt_attention
 
 torch.set_num_threads(1)

@@ -255,7 +255,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     from infra import parallel
     from toy import world as toy
     from formats.records import Pair
-    from prompt import Processor
+    from models.processor import Processor
 
     processor = toy.make_processor()
     rng = random.Random(0)

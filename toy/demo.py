@@ -52,7 +52,8 @@ import data
 from formats.records import Pair
 from listener import Listener, answer_probs
 from models import families
-from prompt import PROMPT, Processor
+from models.processor import Processor
+from prompt import PROMPT
 from report.heldout import greedy_verdicts
 from report.tables import panels_plot
 from toy import world

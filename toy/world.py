@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from prompt import PROMPT, Processor, PromptFormat, reasoner_messages, score_messages
+from models.processor import Processor
+from prompt import PROMPT, PromptFormat, reasoner_messages, score_messages
 from reward import parse_completion
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -143,7 +144,7 @@ def make_image_processor(min_pixels: int | None = None, max_pixels: int | None =
 
 
 def make_processor(family: str = "qwen2_5_vl"):
-    """The toy `prompt.Processor`: the toy tokenizer and image processor."""
+    """The toy `models.processor.Processor`: the toy tokenizer and image processor."""
     return Processor(make_tokenizer(family=family), make_image_processor(family=family))
 
 
