@@ -347,7 +347,7 @@ def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, fami
 def test_shared_prompt_frees_the_prompt_pass_after_its_backward(monkeypatch):
     """The prompt pass's keys, values and last hidden state, read by the completions as leaves, die with the
     backward pass, garbage collector off: a reference cycle through the queued prompt-pass backward kept them (and
-    their gradients) alive into the next phase, 0.3 GiB per GPU at 7B (bench/rehearsal.py's held-out batch)."""
+    their gradients) alive until the collector ran."""
     import gc
     import weakref
 
