@@ -21,6 +21,8 @@ The fixes, and how each is undone here (the code before them, in the same run):
   prompt_pass_after  the shared-prompt update backpropagates through the prompt pass after the completions
                      (fast/shared_prompt.py), so each layer's gradient is reduced as soon as it is whole
                      <- one backward: every layer's gradient from the completions waits for the prompt pass's
+  heldout_rows       held-out scoring in batches of a training step's rollout rows (infra.trainer.heldout_batch_pairs)
+                     <- 64 pairs a batch
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ README = ["--mode=grpo", "--train_data=hpdv2:/data/HPDv2/train.json", "--eval_da
           "--group_size=10", "--pairs_per_rank=2", "--max_new_tokens=512", "--lr=1e-6", "--beta=0.04",
           "--activation_checkpointing=true", "--decode=static", "--shared_prompt=true", "--listener_from_reference=true"]
 PIXELS = {"Qwen2.5-VL": "--max_pixels=200704", "Qwen3-VL": "--max_pixels=262144"}  # 256 tokens an image
-FIXES = ("chunked_logprobs", "frozen_reshard", "decode_no_copy", "fused_adamw", "prompt_pass_after")
+FIXES = ("chunked_logprobs", "frozen_reshard", "decode_no_copy", "fused_adamw", "prompt_pass_after", "heldout_rows")
 
 
 def runs() -> dict[str, list[tuple[str, str, list[str], tuple[str, ...]]]]:
@@ -110,10 +112,15 @@ def runs() -> dict[str, list[tuple[str, str, list[str], tuple[str, ...]]]]:
                   ("8B, 8x40", "Qwen3-VL-8B-Instruct", cmd("Qwen3-VL-8B-Instruct") + ["--rehearse=8x40"], ()),
                   ("7B, 8x40, prompts <= 77 tokens", "Qwen2.5-VL-7B-Instruct",
                    cmd("Qwen2.5-VL-7B-Instruct") + ["--max_prompt_tokens=77", "--rehearse=8x40"], ()),
+                  ("8B, 8x40, prompts <= 77 tokens", "Qwen3-VL-8B-Instruct",
+                   cmd("Qwen3-VL-8B-Instruct") + ["--max_prompt_tokens=77", "--rehearse=8x40"], ()),
+                  ("8B, 8x40, <= 77 tokens, 80 held-out", "Qwen3-VL-8B-Instruct",
+                   cmd("Qwen3-VL-8B-Instruct") + ["--max_prompt_tokens=77", "--eval_pairs=80", "--rehearse=8x40"], ()),
                   ("3B, 1x80", "Qwen2.5-VL-3B-Instruct", cmd("Qwen2.5-VL-3B-Instruct") + ["--rehearse=1x80"], ()),
-                  ("3B, 1x48, G=8 x 256", "Qwen2.5-VL-3B-Instruct", cmd("Qwen2.5-VL-3B-Instruct") +
-                   ["--group_size=8", "--max_new_tokens=256", "--max_prompt_tokens=77", "--rehearse=1x48"], ()),
-                  ("2B, 1x48", "Qwen3-VL-2B-Instruct", cmd("Qwen3-VL-2B-Instruct") + ["--rehearse=1x48"], ())],
+                  ("3B, 2x48", "Qwen2.5-VL-3B-Instruct", cmd("Qwen2.5-VL-3B-Instruct") + ["--rehearse=2x48"], ()),
+                  ("2B, 1x48", "Qwen3-VL-2B-Instruct", cmd("Qwen3-VL-2B-Instruct") + ["--rehearse=1x48"], ()),
+                  ("2B, 1x48, prompts <= 77 tokens", "Qwen3-VL-2B-Instruct",
+                   cmd("Qwen3-VL-2B-Instruct") + ["--max_prompt_tokens=77", "--rehearse=1x48"], ())],
     }
 
 
@@ -184,6 +191,8 @@ def undo(fixes: tuple[str, ...]) -> None:
             return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.99),
                                      foreach=True)
         trainer.Trainer.make_optimizer = foreach
+    if "heldout_rows" in fixes:
+        trainer.heldout_batch_pairs = lambda cfg: 64
 
 
 def worker(model_dir: str, options: list[str], fixes: tuple[str, ...], out: str) -> None:
