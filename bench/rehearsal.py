@@ -5,7 +5,7 @@ No download: the checkpoint directories hold the published config.json of each m
 published preprocessor config and a tokenizer with the real Qwen vocabulary (tests/real_layout.py), and no weights,
 which a rehearsal does not read. Each rehearsal runs in a process of its own (a fake process group per process).
 
-    .venv/bin/python bench/rehearsal.py                 # all of it, about 25 minutes on 2 cores
+    .venv/bin/python bench/rehearsal.py                 # all of it, about 35 minutes on 2 cores
     .venv/bin/python bench/rehearsal.py --only=fixes    # the 7B command with each fix undone
     .venv/bin/python bench/rehearsal.py --only=shared   # the update with and without --shared_prompt
 
