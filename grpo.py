@@ -39,6 +39,7 @@ Where this departs from the paper's eq. (1)-(2), and why:
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from infra.parallel import gathered
 from models.internals import final_hidden
 from models.processor import prompt_rows
 from report.metrics import loss_metrics
@@ -183,14 +184,17 @@ def token_logprobs(head, hidden: torch.Tensor, tokens: torch.Tensor, temperature
 
     `chunk` tokens at a time, so the (N, T, V) logits never exist at once; with autograd each chunk is recomputed
     in the backward (`torch.utils.checkpoint`), not kept (as Liger's fused linear cross-entropy and verl do).
+    A frozen model's head is an FSDP2 unit of its own: it is gathered once for all the chunks, whose number
+    depends on this rank's T, since a gather at each chunk is a collective the other ranks would not join.
     """
     N, T = tokens.shape
     states, ids = hidden.reshape(N * T, -1), tokens.reshape(N * T)  # (N*T, C), (N*T,)
     recompute = torch.is_grad_enabled() and states.requires_grad
     out = []
-    for i in range(0, N * T, chunk):
-        args = (head, states[i:i + chunk], ids[i:i + chunk], temperature)
-        out.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if recompute else chunk_logprobs(*args))
+    with gathered(head):
+        for i in range(0, N * T, chunk):
+            args = (head, states[i:i + chunk], ids[i:i + chunk], temperature)
+            out.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if recompute else chunk_logprobs(*args))
     return torch.cat(out).view(N, T)  # (N, T)
 
 

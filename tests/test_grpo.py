@@ -423,3 +423,41 @@ def test_completion_logprobs_equal_a_full_forward_and_its_log_softmax(family):
             torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=0, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(chunked(5)[mask], expected[mask], atol=1e-5, rtol=0)
+
+
+TOKEN_LOGPROBS_ON_TWO_RANKS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import grpo
+from infra.parallel import setup_distributed, shard
+from toy import world as toy
+rank, world, device = setup_distributed()
+model = toy.make_model(toy.make_tokenizer(), seed=0).requires_grad_(False)
+full = model.lm_head.weight.detach().clone()  # (V, C)
+shard(model, device)  # frozen: the LM head is a unit of its own, resharded after each forward
+T = 2 if rank == 0 else 20  # 8 tokens, 1 chunk of 16, on rank 0; 80 tokens, 5 chunks, on rank 1
+g = torch.Generator().manual_seed(rank)
+hidden, tokens = torch.randn(4, T, full.shape[1], generator=g), torch.randint(0, full.shape[0], (4, T), generator=g)
+for _ in range(2):
+    logp = grpo.token_logprobs(model.lm_head, hidden, tokens, chunk=16)
+expected = torch.log_softmax(hidden @ full.T, -1).gather(-1, tokens[..., None])[..., 0]
+assert torch.allclose(logp, expected, atol=1e-5), (logp - expected).abs().max()
+print("rank", rank, "equal", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_token_logprobs_of_a_sharded_frozen_head_with_a_different_length_on_each_rank(tmp_path):
+    """torchrun x2: a frozen model's LM head, an FSDP2 unit resharded after each forward, read in chunks whose
+    number depends on the rank's completion length (1 chunk on rank 0, 5 on rank 1), as the reference pass reads
+    it: equal to a log-softmax over the full head, on both ranks. When each chunk gathered the head, a collective
+    the other rank did not join, rank 1 failed here, and the toy demo's seed 2 hung at its GRPO step 57."""
+    import launching
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "token_logprobs.py"
+    script.write_text(TOKEN_LOGPROBS_ON_TWO_RANKS.format(root=str(root)))
+    run = launching.run(launching.command(script, [], nproc=2), root, launching.environment(), timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "rank 0 equal" in run.stdout and "rank 1 equal" in run.stdout
