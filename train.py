@@ -60,7 +60,8 @@ from formats.layouts import MAX_PROMPT_TOKENS
 from formats.records import Pair
 from infra import checkpoint, cli, tracking
 from infra.cli import OptionError, fail, option
-from infra.parallel import PRECISIONS, all_sum, gathered, leave_group, log, peak_memory_gb, setup_distributed, to_device
+from infra.parallel import (PRECISIONS, all_sum, exit_process, gathered, log, peak_memory_gb, setup_distributed,
+                            to_device)
 from infra import rehearsal
 from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
@@ -476,7 +477,7 @@ def main() -> None:
             train(cfg)
     except DataError as e:  # a dataset that cannot be used: the message names its file, record and field
         raise SystemExit(f"train.py: error: {e}")
-    leave_group()
+    exit_process(0)
 
 
 if __name__ == "__main__":

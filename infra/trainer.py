@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from fast.static_decode import make_decoder
 from formats.images import DataError
 from formats.records import Group, Pair
 from infra import checkpoint, tracking
-from infra.parallel import all_sum, gathered, leave_group, load_model, log, resolve_precision, shard, to_device
+from infra.parallel import all_sum, exit_process, gathered, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
 from models.processor import Processor, prompt_rows
 from models.prompt_format import FORMAT_FILE, checkpoint_format, format_differences, format_json, read_format
@@ -453,6 +452,5 @@ def stop_run(trainer: Trainer, why: str) -> None:
         log(f"{why}; no step had finished, so no checkpoint was written: the same command starts the run afresh")
     else:
         log(f"{why}; the checkpoint of step {trainer.step} is in {trainer.out}")
-    leave_group()
-    sys.exit(0)
+    exit_process(0)
 

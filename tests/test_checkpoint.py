@@ -318,7 +318,7 @@ def test_a_stop_before_the_first_step_finished_says_nothing_was_saved(tmp_path, 
     in OUT"); the process exits 0."""
     from types import SimpleNamespace
     from infra import trainer
-    monkeypatch.setattr(trainer, "leave_group", lambda: None)
+    monkeypatch.setattr(trainer, "exit_process", lambda code: sys.exit(code))
     with pytest.raises(SystemExit) as stop:
         trainer.stop_run(SimpleNamespace(step=0, saved_step=0, out=tmp_path), "stop requested during step 1: abandoned")
     assert stop.value.code == 0
