@@ -3,45 +3,38 @@
     eq. (1)  A_i = (r_i - mu) / (sigma + eps),  mu, sigma^2 = mean and population variance of the G rewards
     eq. (2)  L(theta) = E_i[ min(rho_i A_i, clip(rho_i, 1 +- eps) A_i) - lambda KL(pi_theta || pi_ref) ]
 
-`group_advantages` is eq. (1), `grpo_loss` the negative of eq. (2) (we minimise); `loss_mask` and `loss_counts`
-say which tokens count and how many, so that micro-batch losses sum to the batch's. `completion_logprobs` gives
-eq. (2)'s log-probabilities: the policy's, and the reference model's (`reference_logprobs`). Rows are
-prompt-major: rows b*G .. b*G+G-1 are the G rollouts of prompt b.
-Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T completion tokens, V vocabulary.
+`group_advantages` is eq. (1), `grpo_loss` the negative of eq. (2) (we minimise), `completion_logprobs` its
+log-probabilities (the reference model's: `reference_logprobs`). Rows are prompt-major: rows b*G .. b*G+G-1 are
+the G rollouts of prompt b. Shapes: B prompts, G rollouts per prompt, N = B*G rows, T completion tokens.
 Tests: .venv/bin/python -m pytest -q tests/test_grpo.py
 
 Where this departs from the paper's eq. (1)-(2), and why:
-1. Per-token ratio rho_i,t = exp(logp_i,t - old_logp_i,t), each clipped, as GRPO (DeepSeekMath, Shao et al.
-   2024) and PPO for language models do: eq. (2)'s ratio of whole completions, a product of hundreds of
-   per-token ratios, almost never stays in [1-eps, 1+eps], and clipping it would switch off most updates.
-2. Population std plus eps, as eq. (1), but a group whose rewards are all equal gets advantages of exactly 0:
-   there r_i - mu and sigma are rounding noise (0.1 ten times in float32: ~7e-9), which the division would turn
-   into advantages of ~0.01. `scale=False` drops the division (Dr. GRPO, Liu et al. 2025: dividing by sigma
-   over-weights prompts that are almost always, or almost never, solved).
-3. KL: the paper does not say how it is estimated. Each sampled token's loss adds beta * k3 (Schulman 2020,
-   "Approximating KL divergence": exp(d) - d - 1, d = ref - logp; beta is the paper's lambda), as DeepSeekMath:
-   never negative, low variance, and no full-vocabulary distributions needed.
-4. Aggregation: E_i is a mean over completions; `loss_type="sequence"` averages each completion's tokens, then
-   the completions (GRPO). That gives a long completion's tokens less weight, so "token" divides the sum by the
-   number of tokens (DAPO, Yu et al. 2025) and "dr_grpo" by N * max_new_tokens (Dr. GRPO). The divisors may be
-   global counts (all micro-batches, all ranks), so summed micro-batch losses give the exact batch loss.
-5. Asymmetric clip, `clip_low` and `clip_high`: equal values are the paper's; a larger clip_high ("clip-higher",
-   DAPO) lets unlikely tokens gain probability faster, which keeps the policy from collapsing to low entropy.
-6. Several passes per batch (the paper does not say): old_logp is the first pass's own reading, detached
-   (train.py's departure 2), so rho = 1 on the first pass; later passes (num_iterations > 1) are where clipping acts.
-7. Truncated completions (cut at max_new_tokens, without an answer) leave the loss with `mask_truncated=True`
-   (DAPO's overlong filtering): their reward punishes length, not reasoning. They still count in eq. (1)'s group.
-8. Tempered log-probabilities: rollouts are drawn from softmax(logits / temperature), so rho and the KL compare
-   the tempered policy with the tempered reference (as TRL and verl do), which keeps the KL of a policy that has
-   not moved at 0 whatever the temperature; at temperature 1, the default, they are the models themselves.
+1. Per-token ratios rho_i,t, each clipped (GRPO, DeepSeekMath, Shao et al. 2024): eq. (2)'s ratio of whole
+   completions, a product of hundreds of per-token ratios, almost never stays in [1-eps, 1+eps].
+2. A group whose rewards are all equal gets advantages of exactly 0: there r_i - mu and sigma are rounding noise
+   (~7e-9 for ten 0.1s in float32), which the division would turn into ~0.01. `scale=False` drops the division
+   (Dr. GRPO, Liu et al. 2025: it over-weights prompts that are almost always, or almost never, solved).
+3. The paper does not say how KL is estimated: each token adds beta * k3 (Schulman 2020: exp(d) - d - 1,
+   d = ref - logp; beta is its lambda), as DeepSeekMath: never negative, low variance, no full distributions.
+4. E_i averages each completion's tokens, then the completions (`loss_type="sequence"`, GRPO), which gives a long
+   completion's tokens less weight; "token" divides the sum by the number of tokens (DAPO, Yu et al. 2025),
+   "dr_grpo" by N * max_new_tokens (Dr. GRPO). The counts may be global (`loss_counts` over all micro-batches
+   and ranks), so the summed micro-batch losses are exactly the batch's.
+5. `clip_low`, `clip_high`: equal values are the paper's; a larger clip_high ("clip-higher", DAPO) lets unlikely
+   tokens gain probability faster, which keeps the policy from collapsing to low entropy.
+6. old_logp is the first pass's own reading, detached (train.py's departure 2), so rho = 1 on the first pass;
+   later passes (num_iterations > 1; the paper does not say) are where clipping acts.
+7. Truncated completions (no stop token by max_new_tokens) leave the loss with `mask_truncated=True` (DAPO's
+   overlong filtering): their reward punishes length, not reasoning. They still count in eq. (1)'s group.
+8. Log-probabilities are the tempered ones rollouts are drawn from, softmax(logits / temperature), for the policy
+   and the reference (as TRL and verl): the KL of a policy that has not moved stays 0 at any temperature.
 """
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from infra.parallel import gathered
-from models.internals import final_hidden
-from models.processor import prompt_rows
+from models.internals import completion_hidden
 from report.metrics import loss_metrics
 
 LOSS_TYPES = ("sequence", "token", "dr_grpo")
@@ -104,25 +97,22 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, num_tokens=None,
               num_sequences=None, max_new_tokens=None) -> torch.Tensor:
-    """Reduce a (N, T) per-token loss to a scalar as `loss_type` says (departure 4 at the top)."""
+    """Reduce a (N, T) per-token loss to a scalar as `loss_type` says (departure 4). `num_tokens`, `num_sequences`:
+    global counts, this batch's when None; at least 1, so that an empty batch gives 0, not NaN."""
+    local = dict(zip(("tokens", "sequences"), loss_counts(mask)))
+    count = lambda kind, given: torch.as_tensor(local[kind] if given is None else given, dtype=per_token.dtype,
+                                                device=per_token.device).clamp(min=1)
     w = mask.to(per_token.dtype)  # (N, T)
-    local_tokens, local_sequences = loss_counts(mask)
     if loss_type == "sequence":  # mean over each completion's tokens, then over completions (GRPO)
         per_seq = (per_token * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (N,)
-        return per_seq.sum() / _divisor(num_sequences, local_sequences, per_token)
+        return per_seq.sum() / count("sequences", num_sequences)
     if loss_type == "token":  # mean over all tokens of the batch (DAPO)
-        return (per_token * w).sum() / _divisor(num_tokens, local_tokens, per_token)
+        return (per_token * w).sum() / count("tokens", num_tokens)
     if loss_type == "dr_grpo":  # sum over tokens / (N * max_new_tokens) (Dr. GRPO)
         if max_new_tokens is None:
             raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
-        return (per_token * w).sum() / (_divisor(num_sequences, local_sequences, per_token) * max_new_tokens)
+        return (per_token * w).sum() / (count("sequences", num_sequences) * max_new_tokens)
     raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def _divisor(given, local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The caller's global count if given, else the local one; at least 1 so an empty batch gives 0, not NaN."""
-    count = local if given is None else given
-    return torch.as_tensor(count, dtype=like.dtype, device=like.device).clamp(min=1)
 
 
 def _check_shapes(logp, old_logp, ref_logp, advantages, mask):
@@ -151,10 +141,9 @@ def loss_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# eq. (2)'s log-probabilities: one forward over each row's prompt and completion, simple and plainly right, and
-# G times the prompt's work (fast/shared_prompt.py reads each prompt once, tested equal: another `hidden`). The
-# LM head's output (N, T, V) would be the update's largest tensor (10 x 512 tokens x V = 152,064: 3.1 GB in
-# fp32), so the forward stops at the final hidden states and `token_logprobs` runs the head a chunk at a time.
+# eq. (2)'s log-probabilities: one forward over each row's prompt and completion (fast/shared_prompt.py reads each
+# prompt once instead of G times: another `hidden`), stopped at the final hidden states; `token_logprobs` runs the
+# LM head a chunk at a time, as its (N, T, V) output would be the update's largest tensor (3.1 GB in fp32 at G=10).
 
 
 def completion_logprobs(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor,
@@ -202,22 +191,3 @@ def chunk_logprobs(head, states: torch.Tensor, ids: torch.Tensor, temperature: f
     """(n, C) hidden states, (n,) tokens -> (n,) log_softmax(logits / temperature) at the tokens, in float32."""
     logits = head(states).float() / max(temperature, 1e-6)  # (n, V)
     return logits.gather(-1, ids[:, None])[:, 0] - logits.logsumexp(-1)  # (n,)
-
-
-def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden states (N, T+1, C) at the last prompt position and after each completion token (index t
-    predicts token t), from one forward over each row's prompt and completion; arguments as `completion_logprobs`."""
-    (N, T), B = completions.shape, batch["input_ids"].shape[0]
-    if N % B:
-        raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
-    rows = prompt_rows(batch, [b for b in range(B) for _ in range(N // B)])  # each prompt G times, images too
-    input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
-    attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
-    mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
-    position_ids, _ = model.model.get_rope_index(input_ids, mm_types, rows.get("image_grid_thw"),
-                                                 attention_mask=attention_mask)  # (3, N, P+T) mRoPE
-    with final_hidden(model) as states:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-              pixel_values=rows.get("pixel_values"), image_grid_thw=rows.get("image_grid_thw"),
-              mm_token_type_ids=mm_types, use_cache=False, logits_to_keep=1)
-    return states[0][:, -(T + 1):]  # (N, T+1, C)

@@ -9,7 +9,7 @@ H100, and writes what it saw to `--out` (report.md and report.json).
     - greedy sampling (sample.py) against `model.generate`;
     - the static and the compiled decode (fast/static_decode.py) against the reference decode (sample.CopiedCache);
     - the shared-prompt update (fast/shared_prompt.completion_hidden) against the repeated prompt
-      (grpo.completion_hidden), through grpo.completion_logprobs: log-probs and every gradient;
+      (models.internals.completion_hidden), through grpo.completion_logprobs: log-probs and every gradient;
     - the listener read from the reference pass (fast/listener_from_reference.py) against its own pass.
     Two greedy decodes in bf16 may part where two tokens are within rounding of each other: the log-probs are
     compared over the steps both decodes condition on the same tokens, and a row may part only at such a near tie
@@ -214,14 +214,15 @@ def agreement(name: str, a: tuple, b: tuple, tol: float = TOLERANCES["logprob"])
 
 
 def shared_prompt_update(policy, batch: dict, completions, mask) -> list[dict]:
-    """fast/shared_prompt's completion_hidden vs grpo.completion_hidden in grpo.completion_logprobs, on the
+    """fast/shared_prompt's completion_hidden vs models.internals.completion_hidden in grpo.completion_logprobs, on the
     sharded `policy`: the log-probs of the completion tokens, and every parameter's gradient of a weighted sum of
     them."""
     import grpo
+    from models import internals
     from fast import shared_prompt
     weights = torch.rand(completions.shape, generator=torch.Generator().manual_seed(2)).to(mask.device) - 0.5  # (N, T)
     passes = []
-    for hidden in (shared_prompt.completion_hidden, grpo.completion_hidden):
+    for hidden in (shared_prompt.completion_hidden, internals.completion_hidden):
         policy.zero_grad(set_to_none=True)
         logp = grpo.completion_logprobs(policy, batch, completions, mask, temperature=0.7, hidden=hidden)  # (N, T)
         (logp * weights * mask).sum().backward()

@@ -1,5 +1,5 @@
 """Benchmark: a GRPO step's passes over the rollouts with each prompt read once per group
-(fast/shared_prompt.py, `--shared_prompt=true`) against the reference, `grpo.completion_hidden`, which repeats
+(fast/shared_prompt.py, `--shared_prompt=true`) against the reference, `models.internals.completion_hidden`, which repeats
 each prompt and its images G times.
 
 The passes of one step and micro-batch (train.py's default: one pair and its G rollouts):
@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import grpo  # noqa: E402
+from models import internals  # noqa: E402
 from fast import shared_prompt  # noqa: E402
 from infra import cli  # noqa: E402
 from toy import world as toy  # noqa: E402
@@ -72,7 +73,7 @@ def logprobs(hidden_fn):
         model, batch, tokens, mask, temperature, hidden=hidden_fn)
 
 
-METHODS = {"shared": logprobs(shared_prompt.completion_hidden), "repeated": logprobs(grpo.completion_hidden)}
+METHODS = {"shared": logprobs(shared_prompt.completion_hidden), "repeated": logprobs(internals.completion_hidden)}
 
 
 def setup(cfg: Config):

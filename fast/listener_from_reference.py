@@ -35,7 +35,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
 
     The listener reads the reasoner's prompt, then `c = listener_prefix(reasoning_of(text))` re-encoded as
     text (`models.processor.listener_ids`). A pass of a model over the same prompt followed by the completion's own
-    token ids (the reference pass, `grpo.completion_hidden`) gives the listener's answer logits exactly when
+    token ids (the reference pass, `models.internals.completion_hidden`) gives the listener's answer logits exactly when
       (a) its model is the listener's model (the listener is the reference model),
       (b) its prompt is the listener's prompt (the same processor and prompt format), and
       (c) the ids of c are the first ids of the completion: completions[n, :len(c)] == c, all of them real
@@ -43,7 +43,7 @@ def answer_slots(tokenizer, pairs: Sequence[Pair], texts: Sequence[str], complet
     (a) and (b) are the caller's to ensure; this checks (c) row by row. Where it holds, the pass's logits after
     completion token len(c) - 1 are the listener's answer-slot logits (the same tokens at the same positions,
     under the causal mask nothing after them counts), and the slot is len(c): an index into the T + 1
-    positions of `grpo.completion_hidden`. A well-formed completion usually qualifies; a truncated or
+    positions of `models.internals.completion_hidden`. A well-formed completion usually qualifies; a truncated or
     malformed one never does (c ends with `</think>\\n<answer>`, which it does not hold there), nor one whose
     sampled ids are not the tokenizer's own encoding of its text. texts, completions, mask: N = B*G rows.
     """
@@ -72,7 +72,7 @@ def reference_and_listener(reference, listener: Listener, hidden_fn, micro, toke
     """The reference pass and p_corr together: (ref_logp (N, T), p_correct (N,), the fraction of rows whose
     p_corr the reference pass gave).
 
-    `hidden_fn`: grpo.completion_hidden or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
+    `hidden_fn`: models.internals.completion_hidden or fast.shared_prompt's; `micro`: [(processor batch, row slice)] over
     the N rows; `fmt`: the format the reasoner was asked in. The reference pass is `grpo.reference_logprobs`,
     its hidden states at each row's answer slot (`answer_slots`) kept on the way; rows whose slot it read take
     the listener's probabilities from the LM head there, the others get the listener's own pass. That pass

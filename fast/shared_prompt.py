@@ -1,6 +1,6 @@
 """Each prompt read once for its G completions in eq. (2)'s forward pass, with gradients (the shared-prompt update).
 
-`grpo.completion_hidden`, the reference, runs every row's prompt (images included) before its completion: G
+`models.internals.completion_hidden`, the reference, runs every row's prompt (images included) before its completion: G
 times the prompt's work, with gradients. At the paper's shape (two 256-token images, a ~620-token prompt,
 completions up to 512 tokens, G=10) about half of the update's token work is a prompt read again. Here, as
 sample.py does for sampling (prefill, expand, decode), and with autograd:
@@ -13,7 +13,7 @@ sample.py does for sampling (prefill, expand, decode), and with autograd:
 
 In exact arithmetic the hidden states, the log-probabilities and every gradient equal the reference's (Prefix
 Grouper, Liu et al. 2025, arXiv 2506.05433, shows the same); tests/test_grpo.py checks them to 1e-5 against
-`grpo.completion_hidden`, with and without activation checkpointing. Seam: the `hidden` argument of
+`models.internals.completion_hidden`, with and without activation checkpointing. Seam: the `hidden` argument of
 `grpo.completion_logprobs` (the policy update and the KL reference pass); option: `--shared_prompt=true`.
 bench/update.py measures the two.
 

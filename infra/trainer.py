@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import grpo
 import sample
 from data import ExampleStream
 from fast import listener_from_reference, shared_prompt
@@ -33,6 +32,7 @@ from formats.records import Group, Pair
 from infra import checkpoint, tracking
 from infra.parallel import all_sum, exit_process, gathered, load_model, log, resolve_precision, shard, to_device
 from listener import Listener
+from models import internals
 from models.processor import Processor, prompt_rows
 from models.prompt_format import FORMAT_FILE, checkpoint_format, format_differences, format_json, read_format
 from prompt import PROMPT, PromptFormat
@@ -155,7 +155,7 @@ class Trainer:
         # The speed-ups the config switches on (fast/), each in place of one reference function, chosen here once:
         from train import score_rollouts  # the reference pass and the listener (here: train.py imports this file)
         self.decoder = make_decoder(cfg.decode, self.precision)  # sample.py's decode; None: sample.CopiedCache
-        self.hidden_fn = shared_prompt.completion_hidden if cfg.shared_prompt else grpo.completion_hidden
+        self.hidden_fn = shared_prompt.completion_hidden if cfg.shared_prompt else internals.completion_hidden
         self.score_rollouts = listener_from_reference.score_rollouts if cfg.listener_from_reference else score_rollouts
 
     def make_optimizer(self) -> torch.optim.AdamW:

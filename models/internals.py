@@ -1,6 +1,6 @@
 """What the method files need from transformers' internals, each in one place: a model's device, its generation
-config's stop ids, the attention masks its decoder layers read (sample.py's `extend`, fast/shared_prompt.py) and
-its final hidden states (grpo.py's forward, fast/shared_prompt.py).
+config's stop ids, the attention masks its decoder layers read (sample.py's `extend`, fast/shared_prompt.py), its
+final hidden states (`final_hidden`) and the forward of eq. (2)'s log-probabilities (`completion_hidden`).
 Tests: .venv/bin/python -m pytest -q tests/test_sample.py tests/test_grpo.py
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import contextlib
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+
+from models.processor import prompt_rows
 
 
 def model_device(model) -> torch.device:
@@ -54,3 +56,24 @@ def final_hidden(model):
         yield states
     finally:
         hook.remove()
+
+
+def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (N, T+1, C) at the last prompt position and after each completion token (index t
+    predicts token t), from one forward over each row's prompt (images included) and completion: grpo.py's
+    `completion_logprobs` by default (fast/shared_prompt.py's reads each prompt once). `batch`: the processor's
+    output for B left-padded prompts; completions, completion_mask: (N, T), N = B*G, prompt-major."""
+    (N, T), B = completions.shape, batch["input_ids"].shape[0]
+    if N % B:
+        raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
+    rows = prompt_rows(batch, [b for b in range(B) for _ in range(N // B)])  # each prompt G times, images too
+    input_ids = torch.cat([rows["input_ids"], completions], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([rows["attention_mask"], completion_mask.to(rows["attention_mask"].dtype)], dim=1)
+    mm_types = torch.cat([rows["mm_token_type_ids"], torch.zeros_like(completions, dtype=rows["mm_token_type_ids"].dtype)], 1)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_types, rows.get("image_grid_thw"),
+                                                 attention_mask=attention_mask)  # (3, N, P+T) mRoPE
+    with final_hidden(model) as states:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              pixel_values=rows.get("pixel_values"), image_grid_thw=rows.get("image_grid_thw"),
+              mm_token_type_ids=mm_types, use_cache=False, logits_to_keep=1)
+    return states[0][:, -(T + 1):]  # (N, T+1, C)

@@ -20,6 +20,7 @@ import sample
 from fast import shared_prompt
 from fast.static_decode import StaticDecoder
 from formats.records import Pair
+from models import internals
 from models.processor import Processor
 from toy import world as toy
 
@@ -114,7 +115,7 @@ def test_shared_prompt_equals_repeated_prompt_in_bf16(setup):
     mask[1, 4:] = False
     weights = torch.rand(N, T, generator=g) - 0.5
     results = []
-    for hidden in (shared_prompt.completion_hidden, grpo.completion_hidden):
+    for hidden in (shared_prompt.completion_hidden, internals.completion_hidden):
         model.zero_grad(set_to_none=True)
         logp = grpo.completion_logprobs(model, batch, completions, mask, 0.7, hidden)  # (N, T)
         (logp * weights * mask).sum().backward()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grpo
+from models import internals
 
 from grpo import group_advantages, grpo_loss, loss_counts, loss_mask
 
@@ -313,13 +314,14 @@ def grpo_toy_batch(family="qwen2_5_vl"):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_prompt_equals_repeated_prompt_with_gradients(checkpointing, family):
-    """One prompt pass per group (fast/shared_prompt.py) == the reference, grpo.completion_hidden, which repeats
+    """One prompt pass per group (fast/shared_prompt.py) == the reference, models.internals.completion_hidden, which repeats
     each prompt and its image patches G times and runs one plain forward over prompt + completion per row:
     log-probs and every parameter's gradient, 1e-5. With activation checkpointing each layer is recomputed in the
     backward pass: the prompt cache must neither grow nor change then.
     """
     from fast import shared_prompt
-    from grpo import completion_hidden, completion_logprobs
+    from grpo import completion_logprobs
+    from models.internals import completion_hidden
     from infra import parallel
     from toy import world as toy
 
@@ -406,7 +408,7 @@ def test_completion_logprobs_equal_a_full_forward_and_its_log_softmax(family):
         return logp.gather(-1, completions[..., None])[..., 0]  # (N, T)
 
     def chunked(chunk):  # completion_logprobs with another chunk
-        hidden = grpo.completion_hidden(model, batch, completions, mask)  # (N, T+1, C)
+        hidden = internals.completion_hidden(model, batch, completions, mask)  # (N, T+1, C)
         return grpo.token_logprobs(model.lm_head, hidden[:, :-1], completions, 0.7, chunk=chunk)
 
     results = []

@@ -17,6 +17,7 @@ from toy import world as toy
 from formats.records import Pair
 from prompt import PROMPT, listener_prefix, reasoner_messages
 from listener import Listener, answer_probs, reasoning_of
+from models import internals
 from models.processor import answer_token_ids
 
 TH, TH_, AN, AN_ = PROMPT.think_open, PROMPT.think_close, PROMPT.answer_open, PROMPT.answer_close
@@ -167,7 +168,7 @@ def test_listener_is_frozen(world):
 
 
 def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
-    """fast/listener_from_reference.py: the reference pass over prompt + completion (grpo.completion_hidden),
+    """fast/listener_from_reference.py: the reference pass over prompt + completion (models.internals.completion_hidden),
     read at `answer_slots`, equals the listener's own pass on every row it claims; `reference_and_listener`
     gives the reference pass's log-probs and the listener's p_corr on every row, claimed or not.
 
@@ -201,12 +202,12 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
     assert claimed.tolist() == [True, True, False, False] * 2
     batch = processor.pairs(pairs)
     with torch.no_grad():
-        logits = model.lm_head(grpo.completion_hidden(model, batch, tokens, mask))  # (N, T+1, V)
+        logits = model.lm_head(internals.completion_hidden(model, batch, tokens, mask))  # (N, T+1, V)
     at_slot = logits[torch.arange(2 * G), slots.clamp(min=0)][:, answer_token_ids(tok)].softmax(-1)  # (N, 2)
     listener = Listener(model, processor)
     separate = listener.scores(pairs, [[reasoning_of(t) for t in texts[b * G:(b + 1) * G]] for b in range(2)])
     torch.testing.assert_close(at_slot[claimed], separate.view(-1, 2)[claimed], atol=1e-5, rtol=0)
-    for hidden_fn in (grpo.completion_hidden, __import__("fast.shared_prompt").shared_prompt.completion_hidden):
+    for hidden_fn in (internals.completion_hidden, __import__("fast.shared_prompt").shared_prompt.completion_hidden):
         ref_logp, p_correct, read = reference_and_listener(model, listener, hidden_fn, [(batch, slice(0, 2 * G))],
                                                            tokens, mask, pairs, texts, temperature=0.7)
         assert read.item() == 0.5  # the claimed rows
@@ -214,7 +215,7 @@ def test_reference_pass_gives_the_listener_answer_where_it_claims_to(world):
         torch.testing.assert_close(ref_logp[mask], expected_logp[mask], atol=1e-5, rtol=0)
         torch.testing.assert_close(p_correct, listener.p_correct(pairs, texts), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="reference model"):  # another model's pass cannot stand for the listener's
-        reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, grpo.completion_hidden,
+        reference_and_listener(toy.make_model(tok, seed=5, family=family_of(world)), listener, internals.completion_hidden,
                                [(batch, slice(0, 2 * G))], tokens, mask, pairs, texts, temperature=1.0)
 
 
@@ -240,7 +241,7 @@ def test_the_fast_score_rollouts_stands_in_for_trains(world):
     rollouts = sample.Rollouts(tokens, torch.zeros(tokens.shape), mask, torch.tensor([True] * 3 + [False]).repeat(2))
     texts = rollouts.texts(tok)
     cfg = SimpleNamespace(beta=0.04, w_list=0.5, temperature=0.7)
-    trainer = SimpleNamespace(reference=model, listener=Listener(model, processor), hidden_fn=grpo.completion_hidden,
+    trainer = SimpleNamespace(reference=model, listener=Listener(model, processor), hidden_fn=internals.completion_hidden,
                               fmt=PROMPT, device=torch.device("cpu"))
     micro = [(processor.pairs(pairs[:1]), slice(0, G)), (processor.pairs(pairs[1:]), slice(G, 2 * G))]
     plain = train.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
