@@ -1,25 +1,20 @@
 """Sampling: G rollouts per prompt from the policy, with a KV cache: prefill, expand, decode, choose.
 
 GRPO (section 3.3 of the paper) needs G completions of every prompt and each sampled token's log-probability.
-`model.generate(num_return_sequences=G)` would run every prompt and its images G times; here, as in nanochat's
-engine and gpt-fast's generate, `sample` runs
-
+`model.generate(num_return_sequences=G)` would run every prompt and its images G times; `sample` instead runs,
+as nanochat's engine and gpt-fast's generate do,
 1. `prefill`: the vision tower and the B prompts once, filling a KV cache (every layer's keys and values);
-2. `expand`: the cache copied to the G rollouts of each prompt (rows b*G .. b*G+G-1 are prompt b);
+2. `expand`: the cache copied to each prompt's G rollouts (rows b*G .. b*G+G-1 are prompt b);
 3. decode: all N = B*G rows advance one token per step together (`extend`), finished rows emit pad; the only
    host sync is an "all finished?" check every few steps;
 4. `choose`: each row's next token from its logits, and the log-probability it was drawn with.
-
 Steps 2-3 are the seam for speed: `decoder=` takes any object with `start` and `step`, as `CopiedCache` has;
 fast/static_decode.py is the other (tests/test_sample.py: the same rollouts; greedy ones are `model.generate`'s).
 
-Positions are passed explicitly. Qwen-VL's rotary positions (mRoPE) give a text token one number on all three
-axes: its text position (the real tokens before it) plus its prompt's rope delta, how much less than their token
-count the prompt's images advanced it (`get_rope_index`). Left padding makes them differ by row, and the model's
-own cached `rope_deltas` are the last call's. `prefill`, `expand` and `extend` also serve the listener and follow
-the caller's grad mode. Under FSDP2 call `sample` inside `infra.parallel.gathered(model)`: each rank's weight
-shards are gathered once for the whole rollout, not at every decode step.
-
+Positions are passed explicitly. Qwen-VL's rotary positions (mRoPE) give a text token one number on all three axes:
+its text position (the real tokens before it) plus its prompt's rope delta (how much less than their token count
+the prompt's images advanced it: `get_rope_index`). Left padding makes them differ by row, and the model's own
+cached `rope_deltas` are the last call's. `prefill`, `expand` and `extend` also serve the listener.
 Shapes: B prompts, G rollouts per prompt, N = B*G rows, P prompt tokens, T new tokens, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_sample.py     Benchmark: .venv/bin/python bench/sample.py
 """
@@ -48,13 +43,13 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
            check_every: int = 8) -> Rollouts:
     """Sample `num_samples` (G) completions of each prompt in `batch` (a processor batch of B prompts).
 
-    A completion ends with the first of `stop_token_ids` (training and evaluation pass `end_of_turn_ids`;
-    `generation_eos_ids` when None; `[]` never stops early), then its row holds `pad_token_id` (pass the
+    A completion ends with the first of `stop_token_ids` (`models.processor.end_of_turn_ids` in training and
+    evaluation; the generation config's when None; `[]` never stops), then its row holds `pad_token_id` (pass the
     tokenizer's: real Qwen configs have none). Vision tokens are never sampled: an emitted <|image_pad|> would
     break the next forward. `generator` (on the model's device) makes sampling reproducible; a list of B, one per
-    prompt, makes each prompt's rollouts independent of its batch (train.py relies on this). `decoder`: steps 2-3
-    (`CopiedCache` when None). "All finished?" is checked every `check_every` steps, so up to `check_every - 1`
-    all-pad steps may run at the end.
+    prompt, makes each prompt's rollouts independent of its batch. `decoder`: steps 2-3 (`CopiedCache` when None).
+    "All finished?" is asked every `check_every` steps, so up to `check_every - 1` all-pad steps may end a batch.
+    Under FSDP2 call it inside `infra.parallel.gathered(model)`, so the weights are gathered once, not every step.
     """
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
@@ -68,24 +63,24 @@ def sample(model, batch: dict, num_samples: int = 1, max_new_tokens: int = 256, 
         raise ValueError("sample: the model config has no pad_token_id; pass pad_token_id (the tokenizer's)")
     stop_ids = torch.tensor(generation_eos_ids(model) if stop_token_ids is None else list(stop_token_ids),
                             dtype=torch.long, device=device)
-    bias = blocked_bias(V, [getattr(model.config, k, None) for k in VISION_TOKEN_KEYS], device)  # (V,)
+    vision = [i for i in (getattr(model.config, k, None) for k in VISION_TOKEN_KEYS) if i is not None and i < V]
+    bias = torch.zeros(V, device=device).index_fill_(0, torch.tensor(vision, dtype=torch.long, device=device),
+                                                       float("-inf"))  # (V,) never a vision token
     tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)  # (N, T)
     logprobs = torch.zeros((N, max_new_tokens), dtype=torch.float32, device=device)  # (N, T)
     mask = torch.zeros((N, max_new_tokens), dtype=torch.bool, device=device)  # (N, T)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+    stopped = torch.zeros(N, dtype=torch.bool, device=device)  # (N,) emitted its stop token: finished
     steps = 0
     for t in range(max_new_tokens):
         token, logp = choose(logits, bias, temperature, top_k, top_p, generator)  # 4. (N,), (N,)
-        live = ~finished  # (N,) rows still writing; their token is part of the completion
+        live = ~stopped  # (N,) rows still writing; their token is part of the completion
         tokens[:, t] = torch.where(live, token, pad)
         logprobs[:, t] = torch.where(live, logp, 0.0)
         mask[:, t] = live
         hit = live & torch.isin(token, stop_ids)  # (N,) the stop token is the completion's last token
         stopped |= hit
-        finished |= hit
         steps = t + 1
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(stopped.all())):
             break
         logits = decoder.step(tokens[:, t], live)  # 3. one decode step: (N,) -> (N, V)
     return Rollouts(tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], stopped)
@@ -107,13 +102,6 @@ class Rollouts:
                 for row, n in zip(self.tokens.tolist(), lengths.tolist())]
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The tokenizer's end-of-turn ids, `<|im_end|>` (Qwen chat models' eos) and `<|endoftext|>`: the stop ids
-    training and evaluation both pass, so that a completion ends the same way in both."""
-    ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
-
-
 def seeded_generators(device, keys: Sequence[tuple]) -> list[torch.Generator]:
     """One generator per prompt, seeded by its key (a tuple of ints, such as (seed, step, index)): a prompt's
     rollouts then depend on its key alone, not on the batch, the process or the restart that draws them."""
@@ -128,10 +116,9 @@ def choose(logits: Tensor, bias: Tensor, temperature: float, top_k: int, top_p: 
            generator: torch.Generator | Sequence[torch.Generator] | None) -> tuple[Tensor, Tensor]:
     """Pick one token per row; return (token (N,), its log-prob (N,)). Temperature 0 is greedy.
 
-    The log-prob is log_softmax(logits / temperature) at the token (of the unscaled logits when greedy), before the
-    blocked tokens, top-k and top-p are removed: what a training forward of the policy computes for it (to 1e-6 in
-    fp32; bf16 kernels round otherwise: train.py logs the gap, `old_logp_gap_*`). Truncating makes the rollouts
-    slightly off-policy, as in every sampler that truncates; with top_k=0, top_p=1 they are not.
+    The log-prob is log_softmax(logits / temperature) at the token (the unscaled logits' when greedy), taken before
+    the vision tokens, top-k and top-p are removed: what a training forward computes for it (to 1e-6 in fp32).
+    Truncating (top_k > 0, top_p < 1) makes rollouts slightly off-policy, as in every sampler that truncates.
     """
     logits = logits.float()  # (N, V)
     scaled = logits / temperature if temperature > 0 else logits  # (N, V)
@@ -171,14 +158,6 @@ def exponential_noise(like: Tensor, generator: torch.Generator | Sequence[torch.
         return torch.empty_like(like).exponential_(1.0, generator=generator)
     rows = like.shape[0] // len(generator)  # G rows per prompt
     return torch.cat([torch.empty_like(like[:rows]).exponential_(1.0, generator=g) for g in generator])
-
-
-def blocked_bias(vocab_size: int, token_ids: Sequence[int], device) -> Tensor:
-    """(V,) additive logit mask: -inf at `token_ids`, 0 elsewhere."""
-    bias = torch.zeros(vocab_size, device=device)  # (V,)
-    ids = [i for i in token_ids if i is not None and 0 <= i < vocab_size]
-    bias[ids] = float("-inf")
-    return bias
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,13 +205,10 @@ def expand(state: DecodeState, G: int) -> DecodeState:
 
 
 def extend(model, state: DecodeState, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
-    """Feed (N, T) more tokens on top of the cache; return their logits (N, T, V), or (N, k, V) with
-    `logits_to_keep=k`: the LM head on the last k positions only, enough for left-padded continuations.
-
-    `attention_mask` (N, T) marks the real tokens; the others (padding, anywhere) are cached but never attended
-    to and do not advance the text position. `state` is updated in place: cache, attention mask, next position,
-    and the logits after each row's last real token (kept for a row with none).
-    """
+    """Feed (N, T) more tokens on top of the cache; return their logits (N, T, V), or with `logits_to_keep=k` the
+    last k positions' (N, k, V), enough for left-padded continuations. `attention_mask` (N, T) marks the real tokens;
+    others (padding, anywhere) are cached, never attended to, and do not advance the text position. `state` is
+    updated in place, its logits those after each row's last real token (kept for a row with none)."""
     mask = attention_mask.to(state.attention_mask)  # (N, T)
     T = mask.shape[1]
     text_position = state.next_position[:, None] + mask.cumsum(-1) - 1  # (N, T) real tokens count up

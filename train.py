@@ -3,40 +3,36 @@
     torchrun --nproc_per_node=2 train.py         # the toy world on a CPU, in minutes, nothing downloaded
     torchrun --nproc_per_node=8 train.py --mode=grpo --model=/models/Qwen2.5-VL-7B-Instruct --train_data=...
 
-The toy run (toy/demo.py) trains GRPO, and GRPO with the listener, from a reasoner's start whose answers do not
-follow its reasoning, and prints a table of held-out metrics. The README gives the full command for Qwen2.5-VL-7B
-on HPDv2 and the baselines (--w_list=0: GRPO, --mode=sft, --mode=score: section 5's absolute score); several nodes
-take torchrun's --nnodes/--node_rank/--rdzv_endpoint. Every option is a field of `Config` (`--help`), checked
-before anything loads; --decode, --shared_prompt and --listener_from_reference plug in speed-ups (fast/), each
-tested equal to the reference path shown here. The same --out_dir resumes a run exactly; metrics go to
-out_dir/metrics.jsonl (and TensorBoard or W&B with --report_to); every checkpoint holds its prompt format.
+The toy run (toy/demo.py) trains GRPO, and GRPO with the listener, from a reasoner whose answers do not follow its
+reasoning, and prints a table of held-out metrics. The README gives the Qwen2.5-VL-7B command on HPDv2 and the
+baselines (--w_list=0: GRPO, --mode=sft, --mode=score: section 5's absolute score). Every option is a field of
+`Config` (`--help`); --decode, --shared_prompt and --listener_from_reference plug in speed-ups (fast/), each tested
+equal to the path shown here. The same --out_dir resumes a run exactly; metrics go to out_dir/metrics.jsonl.
 
-The file reads in the method's order: `grpo_step` (G rollouts per pair, sample.py; `score_rollouts`: pi_ref's
-log-probs for eq. (2) and the listener's p_corr; `rollout_rewards`, eq. (5); advantages, eq. (1); `policy_update`,
-eq. (2)), one SFT step, the loop (`train`), the options (`Config`). infra/ holds what they run on: processes and
-FSDP2, the run's state and the speed-ups it plugs in, checkpoints, the command line.
+Read in the method's order: `grpo_step` (G rollouts per pair, sample.py; `score_rollouts`: pi_ref's log-probs and
+the listener's p_corr; `rollout_rewards`, eq. (5); advantages, eq. (1); `policy_update`, eq. (2)), one SFT step,
+the loop (`train`), the options (`Config`). infra/ holds what they run on: processes, FSDP2, checkpoints.
 
 Where this departs from the paper, and why (grpo.py lists the loss's own, listener.py and reward.py theirs):
 1. Hyper-parameters the paper does not give take common GRPO values: lr 1e-6, beta 0.04, clip 0.2, temperature
    1.0, AdamW betas (0.9, 0.99) without weight decay, 10 warm-up optimiser steps, gradient norm clipped at 1.0.
 2. pi_old of eq. (2) is the update's own first reading of the rollouts (detached), as in TRL and verl, not the
    sampler's log-probabilities: those come from other kernels (the decode's attention, a cache of bf16 keys) and,
-   in bf16, rounding alone could carry a token past the clip range and cost it its gradient (in fp32 they agree
-   to 1e-6). `old_logp_gap_mean` and `old_logp_gap_max` in metrics.jsonl measure the gap every step.
+   in bf16, rounding alone could carry a token past the clip range. `old_logp_gap_mean` and `old_logp_gap_max`
+   (metrics.jsonl) measure the gap every step; in fp32 they agree to 1e-6.
 3. The KL reference and the listener are one frozen instruct checkpoint, held once, unless --listener names
    another (the paper uses the instruct model in both roles: pi_ref, section 4.3).
 4. The loss is normalised exactly across micro-batches and ranks: token and completion counts are summed over the
    global batch before any micro-batch's loss is formed (grpo.py's departure 4).
 5. Sampling randomness is a function of (seed, step, pair): 1 and 2 processes train identically, and a resumed run
    samples what the uninterrupted one did.
-6. The toy has two models, a listener that reads and a reasoner whose answers do not follow its reasoning, where
-   the paper has one instruct model in both roles: a tiny model has one property or the other (toy/demo.py says
-   why). Its GRPO stages sample at temperature 0.5 without eq. (1)'s std (docs/toy.md says why).
-7. Position bias: each training pair is shown in a seeded random order (`data.random_orders`; the label follows the
-   images), since files often list the preferred image first; `--both_orders=true` shows each pair both ways in
-   one batch. The held-out pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders.
+6. The toy has two models, a listener and a reasoner, where the paper has one instruct model in both roles, and
+   its GRPO stages sample at temperature 0.5 without eq. (1)'s std (toy/demo.py and docs/toy.md say why).
+7. Position bias: each training pair is shown in a seeded random order (`data.random_orders`), since files often
+   list the preferred image first; `--both_orders=true` shows each pair both ways in one batch. The held-out
+   pairs are a seeded sample spread over prompts (`data.spread_sample`), in random orders.
 8. The SFT baseline (--mode=sft) trains on `<think></think>\\n<answer>A</answer>`, an empty reasoning: the paper
-   does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate. It is scored like every reasoner.
+   does not say what its SFT targets hold, and HPDv2 has no reasoning to imitate.
 """
 from __future__ import annotations
 
@@ -65,6 +61,7 @@ from infra.parallel import (PRECISIONS, all_sum, exit_process, gathered, log, pe
 from infra import rehearsal
 from infra.rehearsal import GPUS
 from infra.trainer import Progress, StepAbandoned, Stop, Trainer, heldout_accuracy, reduce_metrics, stop_run
+from models.processor import end_of_turn_ids
 from prompt import PROMPT, PromptFormat
 from report.metrics import rollout_metrics
 from toy import demo, world
@@ -84,7 +81,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     batch = trainer.encode(pairs)  # B prompts with their images
     with gathered(trainer.policy):  # under FSDP2 the weights are gathered once for the whole rollout
         rollouts = sample.sample(trainer.policy, batch, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                                 temperature=cfg.temperature, stop_token_ids=end_of_turn_ids(tokenizer),
                                  pad_token_id=tokenizer.pad_token_id, top_p=cfg.top_p, top_k=cfg.top_k,
                                  generator=trainer.generators(pairs, step), decoder=trainer.decoder)
     texts = rollouts.texts(tokenizer)  # N = B*G completions

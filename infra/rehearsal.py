@@ -499,11 +499,12 @@ def heldout_step(cfg, trainer, examples, batch: int) -> None:
     """A held-out batch (`heldout_accuracy`'s): greedy rollouts of `batch` worst-case pairs, the listener's read."""
     import sample
     from infra.parallel import gathered
+    from models.processor import end_of_turn_ids
     pairs = (examples * batch)[:batch]
     tokenizer = trainer.processor.tokenizer
     with gathered(trainer.policy):
         rollouts = sample.sample(trainer.policy, trainer.encode(pairs), num_samples=1, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                                 temperature=0.0, stop_token_ids=end_of_turn_ids(tokenizer),
                                  pad_token_id=tokenizer.pad_token_id, decoder=trainer.decoder)
     if trainer.listener is not None:
         trainer.listener.p_correct(pairs, rollouts.texts(tokenizer))

@@ -2,7 +2,7 @@
 and image processor (`Processor`), and the batch arithmetic around them: left padding, the rows of a batch with
 their images (`prompt_rows`), the tokens a text is read as inside a prompt (`prompt_tokens`) and after one
 (`continuation_ids`, and `listener_ids`: what the listener reads), the token of each answer word
-(`answer_token_ids`), a checkpoint's pixel bounds.
+(`answer_token_ids`), the end-of-turn ids every rollout stops at, a checkpoint's pixel bounds.
 
 prompt.py says what is asked; this file turns it into input_ids, attention_mask, mm_token_type_ids (B, P),
 pixel_values (patches, C*t*p*p) and image_grid_thw (images, 3). Shapes: B prompts, P prompt tokens.
@@ -198,6 +198,13 @@ def listener_ids(tokenizer, pairs: Sequence[Pair], reasonings: Sequence[Sequence
                                                     add_generation_prompt=True)
         rows += continuation_ids(tokenizer, prompt_text, [listener_prefix(r, fmt) for r in rs])
     return rows
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokenizer's end-of-turn ids, `<|im_end|>` (Qwen chat models' eos) and `<|endoftext|>`: the stop ids
+    training and evaluation both pass, so that a completion ends the same way in both."""
+    ids = {tokenizer.eos_token_id} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
 def answer_token_ids(tokenizer, fmt: PromptFormat = PROMPT, answers: Sequence[str] | None = None) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 import reward
 import sample
 from formats.records import Rated
+from models.processor import end_of_turn_ids
 from prompt import PROMPT, PromptFormat
 from report.metrics import favoured_image
 
@@ -35,7 +36,7 @@ def greedy_verdicts(policy, processor, examples: Sequence, max_new_tokens: int, 
         return []
     tokenizer = processor.tokenizer
     rollouts = sample.sample(policy, processor.encode(examples, fmt), num_samples=1, max_new_tokens=max_new_tokens,
-                             temperature=0.0, stop_token_ids=sample.end_of_turn_ids(tokenizer),
+                             temperature=0.0, stop_token_ids=end_of_turn_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id, decoder=decoder)
     texts = rollouts.texts(tokenizer)
     p_correct = listener.p_correct(examples, texts).tolist() if listener is not None else [None] * len(texts)
