@@ -2,26 +2,22 @@
 
 Section 4.3 of the paper. A reasoner trained with plain GRPO can write fluent reasoning that does not support its
 own answer. The listener, a frozen copy of the instruct checkpoint the policy starts from (pi_ref), reads for each
-rollout the two images, the reasoner's prompt (`prompt.reasoner_messages`) and the assistant turn
-`<think>{reasoning}</think>\\n<answer>` (`prompt.listener_prefix`). Its next-token logits f at that answer slot,
-over the answer tokens (`PROMPT.answers`, naming image 0 and image 1), give each image's probability, eq. (4):
-p(b) = sigma(f(b) - f(a)). The preferred image's is p_corr (`Listener.p_correct`), and the reward is
-r_list = max(0, p_corr - 0.5) (eq. (5), reward.py).
-
-The answer is removed (`reasoning_of` cuts a completion at its first answer tag) because the listener must judge
-whether the *reasoning* convinces an independent reader: shown the answer, it could copy it, and r_list would
-reward confident answers instead of convincing explanations. Each pair's images and prompt are prefilled once and
-the cache copied to its G reasonings (sample.py's `prefill`, `expand`, `extend`). fast/listener_from_reference.py
-reads the answer slot out of the KL reference pass instead, when the listener is the reference model.
+rollout the two images, the reasoner's prompt and the assistant turn `<think>{reasoning}</think>\\n<answer>`
+(`prompt.listener_prefix`). Its next-token logits f at that answer slot, over the two answer tokens (`PROMPT.answers`),
+give each image's probability, eq. (4): p(b) = sigma(f(b) - f(a)). The preferred image's is p_corr
+(`Listener.p_correct`), and r_list = max(0, p_corr - 0.5) (eq. (5), reward.py). The answer is removed
+(`reasoning_of`): shown it, the listener could copy it, and r_list would reward confident answers instead of
+convincing reasoning. Each pair's images and prompt are prefilled once and the cache copied to its G reasonings
+(sample.py's `prefill`, `expand`, `extend`); fast/listener_from_reference.py reads the slot out of the KL pass.
 
 Where this departs from the paper, and why:
 1. Section 4.3's p_corr = pi_ref(y* | C) is over the whole vocabulary; here it is renormalised over the two answer
    tokens (eq. (4)'s softmax), so r_list pays for preferring the right image, not for putting probability on
    answer tokens rather than other text (the format reward checks that).
-2. The listener reads the reasoning as text, not the sampled ids: `reasoning_of` cuts it out of the text and
-   `listener_prefix` writes it back between the format's own tags, tokenised as the tokenizer writes them. What a
-   completion put between `</think>` and `<answer>`, and other ids spelling the same text, are normalised away (the
-   paper does not say), so the reward depends on what the reasoning says, not on how it was spelled.
+2. The reasoning is read as text, not as the sampled ids: `reasoning_of` cuts it out and `listener_prefix` writes
+   it back between the format's own tags, tokenised as the tokenizer writes them. What a completion put between
+   `</think>` and `<answer>`, and other ids spelling the same text, are normalised away (the paper does not say):
+   the reward depends on what the reasoning says, not on how it was spelled.
 
 Shapes: B pairs, G reasonings per pair, N = B*G, K answer tokens, V vocabulary.
 Test: .venv/bin/python -m pytest -q tests/test_listener.py        Bench: .venv/bin/python bench/listener.py
@@ -79,12 +75,9 @@ def answer_probs(model, processor, pairs: Sequence[Pair], reasonings: Sequence[S
                  fmt: PromptFormat = PROMPT) -> torch.Tensor:
     """A model's probability of each image, eq. (4), given each of the G reasonings `reasonings[b]` (answers removed:
     `reasoning_of`) on each of B pairs: (B, G, 2), float32, no gradient. Under FSDP2 every rank must call it."""
-    B = len(pairs)
-    if len(reasonings) != B:
-        raise ValueError(f"{B} pairs but {len(reasonings)} lists of reasonings")
-    G = len(reasonings[0]) if B else 0
-    if any(len(rs) != G for rs in reasonings):
-        raise ValueError(f"every pair needs the same number of reasonings, got {[len(rs) for rs in reasonings]}")
+    B, G = len(pairs), len(reasonings[0]) if reasonings else 0
+    if len(reasonings) != B or any(len(rs) != G for rs in reasonings):
+        raise ValueError(f"{B} pairs need {B} lists of reasonings, all as long; got {[len(rs) for rs in reasonings]}")
     if B == 0 or G == 0:
         return torch.zeros(B, G, len(fmt.answers))
     tokenizer = processor.tokenizer
@@ -120,13 +113,10 @@ def reasoning_of(text: str, fmt: PromptFormat = PROMPT) -> str:
     """The reasoning the listener reads from a completion's text; the answer never gets through.
 
     Well formed (`<think>R</think>\\n<answer>A</answer>`): exactly R, unstripped, as `reward.parse_completion`
-    returns it. Any other text is read tolerantly, in four steps:
-    1. cut the text at its first `<answer>`: nothing from the answer slot on;
-    2. keep what follows the first `<think>` (if any) up to the next `</think>` (if any): a truncated completion
-       keeps its reasoning; text after `</think>`, where a malformed one may put a bare answer, is dropped;
-    3. a `</answer>` still inside ends an answer with no tag marking its start: no cut is safe, so read "";
-    4. delete any think tag left inside (repeated or nested), so the listener's own tags are the only ones.
-    A text with no tags is read whole: it has no answer slot (it fails the format check: no listener reward).
+    returns it. Any other text is read tolerantly: 1. cut at its first `<answer>`; 2. keep what follows the first
+    `<think>` (if any) up to the next `</think>` (if any), so a truncated completion keeps its reasoning and a bare
+    answer after `</think>` is dropped; 3. a `</answer>` still inside ends an answer whose start is unmarked, so
+    read ""; 4. delete think tags left inside. A text with no tags is read whole (it fails the format check).
     """
     head = text.split(fmt.answer_open, 1)[0]  # step 1
     start = head.find(fmt.think_open)
