@@ -10,29 +10,25 @@ The absolute-score variant rates each image alone, by its expected rating, eq. (
     python evaluate.py --model PATH --data imagereward:test.json --images ROOT --out runs/eval --k 3
     python evaluate.py --model PATH --prompt "a red circle" --images a.png b.png c.png   # reward-model use
 
-`--model` is any local checkpoint (the instruct model gives table 3's zero-shot row); the README gives each table's
-and figure's command, `--help` every option. A checkpoint is asked in the prompt format it was trained in (its
-prompt_format.json; --prompt_format=FILE.json overrides it, with a warning naming the fields that differ). Under
-torchrun each process holds the whole model and takes every N-th comparison, each pair's rollouts seeded by
-(--seed, its index), so N processes give what one gives; rank 0 runs the listener (figure 2) and the judge
-(table 4) and writes the outputs.
+A checkpoint is asked in the prompt format it was trained in (its prompt_format.json). Under torchrun each process
+holds the whole model and takes every N-th comparison, each seeded by (--seed, its index): N processes give what
+one gives. The README gives each table's and figure's command, `--help` every option.
 
 Where this departs from the paper, or chooses what it leaves open (report/metrics.py and report/judge.py list
-those of the metrics and of the pairs tables 4 and 5 use):
-1. Eq. (4) writes the answers 0 and 1; here they are the format's two answer words, "1" and "2" by default ("1"
-   naming the first image, as the question asks), and p(b) = sigma(f("2") - f("1")): the same formula.
+those of the metrics and of tables 4 and 5):
+1. Eq. (4) writes the answers 0 and 1; here they are the format's answer words, "1" and "2" by default ("1" naming
+   the first image, as the question asks), and p(b) = sigma(f("2") - f("1")): the same formula.
 2. Mean@k averages probabilities, not logits. Mean@j is the mean of the first j rollouts' p(b) (`mean_at`), so
    Mean@1 is the first rollout's, not the mean single-rollout accuracy over the k (which would vary less with the
    seed). The majority vote counts well-formed rollouts' answers; a tie, or none readable, scores 0.5: wrong.
-3. Truncated and malformed rollouts get a p(b) too, read after whatever reasoning `listener.reasoning_of` finds in
-   their text (listener.py's departure 2), and enter Mean@k like any other (only the vote leaves them out): a
-   reasoner that runs out of tokens is scored on what it wrote, not dropped.
+3. Truncated and malformed rollouts get a p(b) too, read after the reasoning `listener.reasoning_of` finds in their
+   text (listener.py's departure 2), and enter Mean@k (only the vote leaves them out): a reasoner that runs out of
+   tokens is scored on what it wrote, not dropped.
 4. Rollouts are sampled at temperature 1.0 (`--temperature`; the paper gives none), without top-p or top-k: the
    distribution the reasoner was trained to sample from.
-5. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`, the default) or fixed (`--anchor=i`),
-   and always shown first (data.py's departure 1), so every comparison of a group carries the same position bias.
-   `--both-orders` (beyond the paper) also shows each pair as (b, a) and averages p(b) with 1 - p(a), which
-   removes it; both numbers are reported.
+5. The anchor is drawn per prompt from a seeded generator (`--anchor=-1`) or fixed (`--anchor=i`), and always shown
+   first (data.py's departure 1), so every comparison of a group carries the same position bias. `--both-orders`
+   also shows each pair as (b, a) and averages p(b) with 1 - p(a), which removes it; both numbers are reported.
 
 Shapes: B pairs, G = k rollouts per pair, N = B*G rows, R ratings, V vocabulary.
 Tests: .venv/bin/python -m pytest -q tests/test_evaluate.py tests/test_real_use.py
@@ -65,173 +61,37 @@ from infra import cli
 from infra.cli import fail, option
 from infra.parallel import PRECISIONS, compute_dtype, leave_group, load_replica, resolve_precision, setup_distributed
 from listener import Listener, answer_probs, reasonings_by_pair, slot_logits
-from models.processor import Processor, answer_token_ids, continuation_ids, prompt_tokens
+from models.processor import Processor, answer_token_ids, continuation_ids, end_of_turn_ids, prompt_tokens
 from models.prompt_format import checkpoint_format
 from prompt import PROMPT, PromptFormat, score_messages
 from report import judge, metrics
 from report.tables import OUTPUTS, markdown_tables, write_outputs, write_ratings
 from reward import expected_score, parse_completion
-from sample import end_of_turn_ids, sample, seeded_generators
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Options
-
-
-@dataclass
-class Config:
-    """Every option of `evaluate.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
-    model: str = option("toy", "reasoner checkpoint (a local model directory with safetensors weights); the "
-                               "untrained instruct model gives the zero-shot row of table 3; 'toy' builds the tiny "
-                               "random model and, without --data, toy data", blank=False)
-    data: str = option("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
-    images: list = option([], "image root of --data; with --prompt, the image files to score")
-    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)", blank=False)
-    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures", blank=False)
-    k: int = option(1, "reasoning rollouts per comparison (Mean@k, majority vote)", min=1)
-    both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
-    no_thinking: bool = option(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
-    listener: str = option("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
-    judge: str = option("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
-    limit: int = option(0, "evaluate the first N records of --data (0: all)", min=0)
-    skip_bad: bool = option(False, "leave out bad records and unreadable images, counted in results.json")
-    exclude: str = option("", "records to leave out: the file `python data.py check` writes")
-    anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
-    max_new_tokens: int = option(512, "reasoning length cap", min=1)
-    max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest prompt read, in tokens: a longer record of --data "
-                                    "is refused, naming it (left out and counted with --skip_bad); so is --prompt",
-                                    min=1)
-    temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
-    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
-    top_k: int = option(0, "top-k sampling (0: off)", min=0)
-    decode: str = option("reference", "how rollouts are decoded: reference, static or compiled (as train.py's --decode)",
-                         choices=DECODES)
-    reuse_sampler_logits: bool = option(False, "read p(b) from the sampler's logits at the answer slot where they are "
-                                               "the second pass's (fast/answer_logits.py), not from a second pass")
-    batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
-    precision: str = option("auto", "bf16 or fp32 weights and compute; auto: bf16 on a GPU, fp32 on the CPU "
-                                    "(infra/parallel.py)", choices=PRECISIONS)
-    judge_batch_size: int = option(8, "judge prompts per batch", min=1)
-    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
-    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
-    min_votes: int = option(20, "tables 4 and 5: pairs with at least this many votes ...", min=0)
-    confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
-    toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
-    seed: int = option(0, "seed of the anchors and of the sampler", min=0, max=2**63 - 1)
-    scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
-                                      "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
-                                      "table 3's abs-score row)", choices=("pairwise", "absolute"))
-    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields to ask --model in; '' = its "
-                                    "prompt_format.json (what train.py trained it with), else prompt.PROMPT")
-
-    def validate(self) -> None:
-        """What depends on more than one option, or on the disk; runs before anything loads."""
-        cli.check_models({"model": self.model, "listener": self.listener, "judge": self.judge}, self.min_pixels,
-                         self.max_pixels, self.max_prompt_tokens, self.max_new_tokens)
-        cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
-        if self.prompt:
-            ignored = [f"--{k}" for k in DATASET_ONLY if getattr(self, k) != getattr(Config, k)]
-            if ignored:
-                names = ", ".join(ignored)
-                fail(ignored[0][2:], getattr(self, ignored[0][2:]), f"no {names} with --prompt (--prompt scores the "
-                     f"--images files for one prompt; {names} {'is an option' if len(ignored) == 1 else 'are options'}"
-                     f" of a dataset evaluation): pass one or the other")
-            if len(self.images) < 2:
-                fail("images", self.images, "at least two image files to compare with --prompt")
-            for path in self.images:
-                if not Path(path).is_file():
-                    fail("images", self.images, f"image files that exist ({path} "
-                                                f"{'is a folder' if Path(path).is_dir() else 'does not exist'})")
-            if self.anchor >= len(self.images):
-                fail("anchor", self.anchor, f"-1 or an index below the {len(self.images)} --images")
-            return
-        if self.data:
-            cli.check_dataset("data", self.data)
-        elif self.model != "toy":
-            fail("data", self.data, "a dataset with a real --model (e.g. --data imagereward:test.json), or --prompt")
-        if len(self.images) > 1:
-            fail("images", self.images, "one image root with --data (several files only with --prompt)")
-        cli.check_folder("images", self.images[0] if self.images else "", "the image root of --data")
-        if self.exclude and not Path(self.exclude).is_file():
-            fail("exclude", self.exclude, "the file `python data.py check` writes")
-        cli.check_output("out", self.out, folder=True, writes=OUTPUTS)
-
-
-# The options of a dataset evaluation, which reward-model use (--prompt) does not read.
-DATASET_ONLY = ("data", "limit", "skip_bad", "exclude", "no_thinking", "listener", "judge", "min_votes",
-                "confident_top", "toy_prompts", "scoring", "out")
+from sample import sample, seeded_generators
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Scoring: p(b) given each rollout's reasoning (eq. (4)), Mean@k and the vote over k rollouts, anchor scores
 
 
-@dataclass
-class Comparison:
-    """The reasoner's verdict on one pair shown as (a, b)."""
-    p_b: float  # probability that b is preferred: Mean@k, and averaged over both orders when asked
-    probs: list[float]  # p(b) given each rollout's reasoning, eq. (4)
-    texts: list[str]  # each rollout's completion
-    reasonings: list[str]  # what the answer was read after (the listener reads the same)
-    answers: list[int | None]  # each rollout's parsed answer as an image index, None when unreadable
-    vote: int | None  # majority vote of `answers`, None on a tie or when no answer is readable
-    reversed: Comparison | None = None  # the same pair shown as (b, a), in that order's own terms
-
-    @property
-    def p_b_forward(self) -> float:
-        """Mean@k p(b) from the (a, b) order alone."""
-        return statistics.fmean(self.probs)
+def score_group(model, processor, prompt: str, images: Sequence, k: int = 1, anchor: int = 0, **kwargs) -> list[float]:
+    """A score per image from n - 1 batched comparisons against `images[anchor]`; higher is preferred."""
+    results = compare_pairs(model, processor, anchor_pairs(prompt, images, anchor), k=k, **kwargs)
+    return anchor_scores(len(images), anchor, [r.p_b for r in results])
 
 
-def answer_index(answer: str | None, fmt: PromptFormat = PROMPT) -> int | None:
-    """A parsed answer ("1"/"2") -> the index of the image it names (0/1); None stays None."""
-    return None if answer is None else fmt.answers.index(answer)
+def anchor_scores(n: int, anchor: int, p_beats_anchor: Sequence[float]) -> list[float]:
+    """Section 5: the anchor scores 0.5, image i its probability of beating the anchor (n - 1 values in order)."""
+    if len(p_beats_anchor) != n - 1:
+        raise ValueError(f"{n} images need {n - 1} anchor comparisons, got {len(p_beats_anchor)}")
+    scores = list(p_beats_anchor)
+    scores.insert(anchor, 0.5)
+    return scores
 
 
-def majority(answers: Sequence[int | None]) -> int | None:
-    """The image most rollouts chose; None on a tie or when no rollout gave a readable answer."""
-    share = vote_share(answers)
-    return None if share == 0.5 else int(share > 0.5)
-
-
-def vote_share(answers: Sequence[int | None]) -> float:
-    """Fraction of readable answers that name image 1; 0.5 when none is readable (a tie: counted wrong)."""
-    readable = [a for a in answers if a is not None]
-    return sum(readable) / len(readable) if readable else 0.5
-
-
-def mean_at(probs: Sequence[float], j: int) -> float:
-    """Mean@j: the average p(b) over the first j rollouts."""
-    return statistics.fmean(probs[:j])
-
-
-def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: bool, sampling: dict,
-                   fmt: PromptFormat, reuse_sampler_logits: bool) -> list[Comparison]:
-    """k rollouts per pair, then p(b) given each rollout's reasoning, read by the reasoner itself (eq. (4))."""
-    p_b = None
-    if no_thinking:  # table 5: the reasoning is a fixed sentence, so one "rollout" says everything
-        reasonings = [[fmt.no_thinking] for _ in pairs]
-        texts = [[fmt.answer_prefix(fmt.no_thinking)] for _ in pairs]
-        answers = None  # read from the probabilities below: the answer the model would give greedily
-    else:
-        if reuse_sampler_logits:  # fast/answer_logits.py: the sampler keeps the answer tokens' logits
-            sampling = dict(sampling, decoder=WatchAnswers(answer_token_ids(processor.tokenizer, fmt), sampling["decoder"]))
-        rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
-        flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
-        texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
-        reasonings = reasonings_by_pair(flat, len(pairs), fmt)
-        answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
-        if reuse_sampler_logits:
-            p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
-    if p_b is None or bool(p_b.isnan().any()):  # the second pass, where the sampler's logits were not read
-        read = answer_probs(model, processor, pairs, reasonings, fmt=fmt)[..., 1].cpu()  # (B, G) eq. (4)
-        p_b = read if p_b is None else torch.where(p_b.isnan(), read, p_b)
-    out = []
-    for b in range(len(pairs)):
-        row = p_b[b].tolist()
-        row_answers = answers[b] if answers is not None else [None if p == 0.5 else int(p > 0.5) for p in row]
-        out.append(Comparison(statistics.fmean(row), row, texts[b], reasonings[b], row_answers, majority(row_answers)))
-    return out
+def compare(model, processor, prompt: str, image_a, image_b, k: int = 1, **kwargs) -> Comparison:
+    """Which of two images people would prefer for `prompt`: `.p_b` is the Mean@k probability for image b."""
+    return compare_pairs(model, processor, [Pair(prompt, (image_a, image_b), label=0)], k=k, **kwargs)[0]
 
 
 def compare_pairs(model, processor, pairs: Sequence[Pair], k: int = 1, both_orders: bool = False,
@@ -271,24 +131,72 @@ def both_orders_p(forward_probs: Sequence[float], backward_probs: Sequence[float
     return (statistics.fmean(forward_probs) + 1.0 - statistics.fmean(backward_probs)) / 2
 
 
-def compare(model, processor, prompt: str, image_a, image_b, k: int = 1, **kwargs) -> Comparison:
-    """Which of two images people would prefer for `prompt`: `.p_b` is the Mean@k probability for image b."""
-    return compare_pairs(model, processor, [Pair(prompt, (image_a, image_b), label=0)], k=k, **kwargs)[0]
+def _compare_batch(model, processor, pairs: list[Pair], k: int, no_thinking: bool, sampling: dict,
+                   fmt: PromptFormat, reuse_sampler_logits: bool) -> list[Comparison]:
+    """k rollouts per pair, then p(b) given each rollout's reasoning, read by the reasoner itself (eq. (4))."""
+    p_b = None
+    if no_thinking:  # table 5: the reasoning is a fixed sentence, so one "rollout" says everything
+        reasonings = [[fmt.no_thinking] for _ in pairs]
+        texts = [[fmt.answer_prefix(fmt.no_thinking)] for _ in pairs]
+        answers = None  # read from the probabilities below: the answer the model would give greedily
+    else:
+        if reuse_sampler_logits:  # fast/answer_logits.py: the sampler keeps the answer tokens' logits
+            sampling = dict(sampling, decoder=WatchAnswers(answer_token_ids(processor.tokenizer, fmt), sampling["decoder"]))
+        rollouts = sample(model, processor.pairs(pairs, fmt), num_samples=k, **sampling)  # rows b*G + g
+        flat = rollouts.texts(processor.tokenizer)  # N strings, each up to its stop token
+        texts = [flat[b * k:(b + 1) * k] for b in range(len(pairs))]
+        reasonings = reasonings_by_pair(flat, len(pairs), fmt)
+        answers = [[answer_index(parse_completion(t, fmt)[1], fmt) for t in row] for row in texts]
+        if reuse_sampler_logits:
+            p_b = sampled_p_b(processor, pairs, flat, rollouts, sampling["decoder"].watched(), fmt)  # (B, G)
+    if p_b is None or bool(p_b.isnan().any()):  # the second pass, where the sampler's logits were not read
+        read = answer_probs(model, processor, pairs, reasonings, fmt=fmt)[..., 1].cpu()  # (B, G) eq. (4)
+        p_b = read if p_b is None else torch.where(p_b.isnan(), read, p_b)
+    out = []
+    for b in range(len(pairs)):
+        row = p_b[b].tolist()
+        row_answers = answers[b] if answers is not None else [None if p == 0.5 else int(p > 0.5) for p in row]
+        out.append(Comparison(statistics.fmean(row), row, texts[b], reasonings[b], row_answers, majority(row_answers)))
+    return out
 
 
-def anchor_scores(n: int, anchor: int, p_beats_anchor: Sequence[float]) -> list[float]:
-    """Section 5: the anchor scores 0.5, image i its probability of beating the anchor (n - 1 values in order)."""
-    if len(p_beats_anchor) != n - 1:
-        raise ValueError(f"{n} images need {n - 1} anchor comparisons, got {len(p_beats_anchor)}")
-    scores = list(p_beats_anchor)
-    scores.insert(anchor, 0.5)
-    return scores
+@dataclass
+class Comparison:
+    """The reasoner's verdict on one pair shown as (a, b)."""
+    p_b: float  # probability that b is preferred: Mean@k, and averaged over both orders when asked
+    probs: list[float]  # p(b) given each rollout's reasoning, eq. (4)
+    texts: list[str]  # each rollout's completion
+    reasonings: list[str]  # what the answer was read after (the listener reads the same)
+    answers: list[int | None]  # each rollout's parsed answer as an image index, None when unreadable
+    vote: int | None  # majority vote of `answers`, None on a tie or when no answer is readable
+    reversed: Comparison | None = None  # the same pair shown as (b, a), in that order's own terms
+
+    @property
+    def p_b_forward(self) -> float:
+        """Mean@k p(b) from the (a, b) order alone."""
+        return statistics.fmean(self.probs)
 
 
-def score_group(model, processor, prompt: str, images: Sequence, k: int = 1, anchor: int = 0, **kwargs) -> list[float]:
-    """A score per image from n - 1 batched comparisons against `images[anchor]`; higher is preferred."""
-    results = compare_pairs(model, processor, anchor_pairs(prompt, images, anchor), k=k, **kwargs)
-    return anchor_scores(len(images), anchor, [r.p_b for r in results])
+def answer_index(answer: str | None, fmt: PromptFormat = PROMPT) -> int | None:
+    """A parsed answer ("1"/"2") -> the index of the image it names (0/1); None stays None."""
+    return None if answer is None else fmt.answers.index(answer)
+
+
+def majority(answers: Sequence[int | None]) -> int | None:
+    """The image most rollouts chose; None on a tie or when no rollout gave a readable answer."""
+    share = vote_share(answers)
+    return None if share == 0.5 else int(share > 0.5)
+
+
+def vote_share(answers: Sequence[int | None]) -> float:
+    """Fraction of readable answers that name image 1; 0.5 when none is readable (a tie: counted wrong)."""
+    readable = [a for a in answers if a is not None]
+    return sum(readable) / len(readable) if readable else 0.5
+
+
+def mean_at(probs: Sequence[float], j: int) -> float:
+    """Mean@j: the average p(b) over the first j rollouts."""
+    return statistics.fmean(probs[:j])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,6 +472,94 @@ def sampling_args(cfg: Config, device) -> dict:
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                 batch_size=cfg.batch_size, decoder=make_decoder(cfg.decode),
                 reuse_sampler_logits=cfg.reuse_sampler_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class Config:
+    """Every option of `evaluate.py`: `--name=value` or `--name value` (dashes or underscores), `--help` lists them."""
+    model: str = option("toy", "reasoner checkpoint (a local model directory with safetensors weights); the "
+                               "untrained instruct model gives the zero-shot row of table 3; 'toy' builds the tiny "
+                               "random model and, without --data, toy data", blank=False)
+    data: str = option("", "imagereward:JSON | hpdv2:JSON | rapidata:P1,P2 | pickapic:P (see data.load)")
+    images: list = option([], "image root of --data; with --prompt, the image files to score")
+    prompt: str = option("", "score --images for this prompt and print the best one (reward-model use)", blank=False)
+    out: str = option("runs/eval", "folder for results.json, results.md, rollouts.jsonl and the figures", blank=False)
+    k: int = option(1, "reasoning rollouts per comparison (Mean@k, majority vote)", min=1)
+    both_orders: bool = option(False, "also compare (b, a) and average with 1 - p: removes position bias")
+    no_thinking: bool = option(False, "also run the table 5 ablation: the reasoning replaced by a fixed sentence")
+    listener: str = option("", "frozen listener checkpoint for figure 2 ('toy': a second random toy model)")
+    judge: str = option("", "causal LM judging contradictions for table 4 ('toy': a tiny random Qwen2)")
+    limit: int = option(0, "evaluate the first N records of --data (0: all)", min=0)
+    skip_bad: bool = option(False, "leave out bad records and unreadable images, counted in results.json")
+    exclude: str = option("", "records to leave out: the file `python data.py check` writes")
+    anchor: int = option(-1, "anchor image index per prompt; -1 draws one per prompt from --seed", min=-1)
+    max_new_tokens: int = option(512, "reasoning length cap", min=1)
+    max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, "the longest prompt read, in tokens: a longer record of --data "
+                                    "is refused, naming it (left out and counted with --skip_bad); so is --prompt",
+                                    min=1)
+    temperature: float = option(1.0, "sampling temperature of the rollouts (0: greedy)", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling (1: off)", above=0.0, max=1.0)
+    top_k: int = option(0, "top-k sampling (0: off)", min=0)
+    decode: str = option("reference", "how rollouts are decoded: reference, static or compiled (as train.py's --decode)",
+                         choices=DECODES)
+    reuse_sampler_logits: bool = option(False, "read p(b) from the sampler's logits at the answer slot where they are "
+                                               "the second pass's (fast/answer_logits.py), not from a second pass")
+    batch_size: int = option(8, "pairs per batch (each gives k rollouts)", min=1)
+    precision: str = option("auto", "bf16 or fp32 weights and compute; auto: bf16 on a GPU, fp32 on the CPU "
+                                    "(infra/parallel.py)", choices=PRECISIONS)
+    judge_batch_size: int = option(8, "judge prompts per batch", min=1)
+    min_pixels: int = option(0, "image processor min_pixels (0: the checkpoint's)", min=0)
+    max_pixels: int = option(0, "image processor max_pixels (0: the checkpoint's); bounds the image tokens", min=0)
+    min_votes: int = option(20, "tables 4 and 5: pairs with at least this many votes ...", min=0)
+    confident_top: int = option(5139, "... and, of those, the most confident N (the paper's 5139; 0: all)", min=0)
+    toy_prompts: int = option(6, "prompts in the toy test set written when --model toy has no --data", min=1)
+    seed: int = option(0, "seed of the anchors and of the sampler", min=0, max=2**63 - 1)
+    scoring: str = option("pairwise", "pairwise: each image against an anchor, eq. (4); absolute: each image rated "
+                                      "alone, its expected rating, eq. (3) (checkpoints of train.py --mode=score; "
+                                      "table 3's abs-score row)", choices=("pairwise", "absolute"))
+    prompt_format: str = option("", "JSON file of prompt.PromptFormat's fields to ask --model in; '' = its "
+                                    "prompt_format.json (what train.py trained it with), else prompt.PROMPT")
+
+    def validate(self) -> None:
+        """What depends on more than one option, or on the disk; runs before anything loads."""
+        cli.check_models({"model": self.model, "listener": self.listener, "judge": self.judge}, self.min_pixels,
+                         self.max_pixels, self.max_prompt_tokens, self.max_new_tokens)
+        cli.check_prompt_format("prompt_format", self.prompt_format, {"model": self.model, "listener": self.listener})
+        if self.prompt:
+            ignored = [f"--{k}" for k in DATASET_ONLY if getattr(self, k) != getattr(Config, k)]
+            if ignored:
+                names = ", ".join(ignored)
+                fail(ignored[0][2:], getattr(self, ignored[0][2:]), f"no {names} with --prompt (--prompt scores the "
+                     f"--images files for one prompt; {names} {'is an option' if len(ignored) == 1 else 'are options'}"
+                     f" of a dataset evaluation): pass one or the other")
+            if len(self.images) < 2:
+                fail("images", self.images, "at least two image files to compare with --prompt")
+            for path in self.images:
+                if not Path(path).is_file():
+                    fail("images", self.images, f"image files that exist ({path} "
+                                                f"{'is a folder' if Path(path).is_dir() else 'does not exist'})")
+            if self.anchor >= len(self.images):
+                fail("anchor", self.anchor, f"-1 or an index below the {len(self.images)} --images")
+            return
+        if self.data:
+            cli.check_dataset("data", self.data)
+        elif self.model != "toy":
+            fail("data", self.data, "a dataset with a real --model (e.g. --data imagereward:test.json), or --prompt")
+        if len(self.images) > 1:
+            fail("images", self.images, "one image root with --data (several files only with --prompt)")
+        cli.check_folder("images", self.images[0] if self.images else "", "the image root of --data")
+        if self.exclude and not Path(self.exclude).is_file():
+            fail("exclude", self.exclude, "the file `python data.py check` writes")
+        cli.check_output("out", self.out, folder=True, writes=OUTPUTS)
+
+
+# The options of a dataset evaluation, which reward-model use (--prompt) does not read.
+DATASET_ONLY = ("data", "limit", "skip_bad", "exclude", "no_thinking", "listener", "judge", "min_votes",
+                "confident_top", "toy_prompts", "scoring", "out")
 
 
 # ----------------------------------------------------------------------------------------------------------
