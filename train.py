@@ -89,8 +89,9 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
     t1 = time.time()
     trainer.boundary()  # a stop request (SIGTERM) abandons the step here, or at the next boundary
     micro = trainer.micro_batches(batch, cfg.group_size)  # [(the inputs of micro_pairs prompts, their rows)]
-    # pi_ref's log-probs (N, T) and the listener's p_corr (N,): `score_rollouts` below, as the trainer set it up
-    ref_logp, p_correct, score_metrics = trainer.score_rollouts(cfg, trainer, micro, rollouts, pairs, texts)
+    # pi_ref's log-probs (N, T) and the listener's p_corr (N,): `score_rollouts` below, unless the trainer has another
+    ref_logp, p_correct, score_metrics = (trainer.score_rollouts or score_rollouts)(cfg, trainer, micro, rollouts,
+                                                                                     pairs, texts)
     rewards = rollout_rewards(cfg, trainer, examples, texts, p_correct)  # eq. (5)
     advantages = grpo.group_advantages(rewards["total"], cfg.group_size, scale=cfg.scale_advantages)  # eq. (1)
     mask = grpo.loss_mask(rollouts.mask, ~rollouts.stopped, cfg.mask_truncated)  # (N, T)
@@ -107,7 +108,7 @@ def grpo_step(cfg: Config, trainer: Trainer, pairs: list, step: int) -> dict:
 def score_rollouts(cfg: Config, trainer: Trainer, micro, rollouts, pairs: list, texts: list[str]) -> tuple:
     """What the frozen models read in the rollouts: ref_logp (N, T), pi_ref of eq. (2) at the sampling temperature
     (None when beta = 0); p_correct (N,), the listener's p_corr of eq. (5) (None without a listener or with w_list
-    = 0); and what to log of how ({} here). `trainer.score_rollouts` is this, or, with --listener_from_reference,
+    = 0); and what to log of how ({} here). With --listener_from_reference the trainer holds another,
     fast/listener_from_reference.py's, which reads both in one pass."""
     ref_logp = p_correct = None
     if cfg.beta > 0:

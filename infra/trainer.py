@@ -153,10 +153,10 @@ class Trainer:
                                                                   precision=self.precision)
             self.listener = Listener(model, self._processor(cfg.listener) if cfg.listener else self.processor, self.fmt)
         # The speed-ups the config switches on (fast/), each in place of one reference function, chosen here once:
-        from train import score_rollouts  # the reference pass and the listener (here: train.py imports this file)
         self.decoder = make_decoder(cfg.decode, self.precision)  # sample.py's decode; None: sample.CopiedCache
         self.hidden_fn = shared_prompt.completion_hidden if cfg.shared_prompt else internals.completion_hidden
-        self.score_rollouts = listener_from_reference.score_rollouts if cfg.listener_from_reference else score_rollouts
+        # the reference pass and the listener; None: train.score_rollouts
+        self.score_rollouts = listener_from_reference.score_rollouts if cfg.listener_from_reference else None
 
     def make_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the trainable weights, fused: one kernel per step, no full-size temporaries (the foreach
