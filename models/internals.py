@@ -60,9 +60,9 @@ def final_hidden(model):
 
 def completion_hidden(model, batch: dict, completions: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """The final hidden states (N, T+1, C) at the last prompt position and after each completion token (index t
-    predicts token t), from one forward over each row's prompt (images included) and completion: grpo.py's
-    `completion_logprobs` by default (fast/shared_prompt.py's reads each prompt once). `batch`: the processor's
-    output for B left-padded prompts; completions, completion_mask: (N, T), N = B*G, prompt-major."""
+    predicts token t), from one forward over each row's prompt (images included) and completion: the default
+    `hidden` of grpo.py's `completion_logprobs` (fast/shared_prompt.py's reads each prompt once). `batch`: the
+    processor's output for B left-padded prompts; completions, completion_mask: (N, T), N = B*G, prompt-major."""
     (N, T), B = completions.shape, batch["input_ids"].shape[0]
     if N % B:
         raise ValueError(f"completion_hidden: {N} completions do not split into {B} prompts")
