@@ -99,19 +99,19 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, num_t
               num_sequences=None, max_new_tokens=None) -> torch.Tensor:
     """Reduce a (N, T) per-token loss to a scalar as `loss_type` says (departure 4). `num_tokens`, `num_sequences`:
     global counts, this batch's when None; at least 1, so that an empty batch gives 0, not NaN."""
-    local = dict(zip(("tokens", "sequences"), loss_counts(mask)))
-    count = lambda kind, given: torch.as_tensor(local[kind] if given is None else given, dtype=per_token.dtype,
-                                                device=per_token.device).clamp(min=1)
+    tokens, sequences = loss_counts(mask)  # this batch's
+    count = lambda given, local: torch.as_tensor(local if given is None else given, dtype=per_token.dtype,
+                                                 device=per_token.device).clamp(min=1)
     w = mask.to(per_token.dtype)  # (N, T)
     if loss_type == "sequence":  # mean over each completion's tokens, then over completions (GRPO)
         per_seq = (per_token * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (N,)
-        return per_seq.sum() / count("sequences", num_sequences)
+        return per_seq.sum() / count(num_sequences, sequences)
     if loss_type == "token":  # mean over all tokens of the batch (DAPO)
-        return (per_token * w).sum() / count("tokens", num_tokens)
+        return (per_token * w).sum() / count(num_tokens, tokens)
     if loss_type == "dr_grpo":  # sum over tokens / (N * max_new_tokens) (Dr. GRPO)
         if max_new_tokens is None:
             raise ValueError("loss_type='dr_grpo' needs max_new_tokens")
-        return (per_token * w).sum() / (count("sequences", num_sequences) * max_new_tokens)
+        return (per_token * w).sum() / (count(num_sequences, sequences) * max_new_tokens)
     raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
 
 
